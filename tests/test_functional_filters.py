@@ -1,0 +1,134 @@
+"""Property-based tests of update filters and of partition/combine/count."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from yolozu.functional import filters
+from yolozu.functional.state import combine, count, extract, partition
+
+
+class LoRALinear(nn.Linear):
+    pass
+
+
+class AdapterLinear(nn.Linear):
+    pass
+
+
+NORMS = {
+    "bn1d": lambda: nn.BatchNorm1d(3),
+    "bn2d": lambda: nn.BatchNorm2d(3),
+    "ln": lambda: nn.LayerNorm(3),
+    "gn": lambda: nn.GroupNorm(1, 3),
+    "in2d": lambda: nn.InstanceNorm2d(3, affine=True),
+}
+OTHERS = {
+    "conv": lambda: nn.Conv2d(3, 3, 1),
+    "linear": lambda: nn.Linear(3, 3),
+    "lora_class": lambda: LoRALinear(3, 3),
+    "adapter_class": lambda: AdapterLinear(3, 3),
+}
+LABELS = ["stem", "head", "lora", "LoRA", "adapter", "down"]
+
+
+@st.composite
+def models(draw):
+    """A model plus the parameter names each filter must select, computed from how it was built."""
+    entries = draw(
+        st.lists(
+            st.tuples(st.sampled_from(LABELS), st.sampled_from(sorted(NORMS) + sorted(OTHERS)), st.booleans()),
+            min_size=1,
+            max_size=7,
+        )
+    )
+    model = nn.Module()
+    expected = {name: set() for name in filters.FILTERS}
+    for i, (label, kind, nested) in enumerate(entries):
+        module = (NORMS | OTHERS)[kind]()
+        prefix = f"{label}{i}"
+        setattr(model, prefix, nn.Sequential(module) if nested else module)
+        inner = f"{prefix}.0" if nested else prefix
+        names = {f"{inner}.{p}" for p, _ in module.named_parameters()}
+        expected["all"] |= names
+        if kind in NORMS:
+            expected["norm_only"] |= names
+        lora = "lora" in label.lower() or kind == "lora_class"
+        if lora:
+            expected["lora_only"] |= names
+        if lora or "adapter" in label.lower() or kind == "adapter_class":
+            expected["adapter_only"] |= names
+    expected["lora_norm_only"] = expected["lora_only"] | expected["norm_only"]
+    return model, expected
+
+
+@given(models())
+def test_filters_select_what_the_model_was_built_with(built):
+    model, expected = built
+    for name in filters.FILTERS:
+        assert filters.base_selection(model, name) == expected[name]
+        if expected[name]:
+            assert set(filters.select(model, name)) == expected[name]
+        else:
+            with pytest.raises(filters.EmptySelectionError, match=name):
+                filters.select(model, name)
+
+
+@given(models())
+def test_lora_norm_only_is_the_union(built):
+    model, _ = built
+    assert filters.base_selection(model, "lora_norm_only") == (
+        filters.base_selection(model, "lora_only") | filters.base_selection(model, "norm_only")
+    )
+
+
+@given(
+    models(),
+    st.sampled_from(filters.FILTERS),
+    st.lists(st.sampled_from(["weight", "bias", "0.", "lora", "head"]), max_size=2),
+    st.lists(st.sampled_from(["weight", "bias", "0.", "adapter", "stem"]), max_size=2),
+)
+def test_include_exclude_are_set_operations(built, name, include, exclude):
+    model, expected = built
+    base = expected[name]
+    with_include = {n for n in base if any(s in n for s in include)} if include else base
+    want = {n for n in with_include if not any(s in n for s in exclude)}
+    if want:
+        assert set(filters.select(model, name, include=include, exclude=exclude)) == want
+    else:
+        with pytest.raises(filters.EmptySelectionError):
+            filters.select(model, name, include=include, exclude=exclude)
+
+
+@given(models(), st.sampled_from(filters.FILTERS))
+def test_partition_combine_roundtrip_disjoint_and_counted(built, name):
+    model, expected = built
+    params, _ = extract(model)
+    inside, outside = partition(params, expected[name])
+    assert set(inside) == expected[name]
+    assert not set(inside) & set(outside)
+    merged = combine(inside, outside)
+    assert merged.keys() == params.keys() and all(torch.equal(merged[k], params[k]) for k in params)
+    assert count(inside) + count(outside) == count(params) == sum(p.numel() for p in model.parameters())
+    assert count(inside) == sum(params[k].numel() for k in expected[name])
+
+
+def test_empty_selection_names_filter_and_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    with pytest.raises(filters.EmptySelectionError, match=r"'norm_only'.*0\.weight"):
+        filters.select(model, "norm_only")
+
+
+def test_unknown_filter_is_an_error():
+    with pytest.raises(ValueError, match="unknown update filter"):
+        filters.select(nn.Linear(2, 2), "bias_only")
+
+
+def test_combine_rejects_overlap_and_partition_unknown_names():
+    a = {"w": torch.zeros(1)}
+    with pytest.raises(KeyError):
+        combine(a, a)
+    with pytest.raises(KeyError):
+        partition(a, ["missing"])

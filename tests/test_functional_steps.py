@@ -1,0 +1,170 @@
+"""Tent and MIM steps: purity, parity with classic stateful Tent, vmap over streams, BatchNorm modes."""
+
+import copy
+
+import pytest
+import torch
+from toy import TinyAutoencoder, TinyClassifier, seeded
+
+from yolozu.functional import filters, optim, rng, streams
+from yolozu.functional.losses import softmax_entropy
+from yolozu.functional.mim import make_mim_step, make_mim_update
+from yolozu.functional.step import init_state
+from yolozu.functional.tent import make_tent_step
+
+
+def _batch(seed=0, n=6, size=12):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _clone_tree(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _trees_equal(a, b):
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    return sa == sb and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("bn", ["running", "batch", "eval"])
+@pytest.mark.parametrize("differentiate", ["autograd", "func"])
+def test_every_step_leaves_its_inputs_bitwise_unchanged(bn, differentiate):
+    clf, ae = seeded(TinyClassifier), seeded(TinyAutoencoder)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-2))
+    x = _batch()
+    cases = [
+        (
+            make_tent_step(clf, tx, bn=bn, differentiate=differentiate),
+            init_state(clf, filters.select(clf, "all"), tx),
+            rng.key(0),
+        ),
+        (
+            make_mim_step(ae, tx, patch_size=4, bn=bn, differentiate=differentiate),
+            init_state(ae, filters.select(ae, "all"), tx),
+            rng.key(0),
+        ),
+    ]
+    for step, state, key in cases:
+        state, _ = step(state, x, key)  # non-trivial optimiser state
+        before_state, before_x = _clone_tree(state), x.clone()
+        step(state, x, key)
+        assert _trees_equal(state, before_state)
+        assert torch.equal(x, before_x)
+    module_before = {k: v.clone() for k, v in clf.state_dict().items()}
+    assert all(torch.equal(v, module_before[k]) for k, v in clf.state_dict().items())
+
+
+def test_five_functional_tent_steps_equal_classic_stateful_tent():
+    model = seeded(TinyClassifier)
+    classic = copy.deepcopy(model)
+    names = filters.select(model, "norm_only")
+    tx = optim.adam(1e-2)
+    step = make_tent_step(model, tx, bn="running")
+    state = init_state(model, names, tx)
+    batches = [_batch(seed) for seed in range(5)]
+    for x in batches:
+        state, _ = step(state, x, None)
+
+    classic.train()
+    for name, p in classic.named_parameters():
+        p.requires_grad_(name in names)
+    opt = torch.optim.Adam([p for p in classic.parameters() if p.requires_grad], lr=1e-2)
+    for x in batches:
+        loss = softmax_entropy(classic(x), dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    params = dict(classic.named_parameters())
+    for name in names:
+        torch.testing.assert_close(state.trainable[name], params[name].detach(), rtol=0, atol=1e-5)
+    for name, buf in classic.named_buffers():
+        torch.testing.assert_close(state.buffers[name], buf, rtol=0, atol=1e-5)
+    assert int(state.buffers["bn1.num_batches_tracked"]) == 5
+
+
+def test_bn_modes_running_batch_eval():
+    model = seeded(TinyClassifier)
+    tx = optim.adam(1e-2)
+    state = init_state(model, filters.select(model, "norm_only"), tx)
+    x = _batch() * 3 + 1
+    new = {bn: make_tent_step(model, tx, bn=bn)(state, x, None)[0] for bn in ("running", "batch", "eval")}
+    assert not torch.equal(new["running"].buffers["bn1.running_mean"], state.buffers["bn1.running_mean"])
+    for bn in ("batch", "eval"):
+        assert _trees_equal(new[bn].buffers, state.buffers)
+    # batch and running normalise identically (batch statistics): same gradient step
+    for name in state.trainable:
+        torch.testing.assert_close(new["batch"].trainable[name], new["running"].trainable[name])
+    assert not torch.equal(new["eval"].trainable["bn1.weight"], new["batch"].trainable["bn1.weight"])
+
+
+def test_tent_step_vmapped_over_four_states_equals_four_separate_steps():
+    model = seeded(TinyClassifier)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-2))
+    source = init_state(model, filters.select(model, "lora_norm_only"), tx)
+    batches = torch.stack([_batch(seed) for seed in range(4)])
+    loop_step = make_tent_step(model, tx)
+    singles = [source] * 4
+    stacked = streams.replicate(source, 4)
+    vstep = streams.vmap_step(make_tent_step(model, tx, differentiate="func"))
+    for _ in range(2):
+        singles = [loop_step(s, b, None)[0] for s, b in zip(singles, batches)]
+        stacked, metrics = vstep(stacked, batches)
+    assert metrics["loss"].shape == (4,)
+    for single, streamed in zip(singles, streams.unstack_states(stacked, 4)):
+        for name in single.trainable:
+            torch.testing.assert_close(streamed.trainable[name], single.trainable[name], rtol=1e-5, atol=1e-6)
+        for name in single.buffers:
+            torch.testing.assert_close(streamed.buffers[name], single.buffers[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
+    model = seeded(TinyAutoencoder)
+    # SGD, not Adam: a conv bias before BatchNorm has a zero gradient up to rounding, and Adam's first step
+    # (about lr * sign(g)) would turn rounding noise into a visible difference.
+    tx = optim.sgd(0.1, momentum=0.9)
+    source = init_state(model, filters.select(model, "all"), tx)
+    x = torch.rand(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    from yolozu.functional.masking import block_mask
+
+    masks = torch.stack([block_mask(rng.key(i), 2, 16, 16, patch_size=4, mask_prob=0.5) for i in range(3)])
+    update = make_mim_update(model, tx)
+    loop = [update(source, x[i], masks[i])[0] for i in range(3)]
+    vmapped, metrics = streams.vmap_step(make_mim_update(model, tx, differentiate="func"))(
+        streams.replicate(source, 3), x, masks
+    )
+    torch.testing.assert_close(metrics["mask_ratio"], masks.float().mean(dim=(1, 2, 3, 4)))
+    for single, streamed in zip(loop, streams.unstack_states(vmapped, 3)):
+        for name in single.trainable:
+            torch.testing.assert_close(streamed.trainable[name], single.trainable[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mim_loss_falls_over_twenty_steps():
+    model = seeded(TinyAutoencoder)
+    tx = optim.adam(1e-2)
+    step = make_mim_step(model, tx, patch_size=4, mask_prob=0.5)
+    state = init_state(model, filters.select(model, "all"), tx)
+    # a smooth image: the masked blocks are predictable from their surroundings
+    ramp = torch.linspace(0, 1, 16)
+    x = torch.stack([ramp[None, :].expand(16, 16), ramp[:, None].expand(16, 16), torch.full((16, 16), 0.8)])
+    x = x.expand(4, 3, 16, 16)
+    root = rng.key(0)
+    losses = []
+    for i in range(20):
+        state, metrics = step(state, x, rng.fold_in(root, i))
+        losses.append(float(metrics["loss"]))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_metrics_are_consistent_with_the_update():
+    model = seeded(TinyClassifier)
+    tx = optim.sgd(0.1)
+    state = init_state(model, filters.select(model, "norm_only"), tx)
+    new, metrics = make_tent_step(model, tx)(state, _batch(), None)
+    diff = optim.tree_sub(new.trainable, state.trainable)
+    torch.testing.assert_close(metrics["update_norm"], optim.global_norm(diff))
+    torch.testing.assert_close(metrics["update_norm"], 0.1 * metrics["grad_norm"])
+    torch.testing.assert_close(metrics["total_update_norm"], metrics["update_norm"])
+    assert metrics["initial_loss"] == metrics["loss"] and bool(metrics["finite"])
+    assert int(new.step) == 1

@@ -1,0 +1,109 @@
+"""Update filters: which parameters test-time training may change.
+
+A filter picks a base set by module type or name, then ``include``/``exclude`` substrings of parameter
+names narrow it (intersection with "contains any include", minus "contains any exclude"):
+
+- ``all``: every parameter;
+- ``norm_only``: direct parameters of BatchNorm1/2/3d, LayerNorm, GroupNorm, InstanceNorm1/2/3d (Tent);
+- ``adapter_only``: parameters of modules whose dotted name or class name contains "adapter" or "lora";
+- ``lora_only``: likewise for "lora";
+- ``lora_norm_only``: ``lora_only`` | ``norm_only``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from torch import nn
+
+FILTERS = ("all", "norm_only", "adapter_only", "lora_only", "lora_norm_only")
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_NAME_TOKENS = {"adapter_only": ("adapter", "lora"), "lora_only": ("lora",)}
+
+
+class EmptySelectionError(ValueError):
+    """An update filter selected no parameter."""
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _norm_params(model: nn.Module) -> set[str]:
+    return {
+        _joined(prefix, name)
+        for prefix, module in model.named_modules()
+        if isinstance(module, NORM_TYPES)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def _named_module_params(model: nn.Module, tokens: Sequence[str]) -> set[str]:
+    chosen: set[str] = set()
+    for prefix, module in model.named_modules():
+        labels = (prefix.lower(), type(module).__name__.lower())
+        if any(token in label for token in tokens for label in labels):
+            chosen.update(_joined(prefix, name) for name, _ in module.named_parameters())
+    return chosen
+
+
+def base_selection(model: nn.Module, update_filter: str) -> set[str]:
+    """Parameter names the filter picks before include/exclude."""
+    if update_filter == "all":
+        return {name for name, _ in model.named_parameters()}
+    if update_filter == "norm_only":
+        return _norm_params(model)
+    if update_filter in _NAME_TOKENS:
+        return _named_module_params(model, _NAME_TOKENS[update_filter])
+    if update_filter == "lora_norm_only":
+        return _norm_params(model) | _named_module_params(model, _NAME_TOKENS["lora_only"])
+    raise ValueError(f"unknown update filter {update_filter!r}; choose one of {', '.join(FILTERS)}")
+
+
+def include_exclude(
+    names: Iterable[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[str]:
+    """Names containing any ``include`` substring (all names when include is empty/None) and no ``exclude`` one."""
+    kept = []
+    for name in names:
+        if include and not any(part in name for part in include):
+            continue
+        if exclude and any(part in name for part in exclude):
+            continue
+        kept.append(name)
+    return kept
+
+
+def select(
+    model: nn.Module,
+    update_filter: str = "all",
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """Names of the parameters the filter selects, in ``named_parameters()`` order.
+
+    Raises:
+      EmptySelectionError: nothing selected; the message names the filter and some parameter names.
+    """
+    base = base_selection(model, update_filter)
+    ordered = [name for name, _ in model.named_parameters() if name in base]
+    chosen = include_exclude(ordered, include, exclude)
+    if not chosen:
+        every = [name for name, _ in model.named_parameters()]
+        sample = ", ".join(every[:6]) + (", ..." if len(every) > 6 else "") if every else "(the model has none)"
+        raise EmptySelectionError(
+            f"update filter {update_filter!r} (include={list(include or [])}, exclude={list(exclude or [])}) "
+            f"selects no parameter of {type(model).__name__}; its parameters include: {sample}. "
+            f"Choose another filter or loosen include/exclude."
+        )
+    return chosen

@@ -1,0 +1,56 @@
+"""Block masks for masked-image modelling (MIM).
+
+A mask is a Bernoulli grid of ceil(H/p) x ceil(W/p) cells, each cell masked with probability ``mask_prob``,
+expanded to p x p pixel blocks and cropped to H x W; one independent grid per image of a batch (as in the
+block-wise masking of SimMIM, Xie et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from yolozu.functional.rng import Key, generator
+
+
+def block_grid(
+    batch: int, height: int, width: int, *, patch_size: int, mask_prob: float, gen: torch.Generator
+) -> Tensor:
+    """Boolean cell grid ``(batch, ceil(H/p), ceil(W/p))`` drawn from ``gen``: True where a cell is masked."""
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    cells = (batch, math.ceil(height / patch_size), math.ceil(width / patch_size))
+    return torch.rand(cells, generator=gen, device=gen.device) < mask_prob
+
+
+def expand_grid(grid: Tensor, height: int, width: int, patch_size: int) -> Tensor:
+    """Expand a cell grid ``(..., gh, gw)`` to pixels ``(..., H, W)``: every pixel takes its cell's value."""
+    pixels = grid.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
+    return pixels[..., :height, :width]
+
+
+def block_mask(
+    k: Key,
+    batch: int,
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 16,
+    mask_prob: float = 0.6,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Block masks ``(batch, 1, H, W)`` (bool, True = masked) for key ``k``.
+
+    Drawn on the CPU and moved to ``device``, so the same key gives the same mask on every device.
+    """
+    grid = block_grid(batch, height, width, patch_size=patch_size, mask_prob=mask_prob, gen=generator(k))
+    return expand_grid(grid, height, width, patch_size).unsqueeze(1).to(device)
+
+
+def apply_mask(x: Tensor, mask: Tensor, mask_value: float = 0.0) -> Tensor:
+    """``x`` with the masked pixels (all channels) replaced by ``mask_value``; a new tensor."""
+    return torch.where(mask, torch.as_tensor(mask_value, dtype=x.dtype, device=x.device), x)

@@ -1,0 +1,207 @@
+"""Pure optimisers in the style of optax: a transformation is ``init(params) -> state`` and
+``update(grads, state, params) -> (updates, new_state)``; ``chain`` composes, ``apply_updates`` adds.
+
+Nothing is updated in place: every function returns new tensors. Over many small tensors the maths runs on
+``torch._foreach_*`` kernels (one launch per op for the whole list); inside ``torch.func`` transforms, which
+have no batching rules for foreach ops, the same maths runs tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+from yolozu.functional.state import Params
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``."""
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params | None], tuple[Params, Any]]
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transformation."""
+
+
+class TraceState(NamedTuple):
+    """SGD's step count and momentum buffer."""
+
+    count: Tensor
+    trace: Params
+
+
+class ScaleByAdamState(NamedTuple):
+    """Adam's step count and first/second moment estimates."""
+
+    count: Tensor
+    mu: Params
+    nu: Params
+
+
+def _use_foreach(tensors: Sequence[Tensor]) -> bool:
+    return bool(tensors) and not any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _rebuild(like: Params, values: Sequence[Tensor]) -> Params:
+    return dict(zip(like.keys(), values))
+
+
+def global_norm(tree: Params) -> Tensor:
+    """sqrt(sum of squared elements over every tensor), as a 0-d tensor (0 for an empty dict)."""
+    leaves = list(tree.values())
+    if not leaves:
+        return torch.zeros(())
+    norms = torch._foreach_norm(leaves) if _use_foreach(leaves) else [t.norm() for t in leaves]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def scale(tree: Params, factor: Tensor | float) -> Params:
+    """Every tensor multiplied by ``factor`` (a number or a 0-d tensor)."""
+    leaves = list(tree.values())
+    if _use_foreach(leaves):
+        return _rebuild(tree, torch._foreach_mul(leaves, factor))
+    return {name: t * factor for name, t in tree.items()}
+
+
+def apply_updates(params: Params, updates: Params) -> Params:
+    """``params + updates`` leaf-wise, as new tensors."""
+    leaves = list(params.values())
+    steps = [updates[name] for name in params]
+    if _use_foreach(leaves + steps):
+        return _rebuild(params, torch._foreach_add(leaves, steps))
+    return {name: p + u for (name, p), u in zip(params.items(), steps)}
+
+
+def tree_sub(a: Params, b: Params) -> Params:
+    """``a - b`` leaf-wise over the names of ``a``."""
+    left = list(a.values())
+    right = [b[name] for name in a]
+    if _use_foreach(left + right):
+        return _rebuild(a, torch._foreach_sub(left, right))
+    return {name: x - y for (name, x), y in zip(a.items(), right)}
+
+
+def _zeros_like(params: Params) -> Params:
+    return {name: torch.zeros_like(p) for name, p in params.items()}
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Rescale updates so their global norm is at most ``max_norm`` (Pascanu et al. 2013).
+
+    Args:
+      max_norm: the largest global norm let through.
+    Returns:
+      A stateless ``GradientTransformation``. The decision is a tensor ``clamp`` (no Python branch on a
+      tensor value), so it batches under ``vmap``.
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(updates: Params, state: EmptyState, params: Params | None = None) -> tuple[Params, EmptyState]:
+        del params
+        factor = torch.clamp(max_norm / global_norm(updates), max=1.0)
+        return scale(updates, factor), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+    """Stochastic gradient descent with heavy-ball or Nesterov momentum, as ``torch.optim.SGD`` computes it.
+
+    buf <- momentum * buf + g (buf <- g at the first step); step = g + momentum * buf (Nesterov) or buf;
+    update = -lr * step.
+    Args:
+      lr: learning rate. momentum: momentum coefficient (0 disables the buffer). nesterov: Nesterov momentum.
+    Returns:
+      A ``GradientTransformation`` whose state is a ``TraceState``.
+    """
+
+    def init_fn(params: Params) -> TraceState:
+        return TraceState(torch.zeros((), dtype=torch.int64), _zeros_like(params))
+
+    def update_fn(grads: Params, state: TraceState, params: Params | None = None):
+        del params
+        if momentum == 0.0:
+            return scale(grads, -lr), TraceState(state.count + 1, state.trace)
+        # torch.optim.SGD starts the buffer at the first gradient (buf = g), then buf = m * buf + g.
+        keep = momentum * (state.count > 0).to(torch.float32)
+        trace = {name: state.trace[name] * keep + g for name, g in grads.items()}
+        step = {name: g + momentum * trace[name] for name, g in grads.items()} if nesterov else trace
+        return scale(step, -lr), TraceState(state.count + 1, trace)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam (Kingma & Ba 2015), with the bias corrections in the order ``torch.optim.Adam`` uses.
+
+    mu <- b1 mu + (1 - b1) g;  nu <- b2 nu + (1 - b2) g^2;
+    update = -(lr / (1 - b1^t)) * mu / (sqrt(nu) / sqrt(1 - b2^t) + eps).
+    Args:
+      lr: learning rate. b1, b2: moment decay rates. eps: added to the denominator.
+    Returns:
+      A ``GradientTransformation`` whose state is a ``ScaleByAdamState``.
+    """
+
+    def init_fn(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(torch.zeros((), dtype=torch.int64), _zeros_like(params), _zeros_like(params))
+
+    def update_fn(grads: Params, state: ScaleByAdamState, params: Params | None = None):
+        del params
+        count = state.count + 1
+        t = count.to(torch.float64)
+        step_size = (-lr / (1.0 - b1**t)).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1.0 - b2**t).to(torch.float32)
+        g = list(grads.values())
+        mu_old = [state.mu[name] for name in grads]
+        nu_old = [state.nu[name] for name in grads]
+        if _use_foreach(g + mu_old + nu_old):
+            mu = torch._foreach_lerp(mu_old, g, 1.0 - b1)
+            nu = torch._foreach_mul(nu_old, b2)
+            torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
+            denom = torch._foreach_sqrt(nu)
+            torch._foreach_div_(denom, bc2_sqrt.to(g[0].device))
+            torch._foreach_add_(denom, eps)
+            updates = torch._foreach_div(mu, denom)
+            torch._foreach_mul_(updates, step_size.to(g[0].device))
+        else:
+            mu = [torch.lerp(m, x, 1.0 - b1) for m, x in zip(mu_old, g)]
+            nu = [v * b2 + (1.0 - b2) * x * x for v, x in zip(nu_old, g)]
+            updates = [step_size * m / (torch.sqrt(v) / bc2_sqrt + eps) for m, v in zip(mu, nu)]
+        return _rebuild(grads, updates), ScaleByAdamState(count, _rebuild(grads, mu), _rebuild(grads, nu))
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations in sequence; the state is the tuple of their states."""
+
+    def init_fn(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update_fn(updates: Params, state: tuple, params: Params | None = None):
+        new_states = []
+        for transform, inner in zip(transforms, state):
+            updates, inner = transform.update(updates, inner, params)
+            new_states.append(inner)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def build(name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float | None = None) -> GradientTransformation:
+    """The optimiser a config names (``adam`` or ``sgd``), behind a global-norm clip when ``max_grad_norm``."""
+    if name == "adam":
+        base = adam(lr)
+    elif name == "sgd":
+        base = sgd(lr, momentum=momentum)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose adam or sgd")
+    return base if max_grad_norm is None else chain(clip_by_global_norm(max_grad_norm), base)

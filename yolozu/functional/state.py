@@ -1,0 +1,73 @@
+"""Model state as plain data: dicts of tensors keyed by ``named_parameters()`` / ``named_buffers()`` names.
+
+Split once, explicit about what trains (equinox's ``partition``/``combine``):
+
+    params, buffers = extract(model)
+    trainable, frozen = partition(params, select(model, "norm_only"))
+    out = functional_call(model, (combine(frozen, trainable), buffers), (x,))
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Collection, Mapping, Sequence, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+Params = dict[str, Tensor]
+T = TypeVar("T")
+
+
+def extract(model: nn.Module) -> tuple[Params, Params]:
+    """Detached copies of the model's parameters and buffers; the module itself is only a template."""
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return params, buffers
+
+
+def partition(params: Mapping[str, Tensor], selected: Collection[str]) -> tuple[Params, Params]:
+    """Split ``params`` into (selected, rest), both keeping the original order; unknown names are an error."""
+    chosen = set(selected)
+    unknown = chosen.difference(params)
+    if unknown:
+        raise KeyError(f"partition: names not in params: {sorted(unknown)[:5]}")
+    inside = {name: t for name, t in params.items() if name in chosen}
+    outside = {name: t for name, t in params.items() if name not in chosen}
+    return inside, outside
+
+
+def combine(*parts: Mapping[str, Tensor]) -> Params:
+    """Merge disjoint dicts back into one (the inverse of ``partition``); overlapping names are an error."""
+    merged: Params = {}
+    for part in parts:
+        overlap = merged.keys() & part.keys()
+        if overlap:
+            raise KeyError(f"combine: names present in more than one part: {sorted(overlap)[:5]}")
+        merged.update(part)
+    return merged
+
+
+def count(params: Mapping[str, Tensor]) -> int:
+    """Total number of elements (numel) of the tensors in ``params``."""
+    return sum(t.numel() for t in params.values())
+
+
+def tree_map(fn: Callable[..., Tensor], tree: T, *rest: T) -> T:
+    """Apply ``fn`` leaf-wise over one or more pytrees of the same structure (dicts, tuples, NamedTuples)."""
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def tree_where(condition: Tensor, new: T, old: T) -> T:
+    """Leaf-wise ``torch.where(condition, new, old)``: a per-stream select that ``vmap`` can batch."""
+    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)
+
+
+def stack(trees: Sequence[T]) -> T:
+    """Stack K pytrees of the same structure into one with a leading dim K (for ``torch.func.vmap``)."""
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def unstack(tree: T, k: int) -> list[T]:
+    """The inverse of ``stack``: K pytrees, the i-th holding index i of every leaf."""
+    return [pytree.tree_map(lambda leaf, i=i: leaf[i], tree) for i in range(k)]
