@@ -1,0 +1,85 @@
+"""TTTConfig validation and presets."""
+
+import pytest
+
+from yolozu.tta import TTTConfig
+from yolozu.tta.presets import PRESETS, preset_values
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("lr", 0.0, "> 0"),
+        ("lr", float("nan"), "finite"),
+        ("steps", 0, ">= 1"),
+        ("steps", 1.5, "integer"),
+        ("batch_size", -2, ">= 1"),
+        ("max_batches", 0, ">= 1 or None"),
+        ("mask_prob", 1.2, "<= 1"),
+        ("patch_size", 0, ">= 1"),
+        ("method", "sgd", "one of tent, mim, cotta"),
+        ("update_filter", "bias", "one of all, norm_only"),
+        ("reset", "never", "one of stream, sample"),
+        ("schedule", "later", "one of pre, online"),
+        ("max_update_norm", -1.0, "> 0 or None"),
+        ("max_loss_increase", -0.1, ">= 0 or None"),
+        ("cotta_ema_momentum", 1.5, "<= 1"),
+        ("cotta_augmentations", ("identity", "rotate"), "drawn from identity, hflip"),
+        ("cotta_aggregation", "median", "one of confidence_weighted_mean, mean"),
+        ("seed", -1, ">= 0"),
+        ("bn_mode", "frozen", "one of running, batch, eval"),
+    ],
+)
+def test_bad_values_name_the_field_and_range(field, value, expected):
+    with pytest.raises(ValueError, match=rf"TTTConfig\.{field} must be .*{expected}"):
+        TTTConfig(**{field: value})
+
+
+def test_defaults_follow_the_spec():
+    c = TTTConfig()
+    assert (c.enabled, c.method, c.steps, c.lr, c.batch_size, c.max_batches, c.update_filter) == (
+        False,
+        "tent",
+        1,
+        1e-4,
+        1,
+        None,
+        "all",
+    )
+    assert (c.reset, c.schedule, c.stop_on_non_finite, c.rollback_on_stop) == ("stream", "pre", True, True)
+
+
+@pytest.mark.parametrize(
+    "name,method,filt,cap",
+    [
+        ("safe", "tent", "norm_only", 1.0),
+        ("adapter_only", "tent", "adapter_only", 5.0),
+        ("mim_safe", "mim", "adapter_only", 5.0),
+        ("cotta_safe", "cotta", "lora_norm_only", 1.0),
+    ],
+)
+def test_presets(name, method, filt, cap):
+    c = TTTConfig.from_preset(name)
+    assert (c.preset, c.enabled, c.method, c.update_filter) == (name, True, method, filt)
+    assert (c.steps, c.batch_size, c.lr, c.max_batches) == (1, 1, 1e-4, 1)
+    assert c.max_grad_norm == c.max_update_norm == c.max_total_update_norm == cap
+    assert c.max_loss_ratio == 3.0
+
+
+def test_explicit_values_win_over_the_preset():
+    c = TTTConfig.from_preset("safe", lr=1e-3, max_update_norm=2.0, update_filter="all")
+    assert (c.lr, c.max_update_norm, c.update_filter, c.max_total_update_norm) == (1e-3, 2.0, "all", 1.0)
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ValueError, match="unknown TTT preset 'fast'"):
+        preset_values("fast")
+    assert set(PRESETS) == {"safe", "adapter_only", "mim_safe", "cotta_safe"}
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    d = TTTConfig(include=["bn"], exclude="head").to_dict()
+    assert d["include"] == ["bn"] and d["exclude"] == ["head"]
+    json.dumps(d)

@@ -1,0 +1,70 @@
+"""``run_ttt(adapter, records, config)``: adapt the adapter's model before prediction (the spec's flow).
+
+The model is adapted on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``, for
+``steps`` steps per batch, and the adapted tensors are written into it once, at the end. If anything fails
+on the way the module is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Sequence
+
+from yolozu.adapter import Record, missing_ttt_hooks
+from yolozu.functional.readout import readout_of
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.engine import Adaptation
+from yolozu.tta.report import TTTReport
+
+
+def require_ttt_hooks(adapter: object) -> None:
+    """Raise ``RuntimeError`` naming the first TTT hook (``get_model``, ``build_loader``) the adapter lacks."""
+    missing = missing_ttt_hooks(adapter)
+    if missing:
+        raise RuntimeError(
+            f"adapter {type(adapter).__name__} has no {missing[0]}(), so it does not support test-time "
+            f"training (it needs get_model() and build_loader(records, *, batch_size)); use an adapter that "
+            f"implements them, e.g. --adapter detector, or run without --ttt"
+        )
+
+
+def disabled_report(config: TTTConfig) -> TTTReport:
+    """The report of a run with TTT off."""
+    return TTTReport(enabled=False, method=config.method, reset=config.reset)
+
+
+def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig()) -> TTTReport:
+    """Adapt ``adapter.get_model()`` on ``records`` with ``config``; returns the run's ``TTTReport``.
+
+    Raises:
+      RuntimeError: the adapter lacks a TTT hook.
+      EmptySelectionError: the update filter selects no parameter.
+    """
+    if not config.enabled:
+        return disabled_report(config)
+    require_ttt_hooks(adapter)
+    if config.reset != "stream":
+        raise ValueError(
+            f"run_ttt adapts one stream before prediction; reset={config.reset!r} adapts every image from "
+            f"the source weights and belongs to the export flow (yolozu.export), not to run_ttt"
+        )
+    start = time.perf_counter()
+    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
+    loader = adapter.build_loader(list(records), batch_size=config.batch_size)
+    batches_used = 0
+    for batch in itertools.islice(loader, config.max_batches):
+        batches_used += 1
+        for _ in range(config.steps):
+            adaptation.step(batch)
+            if adaptation.stopped:
+                break
+        if adaptation.stopped:
+            break
+    adaptation.write_back()
+    return adaptation.report(
+        seconds=time.perf_counter() - start,
+        steps_requested=config.steps * batches_used,
+        batches_used=batches_used,
+        warnings=[] if batches_used else ["the loader yielded no batch; nothing was adapted"],
+    )

@@ -1,0 +1,36 @@
+"""Named TTT presets: tested settings for a method, a filter and its guards.
+
+Every preset runs one step on one batch of one image at lr 1e-4 (``steps``, ``batch_size``, ``lr``,
+``max_batches``) unless an explicit value says otherwise; the guards cap the gradient norm (by clipping),
+each update's norm, the total drift from the source weights, and the loss ratio to the first step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_COMMON = {"enabled": True, "steps": 1, "batch_size": 1, "lr": 1e-4, "max_batches": 1}
+
+
+def _guards(norm_cap: float, loss_ratio: float) -> dict[str, float]:
+    return {
+        "max_grad_norm": norm_cap,
+        "max_update_norm": norm_cap,
+        "max_total_update_norm": norm_cap,
+        "max_loss_ratio": loss_ratio,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "safe": {"method": "tent", "update_filter": "norm_only", **_guards(1.0, 3.0)},
+    "adapter_only": {"method": "tent", "update_filter": "adapter_only", **_guards(5.0, 3.0)},
+    "mim_safe": {"method": "mim", "update_filter": "adapter_only", **_guards(5.0, 3.0)},
+    "cotta_safe": {"method": "cotta", "update_filter": "lora_norm_only", **_guards(1.0, 3.0)},
+}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The field values of preset ``name`` (a fresh dict)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown TTT preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return {**_COMMON, **PRESETS[name]}

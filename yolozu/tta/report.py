@@ -1,0 +1,51 @@
+"""``TTTReport``: what a test-time training run did, in the fields YOLOZU logs."""
+
+from __future__ import annotations
+
+import statistics
+
+import attrs
+
+
+def loss_summary(losses: list[float]) -> dict | None:
+    """first, last, mean, min and max of the step losses (None when no step ran)."""
+    if not losses:
+        return None
+    return {
+        "first": losses[0],
+        "last": losses[-1],
+        "mean": statistics.fmean(losses),
+        "min": min(losses),
+        "max": max(losses),
+    }
+
+
+@attrs.define
+class TTTReport:
+    """A run's outcome.
+
+    ``losses`` and ``steps_run`` count the kept steps only; a step stopped by a guard and rolled back appears
+    in ``step_metrics`` with ``rolled_back: true``. ``updated_param_count`` is the numel of the selected
+    parameters. ``mask_ratio`` is the mean masked fraction (MIM), else None.
+    """
+
+    enabled: bool
+    method: str
+    reset: str
+    steps_requested: int = 0
+    steps_run: int = 0
+    batches_used: int = 0
+    seconds: float = 0.0
+    losses: list[float] = attrs.field(factory=list)
+    mask_ratio: float | None = None
+    updated_param_count: int = 0
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    step_metrics: list[dict] = attrs.field(factory=list)
+    warnings: list[str] = attrs.field(factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields plus ``loss_summary``."""
+        out = attrs.asdict(self)
+        out["loss_summary"] = loss_summary(self.losses)
+        return out

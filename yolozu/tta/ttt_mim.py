@@ -1,0 +1,127 @@
+"""YOLOZU's MIM test-time training API: masking, reconstruction loss, update filtering and ``run_ttt_mim``.
+
+Thin wrappers over the functional core (``yolozu.functional.masking``, ``losses``, ``filters``, ``mim``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from yolozu.functional import masking
+from yolozu.functional.filters import include_exclude
+from yolozu.functional.losses import masked_reconstruction_loss
+from yolozu.functional.readout import DEFAULT_READOUT, Readout
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.engine import Adaptation
+
+
+@attrs.frozen
+class TTTMIMResult:
+    """Outcome of ``run_ttt_mim``: per-step losses, mean masked fraction, numel of the updated params."""
+
+    losses: list[float]
+    mask_ratio: float
+    updated_param_count: int
+
+
+def generate_block_mask(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 16,
+    mask_prob: float = 0.6,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """One block mask ``(height, width)`` (bool, True = masked) drawn from ``generator`` (torch's default
+    CPU generator when None)."""
+    gen = generator if generator is not None else torch.default_generator
+    grid = masking.block_grid(1, height, width, patch_size=patch_size, mask_prob=mask_prob, gen=gen)
+    return masking.expand_grid(grid, height, width, patch_size)[0].to(device)
+
+
+def apply_mask(x: Tensor, mask: Tensor, *, mask_value: float = 0.0) -> Tensor:
+    """``x`` with masked pixels set to ``mask_value``; ``mask`` broadcasts over batch and channels."""
+    return masking.apply_mask(x, mask.to(torch.bool), mask_value)
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Squared reconstruction error over the masked pixels: ``mean`` (over masked elements), ``sum`` or
+    ``none`` (the element-wise error, zero outside the mask)."""
+    if reduction == "mean":
+        return masked_reconstruction_loss(pred, target, None if mask is None else mask.to(torch.bool))
+    err = (pred - target).square()
+    if mask is not None:
+        err = err * mask.to(err.dtype)
+    if reduction == "sum":
+        return err.sum()
+    if reduction == "none":
+        return err
+    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+
+
+def filter_parameters(
+    named_params: Iterable[tuple[str, Tensor]],
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    allowed: Iterable[str] | None = None,
+) -> list[tuple[str, Tensor]]:
+    """The ``(name, param)`` pairs whose name is in ``allowed`` (all when None), contains an ``include``
+    substring (any, when given) and no ``exclude`` substring."""
+    pairs = list(named_params)
+    allowed_set = None if allowed is None else set(allowed)
+    names = [name for name, _ in pairs if allowed_set is None or name in allowed_set]
+    kept = set(include_exclude(names, include, exclude))
+    return [(name, param) for name, param in pairs if name in kept]
+
+
+def run_ttt_mim(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    steps: int = 1,
+    lr: float = 1e-4,
+    mask_prob: float = 0.6,
+    patch_size: int = 16,
+    mask_value: float = 0.0,
+    update_filter: str = "all",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    readout: Readout = DEFAULT_READOUT,
+) -> TTTMIMResult:
+    """``steps`` MIM steps on the batch ``x``: mask blocks, reconstruct, update the filtered params.
+
+    The adapted weights are written into ``model`` at the end. ``readout`` says how to get the
+    reconstruction from the model's output (default: the output is the reconstruction).
+    """
+    config = TTTConfig(
+        enabled=True,
+        method="mim",
+        steps=steps,
+        lr=lr,
+        mask_prob=mask_prob,
+        patch_size=patch_size,
+        mask_value=mask_value,
+        update_filter=update_filter,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+    )
+    adaptation = Adaptation(model, config, readout)
+    for _ in range(steps):
+        adaptation.step(x)
+        if adaptation.stopped:
+            break
+    adaptation.write_back()
+    ratios = adaptation.mask_ratios
+    return TTTMIMResult(
+        losses=list(adaptation.losses),
+        mask_ratio=sum(ratios) / len(ratios) if ratios else 0.0,
+        updated_param_count=adaptation.updated_param_count,
+    )
