@@ -17,3 +17,8 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# make demo-data: the offline demo shift benchmark under data/demo (clean train/val, 19 corruptions x 5 severities of val).
+.PHONY: demo-data
+demo-data: $(STAMP)
+	$(PY) tools/make_demo_data.py

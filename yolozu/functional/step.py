@@ -8,7 +8,7 @@ tensors. Metrics are 0-d tensors so that ``torch.func.vmap`` can batch a step ov
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,19 +91,27 @@ def init_state(
 
 
 @contextlib.contextmanager
-def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Run with every submodule's ``training`` flag set, then put each flag back as it was."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.train(training)
+def training_mode(modules: Sequence[nn.Module], training: bool) -> Iterator[None]:
+    """Run with every module's ``training`` flag set to ``training``, then put the flags that changed back."""
+    changed = [module for module in modules if module.training != training]
+    for module in changed:
+        module.training = training
     try:
         yield
     finally:
-        for module, flag in flags:
-            module.training = flag
+        for module in changed:
+            module.training = not training
 
 
 Apply = Callable[..., tuple[Any, Params]]
 """``apply(params, buffers, x, **forward_kwargs) -> (output, new_buffers)``."""
+
+
+def _has_tied_tensors(model: nn.Module) -> bool:
+    unique = sum(1 for _ in model.named_parameters()) + sum(1 for _ in model.named_buffers())
+    every = sum(1 for _ in model.named_parameters(remove_duplicate=False))
+    every += sum(1 for _ in model.named_buffers(remove_duplicate=False))
+    return every != unique
 
 
 def make_apply(model: nn.Module, bn: str = "running") -> Apply:
@@ -114,11 +122,14 @@ def make_apply(model: nn.Module, bn: str = "running") -> Apply:
     """
     if bn not in BN_MODES:
         raise ValueError(f"unknown BatchNorm mode {bn!r}; choose one of {', '.join(BN_MODES)}")
+    modules = list(model.modules())
+    training = bn != "eval"
+    tie_weights = _has_tied_tensors(model)  # untying costs time on every call; only pay it when needed
 
     def apply(params: Params, buffers: Params, x: Any, **kwargs: Any) -> tuple[Any, Params]:
-        work = buffers if bn == "eval" else {name: b.clone() for name, b in buffers.items()}
-        with training_mode(model, bn != "eval"):
-            output = functional_call(model, (params, work), (x,), kwargs)
+        work = {name: b.clone() for name, b in buffers.items()} if training else buffers
+        with training_mode(modules, training):
+            output = functional_call(model, (params, work), (x,), kwargs, tie_weights=tie_weights)
         return output, (work if bn == "running" else buffers)
 
     return apply
@@ -128,18 +139,15 @@ def _detach_tree(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
-def _all_finite(tensors: Mapping[str, Tensor]) -> Tensor:
-    """True when every floating-point tensor is finite (a norm over them is; integer counters are skipped)."""
-    return torch.isfinite(optim.global_norm({n: t for n, t in tensors.items() if t.is_floating_point()}))
-
-
 def _grads_autograd(loss_fn: LossFn, state: TTTState, batch: Any, extra: Any) -> tuple[Params, Tensor, LossOutput]:
     leaves = {name: t.detach().requires_grad_(True) for name, t in state.trainable.items()}
     with torch.enable_grad():
         loss, aux = loss_fn(combine(state.frozen, leaves), state.buffers, batch, extra)
         found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
-    return grads, loss.detach(), _detach_tree(aux)
+    # running statistics are updated outside autograd, so only the metrics and the raw output need detaching
+    metrics = {name: value.detach() for name, value in aux.metrics.items()}
+    return grads, loss.detach(), aux._replace(metrics=metrics, output=_detach_tree(aux.output))
 
 
 def _grads_func(loss_fn: LossFn, state: TTTState, batch: Any, extra: Any) -> tuple[Params, Tensor, LossOutput]:
@@ -160,8 +168,8 @@ def make_gradient_step(
     """One optimiser step on ``loss_fn``: gradients of the trainable params, update, new state and metrics.
 
     Metrics (0-d tensors): ``loss`` (before the update), ``grad_norm`` (before clipping), ``update_norm``,
-    ``total_update_norm`` (||trainable - source||), ``initial_loss``, ``finite`` (loss, gradients, new params
-    and buffers all finite), plus the loss function's own; ``output`` (the forward's output) when
+    ``total_update_norm`` (||trainable - source||), ``initial_loss``, ``finite`` (loss, gradients and update
+    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own; ``output`` (the forward's output) when
     ``keep_output``.
     """
     if differentiate not in DIFFERENTIATE:
@@ -175,7 +183,6 @@ def make_gradient_step(
         trainable = optim.apply_updates(state.trainable, updates)
         update_norm = optim.global_norm(updates)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(update_norm)
-        finite = finite & _all_finite(aux.buffers)
         initial_loss = torch.where(state.step == 0, loss, state.initial_loss)
         metrics = {
             "loss": loss,
