@@ -169,8 +169,8 @@ def make_gradient_step(
 
     Metrics (0-d tensors): ``loss`` (before the update), ``grad_norm`` (before clipping), ``update_norm``,
     ``total_update_norm`` (||trainable - source||), ``initial_loss``, ``finite`` (loss, gradients and update
-    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own; ``output`` (the forward's output) when
-    ``keep_output``.
+    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own;
+    ``output`` (the forward's output) when ``keep_output``.
     """
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
