@@ -10,7 +10,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
@@ -22,3 +21,8 @@ test: $(STAMP)
 .PHONY: demo-data
 demo-data: $(STAMP)
 	$(PY) tools/make_demo_data.py
+
+# make bench-core: functional Tent step vs classic stateful Tent vs bare forward+backward (ratios from one run).
+.PHONY: bench-core
+bench-core: $(STAMP)
+	$(PY) tools/bench_core.py

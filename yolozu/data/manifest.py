@@ -1,0 +1,89 @@
+"""Read a YOLO-layout dataset (``<root>/images/<split>``, ``<root>/labels/<split>``) into a list of records.
+
+Each record is ``{"image": path, "labels": [{"class_id", "cx", "cy", "w", "h"}]}`` with normalised boxes.
+Malformed label lines are errors that name the file and line, so a broken dataset fails loudly, not quietly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ManifestError", "build_manifest", "SPLIT_ORDER", "IMAGE_SUFFIXES", "find_split", "parse_label_file"]
+
+#: Split names tried, in order, when ``build_manifest`` is given no split.
+SPLIT_ORDER: tuple[str, ...] = ("val2017", "val", "valid", "validation", "train2017", "train")
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+_HINT = "run `make demo-data` to make the demo dataset under data/demo, or pass the root of a YOLO-layout dataset"
+
+
+class ManifestError(ValueError):
+    """A dataset that cannot be read: missing folders, no images, or a malformed label line."""
+
+
+def find_split(root: str | os.PathLike) -> str:
+    """The first split of ``SPLIT_ORDER`` that exists under ``<root>/images/``."""
+    images = Path(root) / "images"
+    for name in SPLIT_ORDER:
+        if (images / name).is_dir():
+            return name
+    raise ManifestError(
+        f"no split found under {images}: looked for {', '.join(SPLIT_ORDER)}; pass split=... or {_HINT}"
+    )
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    fields = line.split()
+    where = f"{path}:{lineno}"
+    if len(fields) != 5:
+        raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+    try:
+        values = [float(f) for f in fields]
+    except ValueError:
+        raise ManifestError(f"{where}: non-numeric field in {line.strip()!r}") from None
+    cls = values[0]
+    if not math.isfinite(cls) or cls != int(cls) or cls < 0:
+        raise ManifestError(f"{where}: class id must be a non-negative integer, got {fields[0]!r}")
+    for name, text, v in zip(("cx", "cy", "w", "h"), fields[1:], values[1:]):
+        if not (0.0 <= v <= 1.0):  # also rejects nan
+            raise ManifestError(f"{where}: {name}={text} is outside [0, 1]")
+    return {"class_id": int(cls), "cx": values[1], "cy": values[2], "w": values[3], "h": values[4]}
+
+
+def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Labels of one YOLO label file; blank lines are skipped, anything else malformed raises ManifestError."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                out.append(_parse_line(path, lineno, line))
+    return out
+
+
+def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
+    """Records ``{"image": str, "labels": [...]}`` for every image of a split, sorted by image path.
+
+    With ``split=None`` the first existing of ``SPLIT_ORDER`` is used. An image without a label file has no
+    labels. Raises ManifestError for a missing root or split, a split without images, or a bad label line.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"dataset root {root} does not exist; {_HINT}")
+    if split is None:
+        split = find_split(root)
+    img_dir = root / "images" / split
+    if not img_dir.is_dir():
+        raise ManifestError(f"split {split!r} not found: {img_dir} is not a folder; {_HINT}")
+    images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ManifestError(f"no images (.jpg, .jpeg, .png) in {img_dir}; {_HINT}")
+    lbl_dir = root / "labels" / split
+    records = []
+    for img in images:
+        lbl = lbl_dir / (img.stem + ".txt")
+        labels = parse_label_file(lbl) if lbl.is_file() else []
+        records.append({"image": str(img), "labels": labels})
+    return records
