@@ -26,3 +26,9 @@ demo-data: $(STAMP)
 .PHONY: bench-core
 bench-core: $(STAMP)
 	$(PY) tools/bench_core.py
+
+# train: re-train the built-in detector with the defaults (CPU, ~7-10 min on 2 cores); writes
+# yolozu/models/checkpoints/detector.pt and detector.json (evaluated on data/demo val when present).
+.PHONY: train
+train: $(STAMP)
+	$(PY) tools/train_detector.py

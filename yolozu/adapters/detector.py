@@ -1,0 +1,164 @@
+"""``DetectorAdapter``: the built-in CenterNet-style detector behind the ``ModelAdapter`` contract.
+
+The pieces are separate so the export flow can run the model itself (e.g. with adapted tensors through
+``torch.func.functional_call``): ``load_batch`` (records -> input tensor), the model (``get_model``), and
+``decode`` (outputs -> predictions). ``predict`` is those three in a row.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from yolozu.adapter import ModelAdapter, Prediction, Record
+from yolozu.functional.readout import Readout
+from yolozu.models.checkpoint import load_detector
+from yolozu.models.decode import decode as decode_outputs
+from yolozu.models.ttt_losses import DEFAULT_PEAKS, TENT_LOSSES, heatmap_logits, reconstruction
+
+
+class ImageLoadError(OSError):
+    """An input image that is missing or cannot be decoded."""
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """One image as RGB uint8 ``(size, size, 3)``, resized bilinearly when its size differs."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageLoadError(f"image not found: {path}") from None
+    except OSError as e:
+        raise ImageLoadError(f"cannot read image {path}: {e}") from None
+
+
+def to_tensor(images: Sequence[np.ndarray]) -> Tensor:
+    """uint8 ``(H, W, 3)`` images -> float ``(B, 3, H, W)`` in [0, 1]."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return batch.to(torch.float32).div_(255.0).contiguous()
+
+
+class DetectorAdapter(ModelAdapter):
+    """Adapter for :class:`yolozu.models.CenterNetDetector` checkpoints.
+
+    Args:
+      checkpoint: path of a detector checkpoint; None loads the committed default.
+      device: where the model runs.
+      batch_size: images per forward pass in ``predict``.
+      score_threshold, max_detections, nms_iou: decoding (see :func:`yolozu.models.decode`).
+      tent_loss: ``"peak_softmax"`` (softmax entropy over the classes at the top-k heatmap peaks, default)
+        or ``"sigmoid"`` (mean binary entropy of all heatmap scores).
+      tent_peaks: k for ``"peak_softmax"``.
+    """
+
+    name = "detector"
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        score_threshold: float = 0.01,
+        max_detections: int = 100,
+        nms_iou: float = 0.5,
+        tent_loss: str = "peak_softmax",
+        tent_peaks: int = DEFAULT_PEAKS,
+    ) -> None:
+        if tent_loss not in TENT_LOSSES:
+            raise ValueError(f"unknown tent_loss {tent_loss!r}; choose one of {', '.join(TENT_LOSSES)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = load_detector(checkpoint, device=self.device)
+        self.checkpoint = checkpoint
+        self.batch_size = batch_size
+        self.score_threshold = score_threshold
+        self.max_detections = max_detections
+        self.nms_iou = nms_iou
+        self.tent_loss = tent_loss
+        self.tent_peaks = tent_peaks
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model input, in pixels."""
+        return int(self.model.image_size)
+
+    def get_model(self) -> nn.Module:
+        """The detector module (TTT adapts its tensors)."""
+        return self.model
+
+    def load_batch(self, records: Sequence[Record]) -> Tensor:
+        """Input tensor ``(B, 3, S, S)`` in [0, 1] on the adapter's device; a bad image raises ImageLoadError."""
+        if not records:
+            raise ValueError("load_batch needs at least one record")
+        images = [load_image(record["image"], self.image_size) for record in records]
+        return to_tensor(images).to(self.device)
+
+    def build_loader(self, records: Sequence[Record], *, batch_size: int) -> Iterator[Tensor]:
+        """Preprocessed batches of ``records`` in order (the last one may be smaller); deterministic."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(records), batch_size):
+            yield self.load_batch(records[start : start + batch_size])
+
+    def decode(self, output: Mapping[str, Tensor], records: Sequence[Record]) -> list[Prediction]:
+        """Model outputs for ``records`` (same order) -> one prediction per record."""
+        detections = decode_outputs(
+            output,
+            score_threshold=self.score_threshold,
+            max_detections=self.max_detections,
+            nms_iou=self.nms_iou,
+        )
+        if len(detections) != len(records):
+            raise ValueError(f"decode got outputs for {len(detections)} images but {len(records)} records")
+        return [{"image": str(record["image"]), "detections": dets} for record, dets in zip(records, detections)]
+
+    def predict(self, records: Sequence[Record]) -> list[Prediction]:
+        """Predictions for ``records`` in order, with the model in eval mode and no gradients."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Prediction] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(records), self.batch_size):
+                    chunk = records[start : start + self.batch_size]
+                    out.extend(self.decode(self.model(self.load_batch(chunk)), chunk))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def ttt_readout(self) -> Readout:
+        """How TTT reads this detector: a Tent loss on the heatmap, the MIM reconstruction, sigmoid heatmap scores."""
+        loss = TENT_LOSSES[self.tent_loss]
+        if self.tent_loss == "peak_softmax":
+            loss = functools.partial(loss, k=self.tent_peaks)
+        return Readout(
+            tent_loss=loss,
+            recon_kwargs={"recon": True},
+            recon=reconstruction,
+            scores=heatmap_logits,
+            score_kind="sigmoid",
+            spatial=True,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Settings worth recording in predictions metadata."""
+        return {
+            "adapter": self.name,
+            "checkpoint": str(self.checkpoint) if self.checkpoint is not None else "default",
+            "image_size": self.image_size,
+            "score_threshold": self.score_threshold,
+            "max_detections": self.max_detections,
+            "nms_iou": self.nms_iou,
+            "tent_loss": self.tent_loss,
+        }

@@ -1,0 +1,43 @@
+"""Checkpoint files: ``{"config": architecture kwargs, "state_dict": tensors}``, loadable with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yolozu.models.detector import CenterNetDetector
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "detector.pt"
+"""The committed detector trained by ``make train`` (its training record: ``detector.json`` beside it)."""
+
+
+def build_detector(config: dict[str, Any] | None = None) -> CenterNetDetector:
+    """A freshly initialised detector from architecture kwargs (defaults when None)."""
+    config = dict(config or {})
+    if "widths" in config:
+        config["widths"] = tuple(config["widths"])
+    return CenterNetDetector(**config)
+
+
+def save_detector(model: CenterNetDetector, path: str | Path) -> None:
+    """Write ``model``'s config and state dict to ``path`` (parent directories are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"config": dict(model.config), "state_dict": state}, path)
+
+
+def load_detector(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> CenterNetDetector:
+    """Load a detector checkpoint (the committed default when ``path`` is None), in eval mode."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        hint = " (run `make train` to create the default checkpoint)" if path == DEFAULT_CHECKPOINT else ""
+        raise FileNotFoundError(f"detector checkpoint not found: {path}{hint}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a detector checkpoint: expected a dict with 'config' and 'state_dict'")
+    model = build_detector(blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,137 @@
+"""predictions.json: the schema, validation, the wrapped form with metadata, and crash-safe writing.
+
+A predictions file is a list of ``{"image": str, "detections": [{"class_id": int, "score": float,
+"bbox": {"cx", "cy", "w", "h"}}]}`` with boxes normalised to [0, 1], or the wrapped form
+``{"schema_version": 1, "predictions": [...], "meta": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+SCHEMA_VERSION = 1
+BBOX_KEYS = ("cx", "cy", "w", "h")
+
+
+class PredictionsError(ValueError):
+    """Predictions that do not follow the schema; the message names the entry and the field."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_detection(det: Any, where: str) -> None:
+    if not isinstance(det, Mapping):
+        raise PredictionsError(f"{where}: a detection must be an object, got {type(det).__name__}")
+    cls = det.get("class_id")
+    if not isinstance(cls, int) or isinstance(cls, bool) or cls < 0:
+        raise PredictionsError(f"{where}.class_id: must be a non-negative int, got {cls!r}")
+    if not _is_number(det.get("score")):
+        raise PredictionsError(f"{where}.score: must be a finite number, got {det.get('score')!r}")
+    bbox = det.get("bbox")
+    if not isinstance(bbox, Mapping):
+        raise PredictionsError(f"{where}.bbox: must be an object with keys {', '.join(BBOX_KEYS)}, got {bbox!r}")
+    for key in BBOX_KEYS:
+        if not _is_number(bbox.get(key)):
+            raise PredictionsError(f"{where}.bbox.{key}: must be a finite number, got {bbox.get(key)!r}")
+    if bbox["w"] < 0 or bbox["h"] < 0:
+        raise PredictionsError(f"{where}.bbox: width and height must be >= 0, got w={bbox['w']}, h={bbox['h']}")
+
+
+def validate_predictions(preds: Any) -> list[dict]:
+    """Check ``preds`` against the schema and return it; raise PredictionsError naming the index and field."""
+    if not isinstance(preds, list):
+        raise PredictionsError(f"predictions must be a list of per-image entries, got {type(preds).__name__}")
+    for i, entry in enumerate(preds):
+        where = f"predictions[{i}]"
+        if not isinstance(entry, Mapping):
+            raise PredictionsError(f"{where}: must be an object, got {type(entry).__name__}")
+        if not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise PredictionsError(
+                f"{where}.image: must be a non-empty string (the image path), got {entry.get('image')!r}"
+            )
+        dets = entry.get("detections")
+        if not isinstance(dets, list):
+            raise PredictionsError(f"{where}.detections: must be a list, got {type(dets).__name__}")
+        for j, det in enumerate(dets):
+            _validate_detection(det, f"{where}.detections[{j}]")
+    return preds
+
+
+def unwrap(obj: Any) -> list[dict]:
+    """The prediction list of a plain list or of the wrapped ``{"schema_version", "predictions", "meta"}`` form."""
+    if isinstance(obj, Mapping):
+        if "predictions" not in obj:
+            raise PredictionsError(
+                f"a wrapped predictions object needs a 'predictions' key; got keys {sorted(obj)[:8]}"
+            )
+        version = obj.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise PredictionsError(f"unsupported schema_version {version!r}; this version reads {SCHEMA_VERSION}")
+        return obj["predictions"]
+    return obj
+
+
+def load_predictions(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a predictions file (plain list or wrapped form); returns the prediction list."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"predictions file not found: {path}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PredictionsError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return validate_predictions(unwrap(obj))
+    except PredictionsError as e:
+        raise PredictionsError(f"{path}: {e}") from None
+
+
+def wrap(predictions: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None) -> dict:
+    """The wrapped form ``{"schema_version", "predictions", "meta"}``."""
+    return {"schema_version": SCHEMA_VERSION, "predictions": list(predictions), "meta": dict(meta or {})}
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same folder, fsync, then os.replace.
+
+    Readers see either the old file or the complete new one; if anything fails (serialisation included),
+    no file is left behind. A missing or unwritable folder is a clear error.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist (create it first)")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise PermissionError(f"cannot write {path}: folder {folder} is not writable ({e.strerror})") from e
+    try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
