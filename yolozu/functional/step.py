@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from yolozu.functional import optim
+from yolozu.functional.rng import Key
 from yolozu.functional.state import Params, combine, extract, partition
 
 BN_MODES = ("running", "batch", "eval")
@@ -139,69 +140,128 @@ def _detach_tree(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
-def _grads_autograd(loss_fn: LossFn, state: TTTState, batch: Any, extra: Any) -> tuple[Params, Tensor, LossOutput]:
-    leaves = {name: t.detach().requires_grad_(True) for name, t in state.trainable.items()}
+def gradients_autograd(
+    loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any
+) -> tuple[Params, Tensor, LossOutput]:
+    """Gradients of ``loss_fn`` w.r.t. ``trainable`` with ``torch.autograd.grad`` (outside any transform).
+
+    Also the right tool for K streams: the loss of a vmapped forward is a vector whose sum has each stream's
+    gradients in its own slice of the stacked params, and autograd keeps only what the backward needs.
+    """
+    leaves = {name: t.detach().requires_grad_(True) for name, t in trainable.items()}
     with torch.enable_grad():
-        loss, aux = loss_fn(combine(state.frozen, leaves), state.buffers, batch, extra)
-        found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        loss, aux = loss_fn(combine(frozen, leaves), buffers, batch, extra)
+        found = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
     grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
     # running statistics are updated outside autograd, so only the metrics and the raw output need detaching
     metrics = {name: value.detach() for name, value in aux.metrics.items()}
     return grads, loss.detach(), aux._replace(metrics=metrics, output=_detach_tree(aux.output))
 
 
-def _grads_func(loss_fn: LossFn, state: TTTState, batch: Any, extra: Any) -> tuple[Params, Tensor, LossOutput]:
-    def objective(trainable: Params) -> tuple[Tensor, LossOutput]:
-        return loss_fn(combine(state.frozen, trainable), state.buffers, batch, extra)
+def gradients_func(
+    loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any
+) -> tuple[Params, Tensor, LossOutput]:
+    """Gradients of ``loss_fn`` w.r.t. ``trainable`` with ``torch.func.grad`` (composes with ``vmap``)."""
 
-    grads, (loss, aux) = grad_and_value(objective, has_aux=True)(state.trainable)
+    def objective(leaves: Params) -> tuple[Tensor, LossOutput]:
+        return loss_fn(combine(frozen, leaves), buffers, batch, extra)
+
+    grads, (loss, aux) = grad_and_value(objective, has_aux=True)(trainable)
     return grads, loss, aux
 
 
-def make_gradient_step(
-    loss_fn: LossFn,
-    optimizer: optim.GradientTransformation,
-    *,
-    differentiate: str = "autograd",
-    keep_output: bool = False,
-) -> Callable[[TTTState, Any, Any], tuple[TTTState, dict]]:
-    """One optimiser step on ``loss_fn``: gradients of the trainable params, update, new state and metrics.
+def apply_gradients(
+    optimizer: optim.GradientTransformation, state: TTTState, grads: Params, loss: Tensor, aux: LossOutput
+) -> tuple[TTTState, dict]:
+    """The optimiser step on ``grads``: the new state and the step's metrics.
 
     Metrics (0-d tensors): ``loss`` (before the update), ``grad_norm`` (before clipping), ``update_norm``,
     ``total_update_norm`` (||trainable - source||), ``initial_loss``, ``finite`` (loss, gradients and update
-    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own;
-    ``output`` (the forward's output) when ``keep_output``.
+    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own.
+    """
+    grad_norm = optim.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optim.apply_updates(state.trainable, updates)
+    update_norm = optim.global_norm(updates)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(update_norm)
+    initial_loss = torch.where(state.step == 0, loss, state.initial_loss)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "update_norm": update_norm,
+        "total_update_norm": optim.global_norm(optim.tree_sub(trainable, state.source)),
+        "initial_loss": initial_loss,
+        "finite": finite,
+        **aux.metrics,
+    }
+    new_state = state._replace(
+        trainable=trainable, buffers=aux.buffers, opt_state=opt_state, step=state.step + 1, initial_loss=initial_loss
+    )
+    return new_state, metrics
+
+
+def pass_noise(state: TTTState, batch: Any, noise: Any) -> Any:
+    del state, batch
+    return noise
+
+
+def _unchanged(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
+    del old, noise
+    return new, metrics
+
+
+def _no_noise(k: Key, state: TTTState, batch: Any) -> None:
+    del k, state, batch
+
+
+class Method(NamedTuple):
+    """A TTT method as pure pieces, so one definition serves a single stream, ``vmap`` and K fast streams.
+
+    One update is ``extra = prepare(state, batch, noise)``, a gradient step on
+    ``loss_fn(params, buffers, batch, extra)`` with ``optimizer``, then ``finish(old, new, metrics, noise)``;
+    ``draw(key, state, batch)`` makes the update's randomness (``noise``) from a key, outside any transform.
+    """
+
+    loss_fn: LossFn
+    optimizer: optim.GradientTransformation
+    prepare: Callable[[TTTState, Any, Any], Any] = pass_noise
+    finish: Callable[[TTTState, TTTState, dict, Any], tuple[TTTState, dict]] = _unchanged
+    draw: Callable[[Key, TTTState, Any], Any] = _no_noise
+
+
+Update = Callable[[TTTState, Any, Any], tuple[TTTState, dict]]
+
+
+def make_update(method: Method, *, differentiate: str = "autograd", keep_output: bool = False) -> Update:
+    """``update(state, batch, noise) -> (new_state, metrics)``: one step of ``method`` with given randomness.
+
+    ``differentiate``: ``autograd`` (fastest for one model) or ``func`` (composes with ``torch.func``
+    transforms). ``keep_output`` adds the forward's output to the metrics as ``output``.
     """
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
-    gradients = _grads_autograd if differentiate == "autograd" else _grads_func
+    gradients = gradients_autograd if differentiate == "autograd" else gradients_func
 
-    def step(state: TTTState, batch: Any, extra: Any = None) -> tuple[TTTState, dict]:
-        grads, loss, aux = gradients(loss_fn, state, batch, extra)
-        grad_norm = optim.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optim.apply_updates(state.trainable, updates)
-        update_norm = optim.global_norm(updates)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(update_norm)
-        initial_loss = torch.where(state.step == 0, loss, state.initial_loss)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "update_norm": update_norm,
-            "total_update_norm": optim.global_norm(optim.tree_sub(trainable, state.source)),
-            "initial_loss": initial_loss,
-            "finite": finite,
-            **aux.metrics,
-        }
+    def update(state: TTTState, batch: Any, noise: Any = None) -> tuple[TTTState, dict]:
+        extra = method.prepare(state, batch, noise)
+        grads, loss, aux = gradients(method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra)
+        new_state, metrics = apply_gradients(method.optimizer, state, grads, loss, aux)
+        new_state, metrics = method.finish(state, new_state, metrics, noise)
         if keep_output:
             metrics["output"] = aux.output
-        new_state = state._replace(
-            trainable=trainable,
-            buffers=aux.buffers,
-            opt_state=opt_state,
-            step=state.step + 1,
-            initial_loss=initial_loss,
-        )
         return new_state, metrics
+
+    return update
+
+
+def make_step(
+    method: Method, *, differentiate: str = "autograd", keep_output: bool = False
+) -> Callable[[TTTState, Any, Key | None], tuple[TTTState, dict]]:
+    """``step(state, batch, key) -> (new_state, metrics)``: draws the method's randomness from ``key``, then
+    ``make_update``'s update."""
+    update = make_update(method, differentiate=differentiate, keep_output=keep_output)
+
+    def step(state: TTTState, batch: Any, key: Key | None = None) -> tuple[TTTState, dict]:
+        return update(state, batch, method.draw(key, state, batch))
 
     return step

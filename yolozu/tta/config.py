@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 COTTA_AUGMENTATIONS = ("identity", "hflip")
 COTTA_AGGREGATIONS = ("confidence_weighted_mean", "mean")
 PREDICT_WITH = ("teacher", "student")
+ONLINE_PREDICT = ("after_update", "adapt_forward")
 
 
 def _fail(attribute: attrs.Attribute, expected: str, value: Any) -> None:
@@ -133,6 +134,14 @@ class TTTConfig:
     cotta_predict_with: str = attrs.field(default="teacher", validator=one_of(PREDICT_WITH))
     # episodic adaptation of K images at once (reset="sample")
     streams: int = attrs.field(default=1, validator=number(1, integer=True))
+    # online schedule: predict a batch after adapting on it, or reuse the adaptation's own forward (Tent's code)
+    online_predict: str = attrs.field(default="after_update", validator=one_of(ONLINE_PREDICT))
+
+    @property
+    def prediction_bn(self) -> str:
+        """The BatchNorm normalisation predictions use: the adaptation's (batch statistics unless ``bn_mode``
+        is ``eval``)."""
+        return "eval" if self.bn_mode == "eval" else "batch"
 
     @classmethod
     def from_preset(cls, preset: str | None, **explicit: Any) -> "TTTConfig":

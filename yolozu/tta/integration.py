@@ -53,10 +53,10 @@ def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTC
     adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
     loader = adapter.build_loader(list(records), batch_size=config.batch_size)
     batches_used = 0
-    for batch in itertools.islice(loader, config.max_batches):
+    for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
         batches_used += 1
-        for _ in range(config.steps):
-            adaptation.step(batch)
+        for step in range(config.steps):
+            adaptation.step(batch, batch=index, step=step)
             if adaptation.stopped:
                 break
         if adaptation.stopped:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import statistics
+from typing import Any
 
 import attrs
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (JSON has no NaN), through dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def loss_summary(losses: list[float]) -> dict | None:
@@ -45,7 +58,7 @@ class TTTReport:
     warnings: list[str] = attrs.field(factory=list)
 
     def to_dict(self) -> dict:
-        """JSON-ready fields plus ``loss_summary``."""
+        """JSON-ready fields plus ``loss_summary``; non-finite numbers (a rolled-back NaN step) become None."""
         out = attrs.asdict(self)
         out["loss_summary"] = loss_summary(self.losses)
-        return out
+        return json_safe(out)
