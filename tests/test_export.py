@@ -1,0 +1,353 @@
+"""tools/export_predictions.py: flags, the no-TTT path, TTT schedules, TTA, determinism and errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from yolozu.adapters.detector import DetectorAdapter
+from yolozu.data import build_manifest
+from yolozu.data.demo import write_corrupted_split
+from yolozu.data.synth import SynthSpec, render_sample, write_split
+from yolozu.export import build_parser, main
+from yolozu.predictions import validate_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC_FLAGS = [
+    "--ttt",
+    "--ttt-method",
+    "--ttt-steps",
+    "--ttt-lr",
+    "--ttt-batch-size",
+    "--ttt-max-batches",
+    "--ttt-update-filter",
+    "--ttt-mask-prob",
+    "--ttt-patch-size",
+    "--ttt-mask-value",
+    "--ttt-log-out",
+]
+ISSUE_FLAGS = [
+    "--adapter",
+    "--checkpoint",
+    "--dataset",
+    "--split",
+    "--output",
+    "--wrap",
+    "--max-images",
+    "--batch-size",
+    "--device",
+    "--seed",
+    "--quiet",
+    "--tta",
+    "--tta-log-out",
+    "--ttt-preset",
+    "--ttt-reset",
+    "--ttt-schedule",
+    "--ttt-seed",
+    "--ttt-include",
+    "--ttt-exclude",
+    "--ttt-max-grad-norm",
+    "--ttt-max-update-norm",
+    "--ttt-max-total-update-norm",
+    "--ttt-max-loss-ratio",
+    "--ttt-max-loss-increase",
+    "--ttt-stop-on-non-finite",
+    "--no-ttt-stop-on-non-finite",
+    "--ttt-rollback-on-stop",
+    "--no-ttt-rollback-on-stop",
+    "--ttt-cotta-ema-momentum",
+    "--ttt-cotta-augmentations",
+    "--ttt-cotta-aggregation",
+    "--ttt-cotta-restore-prob",
+    "--ttt-cotta-restore-interval",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four demo images and a fog-5 copy of them."""
+    root = tmp_path_factory.mktemp("demo")
+    write_split(root, "val", 4, seed=3, spec=SynthSpec(image_size=160))
+    write_corrupted_split(root, "fog", 5, seed=0)
+    return root
+
+
+def _export(tmp_path, dataset, *args, name="p.json"):
+    out = tmp_path / name
+    code = main(
+        [
+            "--adapter",
+            "detector",
+            "--dataset",
+            str(dataset),
+            "--split",
+            "val-fog-5",
+            "--output",
+            str(out),
+            "--quiet",
+            *args,
+        ]
+    )
+    return code, out
+
+
+def test_help_lists_every_flag():
+    text = build_parser().format_help()
+    for flag in SPEC_FLAGS + ISSUE_FLAGS:
+        assert flag in text, flag
+    for choices in (
+        "tent,mim,cotta",
+        "all,norm_only,adapter_only,lora_only,lora_norm_only",
+        "stream,sample",
+        "pre,online",
+        "adapter_only,cotta_safe,mim_safe,safe",
+        "detector,dummy",
+    ):
+        assert "{" + choices + "}" in text, choices
+
+
+def test_tools_script_and_console_command_run(tmp_path, dataset):
+    script = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export_predictions.py"), "--help"], capture_output=True, text=True
+    )
+    assert script.returncode == 0 and "--ttt-update-filter" in script.stdout
+    from yolozu.cli import main as cli
+
+    out = tmp_path / "cli.json"
+    assert cli(["export", "--dataset", str(dataset), "--split", "val", "--output", str(out), "--quiet"]) == 0
+    assert len(json.loads(out.read_text())) == 4
+
+
+def test_dummy_smoke_wraps_with_ttt_disabled(tmp_path, dataset):
+    out = tmp_path / "dummy.json"
+    assert (
+        main(
+            [
+                "--adapter",
+                "dummy",
+                "--dataset",
+                str(dataset),
+                "--split",
+                "val",
+                "--output",
+                str(out),
+                "--wrap",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"schema_version", "predictions", "meta"}
+    assert doc["meta"]["ttt"]["enabled"] is False and doc["meta"]["ttt"]["report"] is None
+    assert doc["meta"]["tta"]["enabled"] is False
+    assert [p["detections"] for p in doc["predictions"]] == [[]] * 4
+
+
+def test_dummy_with_ttt_fails_clearly_and_writes_nothing(tmp_path, dataset, capsys):
+    out = tmp_path / "never.json"
+    code = main(
+        ["--adapter", "dummy", "--dataset", str(dataset), "--split", "val", "--output", str(out), "--ttt", "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith("TTT failed:") and "get_model()" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_without_ttt_output_is_the_adapters_plain_predict_and_the_model_is_untouched(tmp_path, dataset):
+    code, out = _export(tmp_path, dataset)
+    assert code == 0
+    adapter = DetectorAdapter()
+    before = {k: v.clone() for k, v in adapter.get_model().state_dict().items()}
+    plain = adapter.predict(build_manifest(dataset, "val-fog-5"))
+    assert out.read_bytes() == (json.dumps(plain, allow_nan=False) + "\n").encode()
+    assert all(torch.equal(v, before[k]) for k, v in adapter.get_model().state_dict().items())
+
+
+SCHEDULES = [
+    ("tent", ["--ttt-schedule", "pre", "--ttt-batch-size", "2"]),
+    ("tent", ["--ttt-schedule", "online", "--ttt-batch-size", "2"]),
+    ("tent", ["--ttt-schedule", "online", "--ttt-batch-size", "2", "--ttt-online-predict", "adapt_forward"]),
+    ("tent", ["--ttt-reset", "sample"]),
+    ("mim", ["--ttt-schedule", "pre", "--ttt-batch-size", "2", "--ttt-patch-size", "8"]),
+    ("mim", ["--ttt-schedule", "online", "--ttt-batch-size", "2", "--ttt-patch-size", "8"]),
+    ("mim", ["--ttt-reset", "sample", "--ttt-patch-size", "8"]),
+]
+
+
+@pytest.fixture(scope="module")
+def plain_predictions(dataset):
+    return DetectorAdapter().predict(build_manifest(dataset, "val-fog-5"))
+
+
+@pytest.mark.parametrize("method,flags", SCHEDULES)
+def test_ttt_schedules_give_the_schema_report_and_change_predictions(
+    tmp_path, dataset, plain_predictions, method, flags
+):
+    log = tmp_path / "log.json"
+    code, out = _export(
+        tmp_path,
+        dataset,
+        "--wrap",
+        "--ttt",
+        "--ttt-method",
+        method,
+        "--ttt-lr",
+        "1e-3",
+        "--ttt-log-out",
+        str(log),
+        *flags,
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    validate_predictions(doc["predictions"])
+    ttt = doc["meta"]["ttt"]
+    assert ttt["enabled"] and ttt["method"] == method
+    report = ttt["report"]
+    assert report["updated_param_count"] > 0 and report["steps_run"] > 0 and report["losses"]
+    assert (report["mask_ratio"] is not None) == (method == "mim")
+    assert doc["predictions"] != plain_predictions
+    assert json.loads(log.read_text()) == {"output": str(out), "ttt": ttt}
+
+
+def test_same_seed_gives_byte_identical_predictions(tmp_path, dataset):
+    args = [
+        "--ttt",
+        "--ttt-method",
+        "mim",
+        "--ttt-schedule",
+        "online",
+        "--ttt-batch-size",
+        "2",
+        "--ttt-lr",
+        "1e-3",
+        "--ttt-patch-size",
+        "8",
+        "--ttt-seed",
+        "5",
+    ]
+    _, first = _export(tmp_path, dataset, *args, name="a.json")
+    _, second = _export(tmp_path, dataset, *args, name="b.json")
+    assert first.read_bytes() == second.read_bytes()
+    _, other = _export(tmp_path, dataset, *args[:-1], "6", name="c.json")
+    assert other.read_bytes() != first.read_bytes()
+
+
+def test_preset_values_apply_and_explicit_flags_win(tmp_path, dataset):
+    code, out = _export(tmp_path, dataset, "--wrap", "--ttt", "--ttt-preset", "safe", "--ttt-lr", "1e-3")
+    assert code == 0
+    ttt = json.loads(out.read_text())["meta"]["ttt"]
+    assert (ttt["preset"], ttt["update_filter"], ttt["lr"], ttt["max_batches"]) == ("safe", "norm_only", 1e-3, 1)
+    assert ttt["max_update_norm"] == 1.0 and ttt["report"]["batches_used"] == 1
+
+
+def _confident_boxes_match(first, second, score=0.3):
+    """Every confident box of each list has a same-class box in the other with IoU > 0.5 and a close score."""
+    from yolozu.flip_tta import iou
+
+    def covered(xs, ys):
+        return all(
+            any(
+                y["class_id"] == x["class_id"]
+                and iou(x["bbox"], y["bbox"]) > 0.5
+                and abs(x["score"] - y["score"]) < 0.1
+                for y in ys
+            )
+            for x in xs
+            if x["score"] > score
+        )
+
+    return covered(first, second) and covered(second, first)
+
+
+def _tta_vs_plain(tmp_path, image: np.ndarray):
+    root = tmp_path / "one"
+    (root / "images" / "val").mkdir(parents=True)
+    Image.fromarray(image).save(root / "images" / "val" / "img.png")
+    outs = {}
+    for name, extra in (("plain", []), ("tta", ["--tta"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["--adapter", "detector", "--dataset", str(root), "--output", str(out), "--quiet", *extra]) == 0
+        outs[name] = json.loads(out.read_text())[0]["detections"]
+    assert any(d["score"] > 0.3 for d in outs["plain"]), "the detector should find digits here"
+    return outs["plain"], outs["tta"]
+
+
+def test_tta_on_a_mirror_symmetric_image_gives_the_same_boxes(tmp_path):
+    # A strided CNN trained with flips is flip-equivariant only approximately, hence IoU and score tolerances.
+    image, _ = render_sample(np.random.default_rng(0), SynthSpec(image_size=160), "val")
+    half = image[:, :80]
+    plain, tta = _tta_vs_plain(tmp_path, np.ascontiguousarray(np.concatenate([half, half[:, ::-1]], axis=1)))
+    assert _confident_boxes_match(plain, tta)
+
+
+def test_tta_maps_the_flipped_branch_back_on_an_asymmetric_image(tmp_path):
+    image, _ = render_sample(np.random.default_rng(2), SynthSpec(image_size=160), "val")
+    image[:, 80:] = 127  # digits on the left only: a missing or double mirroring would put boxes on the right
+    plain, tta = _tta_vs_plain(tmp_path, image)
+    assert _confident_boxes_match(plain, tta)
+    assert all(d["bbox"]["cx"] < 0.55 for d in tta if d["score"] > 0.3)
+
+
+def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
+    log = tmp_path / "tta.json"
+    code, out = _export(
+        tmp_path, dataset, "--tta", "--tta-merge", "nms", "--tta-log-out", str(log), "--bn-stats", "batch"
+    )
+    assert code == 0
+    assert json.loads(log.read_text())["tta"] == {
+        "enabled": True,
+        "augmentations": ["identity", "hflip"],
+        "merge": "nms",
+        "iou": 0.55,
+        "max_detections": 100,
+    }
+    validate_predictions(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing_dataset", "error:"),
+        ("empty_split", "error:"),
+        ("unreadable_image", "cannot read image"),
+        ("unwritable_output", "error:"),
+        ("empty_selection", "TTT failed:"),
+        ("bad_ttt_value", "TTT failed: TTTConfig.lr"),
+    ],
+)
+def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys, case, expected):
+    out = tmp_path / "out" / "p.json"
+    base = ["--adapter", "detector", "--dataset", str(dataset), "--split", "val-fog-5", "--output", str(out), "--quiet"]
+    if case == "missing_dataset":
+        base[3] = str(tmp_path / "nowhere")
+    elif case == "empty_split":
+        (tmp_path / "d" / "images" / "val").mkdir(parents=True)
+        base[3], base[5] = str(tmp_path / "d"), "val"
+    elif case == "unreadable_image":
+        bad = tmp_path / "bad"
+        (bad / "images" / "val").mkdir(parents=True)
+        (bad / "images" / "val" / "x.png").write_bytes(b"not a png")
+        base[3], base[5] = str(bad), "val"
+    elif case == "unwritable_output":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out = blocker / "p.json"
+        base[7] = str(out)
+    elif case == "empty_selection":
+        base += ["--ttt", "--ttt-update-filter", "norm_only", "--ttt-include", "no_such_parameter"]
+    elif case == "bad_ttt_value":
+        base += ["--ttt", "--ttt-lr", "-1"]
+    code = main(base)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert expected in err
+    assert not out.exists()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))

@@ -1,0 +1,354 @@
+"""``yolozu export`` / ``tools/export_predictions.py``: manifest -> adapter -> [TTT] -> predict -> [TTA] -> write.
+
+Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(records)``: byte-identical to
+a build without test-time training. Output files are written to a temporary file and renamed, so a failed
+run leaves none behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from yolozu.adapters import ADAPTERS, build_adapter
+from yolozu.data import build_manifest
+from yolozu.flip_tta import MERGES, FlipTTAConfig
+from yolozu.functional.filters import FILTERS
+from yolozu.predict import Predictor
+from yolozu.predictions import wrap, write_json_atomic
+from yolozu.tta.config import (
+    COTTA_AGGREGATIONS,
+    COTTA_AUGMENTATIONS,
+    METHODS,
+    ONLINE_PREDICT,
+    PREDICT_WITH,
+    RESETS,
+    SCHEDULES,
+    TTTConfig,
+)
+from yolozu.tta.integration import disabled_report
+from yolozu.tta.presets import PRESETS
+from yolozu.tta.schedules import adapt_and_predict
+
+SCHEMA_VERSION = 1
+
+# flag -> (TTTConfig field, argparse keyword arguments); every default is None so that an explicit value can
+# be told from an absent one (an explicit value wins over its preset).
+TTT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--ttt-method": ("method", {"choices": METHODS, "help": "tent (default), mim or cotta"}),
+    "--ttt-reset": (
+        "reset",
+        {
+            "choices": RESETS,
+            "help": "stream (default): one adapted model for the whole run; "
+            "sample: every image adapts from the source weights",
+        },
+    ),
+    "--ttt-schedule": (
+        "schedule",
+        {
+            "choices": SCHEDULES,
+            "help": "pre (default): adapt, then predict all; online: adapt on batch t, then predict batch t",
+        },
+    ),
+    "--ttt-steps": ("steps", {"type": int, "help": "optimiser steps per batch (default 1)"}),
+    "--ttt-lr": ("lr", {"type": float, "help": "learning rate (default 1e-4)"}),
+    "--ttt-batch-size": ("batch_size", {"type": int, "help": "images per adaptation batch (default 1)"}),
+    "--ttt-max-batches": ("max_batches", {"type": int, "help": "adapt on at most this many batches (default: all)"}),
+    "--ttt-seed": ("seed", {"type": int, "help": "seed of the TTT random keys (default: --seed)"}),
+    "--ttt-update-filter": ("update_filter", {"choices": FILTERS, "help": "parameters to adapt (default all)"}),
+    "--ttt-include": (
+        "include",
+        {"action": "append", "metavar": "SUBSTR", "help": "only parameters whose name contains SUBSTR (repeatable)"},
+    ),
+    "--ttt-exclude": (
+        "exclude",
+        {"action": "append", "metavar": "SUBSTR", "help": "no parameter whose name contains SUBSTR (repeatable)"},
+    ),
+    "--ttt-optimizer": ("optimizer", {"choices": ("adam", "sgd"), "help": "adam (default) or sgd"}),
+    "--ttt-bn-mode": (
+        "bn_mode",
+        {
+            "choices": ("running", "batch", "eval"),
+            "help": "BatchNorm while adapting: running (default: batch statistics, running "
+            "stats updated), batch (batch statistics only), eval (stored stats)",
+        },
+    ),
+    "--ttt-mask-prob": ("mask_prob", {"type": float, "help": "MIM: probability a patch is masked (default 0.6)"}),
+    "--ttt-patch-size": ("patch_size", {"type": int, "help": "MIM: mask patch size in pixels (default 16)"}),
+    "--ttt-mask-value": ("mask_value", {"type": float, "help": "MIM: value of masked pixels (default 0.0)"}),
+    "--ttt-max-grad-norm": ("max_grad_norm", {"type": float, "help": "clip gradients to this global norm"}),
+    "--ttt-max-update-norm": ("max_update_norm", {"type": float, "help": "stop if one update's norm exceeds this"}),
+    "--ttt-max-total-update-norm": (
+        "max_total_update_norm",
+        {"type": float, "help": "stop if the drift from the source weights exceeds this"},
+    ),
+    "--ttt-max-loss-ratio": ("max_loss_ratio", {"type": float, "help": "stop if loss > first loss x this"}),
+    "--ttt-max-loss-increase": ("max_loss_increase", {"type": float, "help": "stop if loss > first loss + this"}),
+    "--ttt-stop-on-non-finite": (
+        "stop_on_non_finite",
+        {"action": argparse.BooleanOptionalAction, "help": "stop on a non-finite loss or update (default on)"},
+    ),
+    "--ttt-rollback-on-stop": (
+        "rollback_on_stop",
+        {"action": argparse.BooleanOptionalAction, "help": "undo the step a guard stops (default on)"},
+    ),
+    "--ttt-online-predict": (
+        "online_predict",
+        {
+            "choices": ONLINE_PREDICT,
+            "help": "online: predict after the update (default) or reuse the "
+            "adaptation's forward pass (Tent's reference code)",
+        },
+    ),
+    "--ttt-streams": ("streams", {"type": int, "help": "sample reset: images adapted at once (default 1)"}),
+    "--ttt-cotta-ema-momentum": ("cotta_ema_momentum", {"type": float, "help": "CoTTA teacher EMA (default 0.999)"}),
+    "--ttt-cotta-augmentations": (
+        "cotta_augmentations",
+        {"nargs": "+", "choices": COTTA_AUGMENTATIONS, "help": "CoTTA teacher branches (default identity hflip)"},
+    ),
+    "--ttt-cotta-aggregation": (
+        "cotta_aggregation",
+        {"choices": COTTA_AGGREGATIONS, "help": "CoTTA branch averaging (default confidence_weighted_mean)"},
+    ),
+    "--ttt-cotta-restore-prob": (
+        "cotta_restore_prob",
+        {"type": float, "help": "CoTTA stochastic restore probability (default 0.01)"},
+    ),
+    "--ttt-cotta-restore-interval": (
+        "cotta_restore_interval",
+        {"type": int, "help": "CoTTA: restore every N steps (default 1)"},
+    ),
+    "--ttt-cotta-confidence-threshold": (
+        "cotta_confidence_threshold",
+        {"type": float, "help": "CoTTA: average augmentations where source confidence is below this (default 0.92)"},
+    ),
+    "--ttt-cotta-predict-with": (
+        "cotta_predict_with",
+        {"choices": PREDICT_WITH, "help": "CoTTA: predict with the teacher (default) or the student"},
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yolozu export",
+        description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
+    )
+    general = parser.add_argument_group("general")
+    general.add_argument("--adapter", choices=sorted(ADAPTERS), default="dummy", help="model adapter (default dummy)")
+    general.add_argument("--checkpoint", help="detector checkpoint (default: the committed one)")
+    general.add_argument("--dataset", required=True, help="dataset root in YOLO layout")
+    general.add_argument("--split", help="split under images/ (default: auto-detect val2017, val, ...)")
+    general.add_argument("--output", required=True, help="predictions.json to write")
+    general.add_argument("--wrap", action="store_true", help="write {schema_version, predictions, meta}")
+    general.add_argument("--max-images", type=int, help="use only the first N images")
+    general.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default 32)")
+    general.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    general.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
+    general.add_argument(
+        "--bn-stats",
+        choices=("running", "batch"),
+        default="running",
+        help="without --ttt: normalise with the stored running statistics (default) or the "
+        "test batch's statistics (BatchNorm adaptation, no gradient step)",
+    )
+    general.add_argument("--quiet", action="store_true", help="no progress bars")
+    tta = parser.add_argument_group("test-time augmentation")
+    tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
+    tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
+    tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
+    tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
+    ttt = parser.add_argument_group("test-time training")
+    ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
+    ttt.add_argument("--ttt-preset", choices=sorted(PRESETS), help="tested settings; explicit flags win")
+    for flag, (_, kwargs) in TTT_FLAGS.items():
+        ttt.add_argument(flag, default=None, **kwargs)
+    ttt.add_argument("--ttt-log-out", help="write a JSON log {output, ttt}")
+    return parser
+
+
+def ttt_config(args: argparse.Namespace) -> TTTConfig:
+    """The TTT config the flags ask for: preset values, then every explicitly given flag."""
+    explicit = {
+        field: getattr(args, flag[2:].replace("-", "_"))
+        for flag, (field, _) in TTT_FLAGS.items()
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    }
+    explicit.setdefault("seed", args.seed)
+    if not args.ttt:
+        return TTTConfig(**explicit)
+    return TTTConfig.from_preset(args.ttt_preset, **{"enabled": True, **explicit})
+
+
+def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
+    """``meta.ttt``: the settings as applied (after presets) and the run's report."""
+    c = config.to_dict()
+    meta = {
+        k: c[k]
+        for k in (
+            "enabled",
+            "preset",
+            "method",
+            "reset",
+            "schedule",
+            "steps",
+            "lr",
+            "batch_size",
+            "update_filter",
+            "include",
+            "exclude",
+            "max_batches",
+            "seed",
+            "optimizer",
+            "bn_mode",
+            "online_predict",
+            "streams",
+            "max_grad_norm",
+            "max_update_norm",
+            "max_total_update_norm",
+            "max_loss_ratio",
+            "max_loss_increase",
+            "stop_on_non_finite",
+            "rollback_on_stop",
+        )
+    }
+    meta["prediction_bn"] = config.prediction_bn
+    meta["mim"] = {k: c[k] for k in ("mask_prob", "patch_size", "mask_value")}
+    meta["cotta"] = {k[len("cotta_") :]: c[k] for k in c if k.startswith("cotta_")}
+    meta["report"] = report
+    return meta
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+class TTTError(Exception):
+    """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
+
+
+def _records(args: argparse.Namespace) -> list[dict]:
+    records = build_manifest(args.dataset, args.split)
+    if args.max_images is not None:
+        if args.max_images < 1:
+            raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
+        records = records[: args.max_images]
+    return records
+
+
+def _check_output(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {path.parent}: {e.strerror}") from None
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a folder; give a file path such as {path / 'predictions.json'}")
+
+
+def _adapter(args: argparse.Namespace):
+    if args.adapter == "dummy":
+        if args.checkpoint:
+            raise UsageError("--checkpoint applies to --adapter detector only")
+        return build_adapter("dummy")
+    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
+    torch.manual_seed(args.seed)
+    output = Path(args.output)
+    for path in (output, args.ttt_log_out, args.tta_log_out):
+        if path:
+            _check_output(Path(path))
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.ttt_preset and not args.ttt:
+        raise UsageError("--ttt-preset needs --ttt")
+    try:
+        config = ttt_config(args)
+    except ValueError as e:
+        raise TTTError(str(e)) from e
+    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
+    records = _records(args)
+    adapter = _adapter(args)
+    bar = tqdm(
+        total=len(records),
+        desc="ttt+predict" if config.enabled else "predict",
+        unit="img",
+        disable=args.quiet,
+        file=sys.stderr,
+    )
+    try:
+        if config.enabled:
+            try:
+                predictions, report = adapt_and_predict(
+                    adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bar
+                )
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                raise TTTError(str(e)) from e
+            report_dict = report.to_dict()
+        elif tta is None and args.bn_stats == "running":
+            predictions, report_dict = adapter.predict(records), disabled_report(config).to_dict()
+            bar.update(len(records))
+        else:
+            bn = "batch" if args.bn_stats == "batch" else "eval"
+            predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+            report_dict = disabled_report(config).to_dict()
+    finally:
+        bar.close()
+    meta = {
+        "adapter": adapter.describe() if callable(getattr(adapter, "describe", None)) else {"adapter": args.adapter},
+        "dataset": str(args.dataset),
+        "split": args.split,
+        "images": len(records),
+        "seed": args.seed,
+        "bn_stats": args.bn_stats,
+        "ttt": ttt_meta(config, report_dict if config.enabled else None),
+        "tta": tta.to_dict() if tta is not None else {"enabled": False},
+    }
+    write_json_atomic(output, wrap(predictions, meta) if args.wrap else predictions)
+    if args.ttt_log_out:
+        write_json_atomic(args.ttt_log_out, {"output": str(output), "ttt": meta["ttt"]}, indent=2)
+    if args.tta_log_out:
+        write_json_atomic(args.tta_log_out, {"output": str(output), "tta": meta["tta"]}, indent=2)
+    return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        document = run_export(args)
+    except TTTError as e:
+        print(f"TTT failed: {e}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        ttt = document["meta"]["ttt"]
+        summary = f"wrote {len(document['predictions'])} predictions to {args.output}"
+        if ttt["enabled"]:
+            report = ttt["report"]
+            summary += (
+                f" (TTT {ttt['method']}: {report['steps_run']} steps, "
+                f"{report['updated_param_count']} parameters updated"
+                + (f", stopped: {report['stop_reason']}" if report["stopped_early"] else "")
+                + ")"
+            )
+        print(summary, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Test-time augmentation by horizontal flip: predict on the mirrored image, map the boxes back, merge.
+
+Boxes are normalised ``cx, cy, w, h``, so mirroring is ``cx -> 1 - cx``. The two branches are merged per class
+by weighted box fusion (Solovyev, Wang & Gabruseva 2021) or by non-maximum suppression.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import attrs
+
+MERGES = ("wbf", "nms")
+
+
+@attrs.frozen
+class FlipTTAConfig:
+    """Flip TTA settings: the merge rule and its IoU threshold."""
+
+    merge: str = attrs.field(default="wbf", validator=attrs.validators.in_(MERGES))
+    iou: float = 0.55
+    max_detections: int = 100
+
+    def to_dict(self) -> dict:
+        return {
+            "enabled": True,
+            "augmentations": ["identity", "hflip"],
+            "merge": self.merge,
+            "iou": self.iou,
+            "max_detections": self.max_detections,
+        }
+
+
+def mirror_detections(detections: Sequence[dict]) -> list[dict]:
+    """Detections of a horizontally flipped image mapped back to the original frame."""
+    return [{**d, "bbox": {**d["bbox"], "cx": 1.0 - d["bbox"]["cx"]}} for d in detections]
+
+
+def _corners(bbox: dict) -> tuple[float, float, float, float]:
+    return (
+        bbox["cx"] - bbox["w"] / 2,
+        bbox["cy"] - bbox["h"] / 2,
+        bbox["cx"] + bbox["w"] / 2,
+        bbox["cy"] + bbox["h"] / 2,
+    )
+
+
+def iou(a: dict, b: dict) -> float:
+    """Intersection over union of two ``{"cx","cy","w","h"}`` boxes."""
+    ax0, ay0, ax1, ay1 = _corners(a)
+    bx0, by0, bx1, by1 = _corners(b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = a["w"] * a["h"] + b["w"] * b["h"] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _by_score(detections: list[dict]) -> list[dict]:
+    return sorted(detections, key=lambda d: (-d["score"], d["class_id"], d["bbox"]["cx"], d["bbox"]["cy"]))
+
+
+def _fuse(cluster: list[dict], branches: int) -> dict:
+    total = sum(d["score"] for d in cluster)
+    bbox = {k: sum(d["score"] * d["bbox"][k] for d in cluster) / total for k in ("cx", "cy", "w", "h")}
+    score = total / len(cluster) * min(len(cluster), branches) / branches
+    return {"class_id": cluster[0]["class_id"], "score": score, "bbox": bbox}
+
+
+def weighted_box_fusion(branches: Sequence[Sequence[dict]], iou_threshold: float = 0.55) -> list[dict]:
+    """Fuse the detections of several branches: per class, boxes overlapping a cluster's fused box by more
+    than ``iou_threshold`` join it; a cluster's box is the score-weighted mean of its members and its score
+    the mean member score scaled by the fraction of branches that found it."""
+    clusters: list[list[dict]] = []
+    fused: list[dict] = []
+    for det in _by_score([d for branch in branches for d in branch]):
+        match = next(
+            (
+                i
+                for i, f in enumerate(fused)
+                if f["class_id"] == det["class_id"] and iou(f["bbox"], det["bbox"]) > iou_threshold
+            ),
+            None,
+        )
+        if match is None:
+            clusters.append([det])
+            fused.append(det)
+        else:
+            clusters[match].append(det)
+            fused[match] = _fuse(clusters[match], len(branches))
+    return _by_score([_fuse(c, len(branches)) for c in clusters])
+
+
+def nms_merge(branches: Sequence[Sequence[dict]], iou_threshold: float = 0.55) -> list[dict]:
+    """Class-wise non-maximum suppression over the union of the branches' detections."""
+    kept: list[dict] = []
+    for det in _by_score([d for branch in branches for d in branch]):
+        if all(k["class_id"] != det["class_id"] or iou(k["bbox"], det["bbox"]) <= iou_threshold for k in kept):
+            kept.append(det)
+    return kept
+
+
+def merge_flip(identity: Sequence[dict], flipped: Sequence[dict], config: FlipTTAConfig) -> list[dict]:
+    """Merge the identity branch with a flipped branch (still in the flipped frame); the best
+    ``config.max_detections`` are kept."""
+    branches = [list(identity), mirror_detections(flipped)]
+    merge = weighted_box_fusion if config.merge == "wbf" else nms_merge
+    return merge(branches, config.iou)[: config.max_detections]
