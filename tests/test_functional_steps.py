@@ -168,3 +168,43 @@ def test_metrics_are_consistent_with_the_update():
     torch.testing.assert_close(metrics["total_update_norm"], metrics["update_norm"])
     assert metrics["initial_loss"] == metrics["loss"] and bool(metrics["finite"])
     assert int(new.step) == 1
+
+
+class Tied(torch.nn.Module):
+    """Two layers sharing one weight: the forward must see the same tensor at both names."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4, bias=False)
+        self.b = torch.nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("factory", [TinyClassifier, Tied])
+def test_apply_equals_the_module_forward_and_restores_the_module(factory):
+    from yolozu.functional.state import extract
+    from yolozu.functional.step import make_apply
+
+    model = seeded(factory)
+    x = torch.randn(6, 3, 12, 12) if factory is TinyClassifier else torch.randn(6, 4)
+    params, buffers = extract(model)
+    params = {name: p + 0.5 for name, p in params.items()}  # different from the module's own tensors
+    out, _ = make_apply(model, "eval")(params, buffers, x)
+    reference = torch.func.functional_call(model.eval(), (params, buffers), (x,))
+    torch.testing.assert_close(out, reference)
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    assert not torch.equal(model(x), out)
+
+
+def test_apply_rejects_unknown_names():
+    from yolozu.functional.state import extract
+    from yolozu.functional.step import make_apply
+
+    model = seeded(TinyClassifier)
+    params, buffers = extract(model)
+    with pytest.raises(KeyError, match="not a parameter or buffer"):
+        make_apply(model, "eval")({**params, "ghost.weight": torch.zeros(1)}, buffers, torch.randn(2, 3, 8, 8))

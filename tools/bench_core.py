@@ -5,7 +5,8 @@ every variant alike:
   - functional: ``make_tent_step`` (functional_call + torch.autograd.grad, foreach Adam, metrics);
   - classic: model.train(), only BN affine params trainable, torch.optim.Adam, loss.backward(), step();
   - bare: the same forward, loss and backward, nothing else;
-and K=8 streams: one vmapped functional step over 8 stacked states against a loop of 8 classic models.
+and K=8 streams: one vmapped functional update over 8 stacked states (``streams_update``) against a loop of 8
+classic models.
 Peak memory is what one step allocates above what was allocated before it (torch's profiler on CPU, the CUDA
 allocator's statistics on GPU). Ratios are to bare (time) and to classic (memory).
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 
@@ -27,7 +27,7 @@ from torch import nn
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
 from yolozu.functional.step import init_state
-from yolozu.functional.tent import make_tent_step
+from yolozu.functional.tent import make_tent_step, tent_method
 
 
 class Block(nn.Module):
@@ -81,12 +81,12 @@ def make_variant(name: str, batch: int, args) -> callable:
         return run
     if name == "vmap8":
         tx = optim.adam(1e-3)
-        step = streams.vmap_step(make_tent_step(model, tx, differentiate="func"))
+        update = streams.streams_update(tent_method(model, tx))
         holder = [streams.replicate(init_state(model, names, tx), 8)]
         xs = torch.randn(8, batch, 3, args.image_size, args.image_size, device=device)
 
         def run():
-            holder[0], _ = step(holder[0], xs)
+            holder[0], _ = update(holder[0], xs)
 
         return run
     models = [model] if name != "classic_loop8" else [resnet(args.width).to(device) for _ in range(8)]
@@ -117,7 +117,7 @@ def _sync(device: str) -> None:
 
 
 def time_variants(names: list[str], batch: int, args) -> dict[str, float]:
-    """Median seconds per step of each variant, measured in interleaved rounds."""
+    """Best-of-rounds seconds per step of each variant (noise only adds time), in interleaved rounds."""
     runs = {name: make_variant(name, batch, args) for name in names}
     for run in runs.values():  # warm-up
         run()
@@ -130,7 +130,7 @@ def time_variants(names: list[str], batch: int, args) -> dict[str, float]:
             run()
             _sync(args.device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: min(values) for name, values in samples.items()}
 
 
 def peak_memory(name: str, batch: int, args) -> int:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(
         f"# bench-core: ResNet-18-shaped BN net, width {args.width}, {args.image_size}px, device {args.device} "
-        f"({device_name}), {args.threads} threads, torch {torch.__version__}, median of {args.rounds} rounds"
+        f"({device_name}), {args.threads} threads, torch {torch.__version__}, best of {args.rounds} rounds"
     )
     results = []
     header = (

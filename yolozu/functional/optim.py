@@ -60,6 +60,20 @@ def global_norm(tree: Params) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def global_norms(*trees: Params) -> list[Tensor]:
+    """``global_norm`` of each tree, from a single foreach launch over all their tensors."""
+    leaves = [t for tree in trees for t in tree.values()]
+    if not _use_foreach(leaves):
+        return [global_norm(tree) for tree in trees]
+    norms = torch._foreach_norm(leaves)
+    out, start = [], 0
+    for tree in trees:
+        part = norms[start : start + len(tree)]
+        out.append(torch.linalg.vector_norm(torch.stack(part)) if part else torch.zeros(()))
+        start += len(tree)
+    return out
+
+
 def scale(tree: Params, factor: Tensor | float) -> Params:
     """Every tensor multiplied by ``factor`` (a number or a 0-d tensor)."""
     leaves = list(tree.values())
