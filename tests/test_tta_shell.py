@@ -217,3 +217,16 @@ def test_compat_filter_parameters_and_reconstruction_loss():
     assert reconstruction_loss(pred, target).item() == 1.0
     with pytest.raises(ValueError, match="reduction"):
         reconstruction_loss(pred, target, reduction="max")
+
+
+def test_cotta_rows_carry_the_yolozu_step_metric_keys():
+    model = seeded(TinyClassifier)
+    config = TTTConfig(enabled=True, method="cotta", lr=1e-2, batch_size=2, steps=2, cotta_restore_prob=0.5)
+    report = run_ttt(TensorAdapter(model), _images(2), config)
+    row = report.step_metrics[-1]
+    assert {"step", "loss", "grad_norm", "update_norm", "total_update_norm", "rolled_back"} <= row.keys()
+    assert {"ema_momentum", "restored_count", "aug", "consistency_loss"} <= row.keys()
+    assert row["ema_momentum"] == 0.999 and row["restored_count"] > 0
+    assert row["aug"] == {"augmentations": ["identity", "hflip"], "aggregation": "confidence_weighted_mean",
+                          "branches": 2}
+    assert row["consistency_loss"] == row["loss"]
