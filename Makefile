@@ -34,28 +34,31 @@ train: $(STAMP)
 	$(PY) tools/train_detector.py
 
 # make export TTT=tent|mim|cotta|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
-# corrupted val split without and with test-time training, evaluate both and print mAP50 side by side.
+# corrupted val split without test-time training, with BatchNorm statistics only and with TTT, evaluate them and
+# print mAP50 side by side.
 TTT ?= tent
 CORRUPTION ?= fog
 SEVERITY ?= 5
 SPLIT := val-$(CORRUPTION)-$(SEVERITY)
 EXPORT_DIR := runs/export
 EXPORT := $(PY) tools/export_predictions.py --adapter detector --dataset data/demo --split $(SPLIT) --wrap
-TTT_ARGS_tent := --ttt-method tent --ttt-schedule online --ttt-batch-size 16 --ttt-lr 1e-3 --ttt-update-filter norm_only
-TTT_ARGS_mim := --ttt-method mim --ttt-schedule online --ttt-batch-size 16 --ttt-lr 1e-3 --ttt-update-filter lora_norm_only
-TTT_ARGS_cotta := --ttt-method cotta --ttt-schedule online --ttt-batch-size 16 --ttt-lr 1e-3 --ttt-update-filter norm_only
+# the TTT settings of each method: the benchmark's online recipe (yolozu/bench/recipes.py)
+TTT_ARGS = $$($(PY) -m yolozu.bench.recipes $(TTT))
 
 .PHONY: export
 export: $(STAMP)
 	@case "$(TTT)" in tent|mim|cotta|none) ;; *) echo "TTT must be tent, mim, cotta or none, got '$(TTT)'" >&2; exit 2;; esac
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions $(CORRUPTION) --severities $(SEVERITY)
 	$(EXPORT) --output $(EXPORT_DIR)/none/predictions.json
+	$(EXPORT) --output $(EXPORT_DIR)/bn/predictions.json --bn-stats batch
 	@if [ "$(TTT)" != none ]; then \
-	  echo "$(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json --ttt $(TTT_ARGS_$(TTT)) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json"; \
-	  $(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json --ttt $(TTT_ARGS_$(TTT)) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json; \
-	  $(PY) tools/compare_exports.py --dataset data/demo --split $(SPLIT) none=$(EXPORT_DIR)/none/predictions.json $(TTT)=$(EXPORT_DIR)/$(TTT)/predictions.json; \
+	  echo "$(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json $(TTT_ARGS) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json"; \
+	  $(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json $(TTT_ARGS) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json; \
+	  $(PY) tools/compare_exports.py --dataset data/demo --split $(SPLIT) none=$(EXPORT_DIR)/none/predictions.json \
+	    bn-stats=$(EXPORT_DIR)/bn/predictions.json $(TTT)=$(EXPORT_DIR)/$(TTT)/predictions.json; \
 	else \
-	  $(PY) tools/compare_exports.py --dataset data/demo --split $(SPLIT) none=$(EXPORT_DIR)/none/predictions.json; \
+	  $(PY) tools/compare_exports.py --dataset data/demo --split $(SPLIT) none=$(EXPORT_DIR)/none/predictions.json \
+	    bn-stats=$(EXPORT_DIR)/bn/predictions.json; \
 	fi
 
 # make bench-streams: episodic export, the one-image loop vs K = 4, 8, 16 vmapped streams (speed and peak memory).
@@ -63,3 +66,14 @@ export: $(STAMP)
 bench-streams: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions fog --severities 5
 	$(PY) tools/bench_streams.py
+
+# make bench: the shift benchmark's quick scope (clean val + 15 corruptions at severity 5, every method, ~10 min on
+# 2 cores); writes runs/bench/quick.json, docs/benchmarks.md and its plots. make bench-full: every severity 1-5.
+.PHONY: bench bench-full
+bench: $(STAMP)
+	$(PY) tools/make_demo_data.py --root data/demo --corruptions all --severities 5
+	$(PY) -m yolozu.bench.shift --quick
+
+bench-full: $(STAMP)
+	$(PY) tools/make_demo_data.py --root data/demo --corruptions all
+	$(PY) -m yolozu.bench.shift --full

@@ -1,0 +1,143 @@
+"""The shift benchmark: recipes, the run on a tiny dataset, the report's computed headline, the log plot."""
+
+import json
+import re
+
+import pytest
+
+from yolozu.bench import recipes, report, shift
+from yolozu.data.corruptions import CORRUPTIONS
+from yolozu.data.demo import write_corrupted_split
+from yolozu.data.synth import SynthSpec, write_split
+from yolozu.export import build_parser, ttt_config
+from yolozu.plot_log import load_rows, plot_log
+
+
+@pytest.mark.parametrize("name", list(recipes.RECIPES))
+def test_recipe_flags_give_the_recipe_config_through_the_cli(name):
+    recipe = recipes.RECIPES[name]
+    args = build_parser().parse_args(["--dataset", "d", "--output", "o", *recipes.export_flags(name)])
+    if recipe.ttt is None:
+        assert not args.ttt and (args.bn_stats == "batch") == recipe.bn_stats
+    else:
+        assert ttt_config(args).replace(seed=0) == recipe.config()
+
+
+def _results(sev5: dict, clean: dict, seconds: dict) -> dict:
+    rows = []
+    for method in sev5:
+        rows.append(
+            {
+                "split": "val",
+                "method": method,
+                "map50": clean[method],
+                "map": clean[method] / 2,
+                "images": 10,
+                "seconds": seconds[method],
+            }
+        )
+        for i, c in enumerate(CORRUPTIONS):
+            value = sev5[method] + (0.01 if i % 2 else -0.01)  # the mean over 15 is sev5[method] - 0.01/15
+            rows.append(
+                {
+                    "split": f"val-{c}-5",
+                    "method": method,
+                    "map50": value,
+                    "map": value / 2,
+                    "images": 10,
+                    "seconds": seconds[method],
+                }
+            )
+    return {
+        "recipes": {m: {"label": recipes.RECIPES[m].label, "ttt": recipes.RECIPES[m].ttt} for m in sev5},
+        "splits": ["val"] + [f"val-{c}-5" for c in CORRUPTIONS],
+        "rows": rows,
+        "peak_memory_bytes": {m: 1e6 for m in sev5},
+        "memory_split": "val-fog-5",
+        "memory_images": 4,
+        "images_per_split": 10,
+        "seconds": 60.0,
+        "date": "2026-11-26",
+        "command": "test",
+        "scope": "quick",
+        "machine": {"platform": "p", "processor": "x", "torch_threads": 2, "device": "cpu", "torch": "t"},
+    }
+
+
+def test_headline_and_targets_are_computed_from_the_rows(tmp_path):
+    sev5 = {"source": 0.20, "bn": 0.30, "tent": 0.35, "mim": 0.29}
+    res = _results(
+        sev5, {"source": 0.90, "bn": 0.895, "tent": 0.88, "mim": 0.9}, {m: 1.0 for m in sev5} | {"tent": 3.0}
+    )
+    lines = report.headline_lines(report.Results(res))
+    mean = {m: v - 0.01 / 15 for m, v in sev5.items()}
+    assert lines[0] == (
+        f"Headline: best method: {recipes.RECIPES['tent'].label}, mean mAP50 over 15 corruptions at "
+        f"severity 5: source {mean['source']:.3f} -> {mean['tent']:.3f} (+15.0 points)"
+    )
+    assert lines[1].startswith(
+        "Baseline: BatchNorm statistics only, mean mAP50 over 15 corruptions at severity 5: "
+        "source 0.199 -> 0.299 (+10.0 points)"
+    )
+    targets = "\n".join(report.target_lines(report.Results(res)))
+    assert "tent +15.0 points: **met**" in targets
+    assert re.search(r"Tent, online beats .*: \+5\.00 points: \*\*met\*\*", targets)
+    assert re.search(r"MIM, online beats .*: -1\.00 points: \*\*not met\*\*", targets)
+    assert "tent drops 2.0: **not met**" in targets
+    assert "0.33x: **not met**" in targets
+    written = report.write_report(res, tmp_path, "quick")
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert text.splitlines()[2] == lines[0] and text.splitlines()[3] == lines[1]
+    assert (tmp_path / "benchmarks-severity5.png").stat().st_size > 1000 and len(written) == 2
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path):
+    write_split(tmp_path, "val", 4, seed=5, spec=SynthSpec(image_size=160))
+    write_corrupted_split(tmp_path, "fog", 5, seed=0)
+    results = shift.run(
+        str(tmp_path),
+        ["val", "val-fog-5"],
+        ["source", "bn", "tent", "mim-sample"],
+        images=4,
+        memory_images=2,
+        log_dir=str(tmp_path / "logs"),
+        progress=False,
+    )
+    got = {(r["split"], r["method"]) for r in results["rows"]}
+    assert got == {(s, m) for s in ("val", "val-fog-5") for m in ("source", "bn", "tent", "mim-sample")}
+    assert all(0.0 <= r["map50"] <= 1.0 and r["seconds"] > 0 for r in results["rows"])
+    assert all(results["peak_memory_bytes"][m] > 0 for m in ("source", "bn", "tent", "mim-sample"))
+    method, rows = load_rows(results["loss_curve_log"])
+    assert method == "tent" and rows
+    json.dumps(results)
+
+
+def test_plot_ttt_log_draws_a_log_and_rejects_other_files(tmp_path):
+    log = tmp_path / "log.json"
+    log.write_text(
+        json.dumps(
+            {
+                "output": "p.json",
+                "ttt": {
+                    "method": "tent",
+                    "report": {
+                        "step_metrics": [
+                            {
+                                "loss": 1.0 - 0.1 * i,
+                                "grad_norm": 0.5,
+                                "update_norm": 0.1,
+                                "total_update_norm": 0.1 * (i + 1),
+                                "rolled_back": i == 3,
+                            }
+                            for i in range(5)
+                        ]
+                    },
+                },
+            }
+        )
+    )
+    out = plot_log(log, tmp_path / "log.png")
+    assert out.stat().st_size > 1000
+    (tmp_path / "bad.json").write_text(json.dumps({"predictions": []}))
+    with pytest.raises(ValueError, match="not a TTT log"):
+        plot_log(tmp_path / "bad.json", tmp_path / "bad.png")

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Tune the benchmark recipes on the held-out corruptions only (speckle_noise, gaussian_blur, spatter, saturate;
+the ImageNet-C validation protocol), never on the 15 test corruptions.
+
+Every candidate runs on the held-out splits at severities 3 and 5 (300 images each) and is scored by mean mAP50,
+printed against BatchNorm statistics alone on the same images. Each run starts from the source weights.
+
+    python tools/tune_recipes.py [--methods tent mim cotta] [--images 300] [--output runs/bench/tuning.json]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from yolozu.bench.recipes import Recipe  # noqa: E402
+from yolozu.bench.shift import Runner, splits_for  # noqa: E402
+from yolozu.data import build_manifest  # noqa: E402
+from yolozu.data.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
+from yolozu.eval import evaluate  # noqa: E402
+from yolozu.predictions import write_json_atomic  # noqa: E402
+
+ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only"}
+EPISODIC = {"reset": "sample", "streams": 8, "update_filter": "norm_only"}
+CANDIDATES = {
+    "tent": [
+        *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3, 5e-3, 1e-2)),
+        {"method": "tent", **ONLINE, "lr": 3e-3, "batch_size": 16},
+        {"method": "tent", **ONLINE, "lr": 3e-3, "update_filter": "lora_norm_only"},
+        {"method": "tent", **ONLINE, "lr": 2e-3, "steps": 2},
+        {"method": "tent", **ONLINE, "lr": 3e-3, "schedule": "pre"},
+        {"method": "tent", **EPISODIC, "lr": 3e-3},
+        {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2},
+    ],
+    "mim": [
+        *({"method": "mim", **ONLINE, "lr": lr, "mask_prob": 0.5} for lr in (1e-4, 3e-4, 3e-3, 1e-2, 3e-2)),
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "bn_mode": "batch"},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "mask_value": 0.5},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.3, "patch_size": 8},
+        {"method": "mim", **ONLINE, "lr": 1e-4, "mask_prob": 0.5, "update_filter": "all"},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "update_filter": "lora_only"},
+        {"method": "mim", **ONLINE, "lr": 1e-2, "mask_prob": 0.5, "update_filter": "lora_norm_only"},
+        {"method": "mim", **EPISODIC, "lr": 1e-3, "mask_prob": 0.5},
+    ],
+    "cotta": [
+        *({"method": "cotta", **ONLINE, "lr": lr, "cotta_ema_momentum": m} for lr, m in
+          ((1e-2, 0.9), (1e-2, 0.99), (3e-2, 0.9), (3e-2, 0.8), (5e-2, 0.9))),
+        {"method": "cotta", **ONLINE, "lr": 1e-2, "cotta_ema_momentum": 0.9, "cotta_aggregation": "mean"},
+        {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8},
+    ],
+}
+ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
+    ({"method": "tent", **ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
+    ({"method": "tent", **ONLINE, "lr": 1e-2}, {"tent_peaks": 16}),
+    ({"method": "tent", **ONLINE, "lr": 3e-4}, {"tent_loss": "sigmoid"}),
+    ({"method": "tent", **ONLINE, "lr": 1e-3}, {"tent_loss": "sigmoid"}),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="data/demo")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--output", default="runs/bench/tuning.json")
+    args = parser.parse_args(argv)
+    splits = splits_for(HELDOUT_CORRUPTIONS, (3, 5))[1:]
+    records = {s: build_manifest(args.dataset, s)[: args.images] for s in splits}
+    runner = Runner()
+
+    def score(recipe: Recipe) -> tuple[float, dict]:
+        per_split = {s: evaluate(runner.predict(recipe, records[s])[0], records[s])["map50"] for s in splits}
+        return statistics.fmean(per_split.values()), per_split
+
+    bn, bn_splits = score(Recipe("bn", "bn", bn_stats=True))
+    print(f"BatchNorm statistics only: mean mAP50 {bn:.4f} over {', '.join(splits)}", flush=True)
+    results = {"splits": splits, "bn": {"mean": bn, "splits": bn_splits}, "candidates": []}
+    runs = [(ttt, {}) for m in args.methods for ttt in CANDIDATES[m]]
+    runs += [run for run in ADAPTER_CANDIDATES if "tent" in args.methods]
+    for ttt, adapter in runs:
+        start = time.perf_counter()
+        mean, per_split = score(Recipe("candidate", "candidate", ttt, adapter=adapter))
+        results["candidates"].append({"ttt": ttt, "adapter": adapter, "mean": mean, "splits": per_split})
+        print(f"{mean:.4f} ({100 * (mean - bn):+.2f} vs BN) {time.perf_counter() - start:4.0f}s {ttt} {adapter}",
+              flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.output, results, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

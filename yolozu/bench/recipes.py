@@ -1,0 +1,81 @@
+"""The benchmark's methods: each a TTT config (and adapter options) tuned on the held-out corruptions.
+
+Tuned only on the ImageNet-C validation corruptions (speckle_noise, gaussian_blur, spatter, saturate at
+severities 3 and 5; ``tools/tune_recipes.py``), never on the 15 test corruptions; docs/benchmarks.md records the
+search. ``make export TTT=<method>`` uses the online recipe of the same method.
+
+    python -m yolozu.bench.recipes tent        # the recipe as export flags
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import attrs
+
+from yolozu.tta.config import TTTConfig
+
+
+@attrs.frozen
+class Recipe:
+    """One benchmarked method: ``ttt`` (TTTConfig fields, None for no TTT), ``bn_stats`` (predict with the
+    BatchNorm statistics of test batches of ``bn_batch`` images, no gradient step) and ``adapter`` (adapter
+    options, e.g. the Tent loss)."""
+
+    name: str
+    label: str
+    ttt: dict[str, Any] | None = None
+    bn_stats: bool = False
+    adapter: dict[str, Any] = attrs.field(factory=dict)
+    bn_batch: int = 32
+
+    def config(self) -> TTTConfig:
+        """The validated TTT config (disabled when the recipe has none)."""
+        return TTTConfig(enabled=True, **self.ttt) if self.ttt is not None else TTTConfig()
+
+
+ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only"}
+EPISODIC = {"reset": "sample", "streams": 8, "update_filter": "norm_only"}
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("source", "source (no adaptation)"),
+        Recipe("bn", "BatchNorm statistics only (batches of 32)", bn_stats=True),
+        Recipe("tent", "Tent, online", {"method": "tent", **ONLINE, "lr": 3e-3}),
+        Recipe("mim", "MIM, online", {"method": "mim", **ONLINE, "lr": 1e-4, "mask_prob": 0.5}),
+        Recipe("cotta", "CoTTA, online", {"method": "cotta", **ONLINE, "lr": 3e-2, "cotta_ema_momentum": 0.8}),
+        Recipe("bn-sample", "BatchNorm statistics only (per image)", bn_stats=True, bn_batch=1),
+        Recipe("tent-sample", "Tent, episodic", {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2}),
+        Recipe("mim-sample", "MIM, episodic", {"method": "mim", **EPISODIC, "lr": 1e-3, "mask_prob": 0.5}),
+        Recipe(
+            "cotta-sample", "CoTTA, episodic", {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8}
+        ),
+    )
+}
+GRADIENT_METHODS = ("tent", "mim", "cotta")
+
+
+def export_flags(name: str) -> list[str]:
+    """The ``tools/export_predictions.py`` flags of recipe ``name`` (for ``make export``)."""
+    recipe = RECIPES[name]
+    if recipe.ttt is None:
+        return ["--bn-stats", "batch", "--batch-size", str(recipe.bn_batch)] if recipe.bn_stats else []
+    flags = ["--ttt"]
+    for field, value in recipe.ttt.items():
+        flags += [f"--ttt-{field.replace('_', '-')}", str(value)]
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in RECIPES:
+        print(f"usage: python -m yolozu.bench.recipes {{{','.join(RECIPES)}}}", file=sys.stderr)
+        return 2
+    print(" ".join(export_flags(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

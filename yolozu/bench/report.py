@@ -1,0 +1,298 @@
+"""docs/benchmarks.md and its plots from a shift-benchmark results JSON (``yolozu.bench.shift``).
+
+The headline and baseline lines are computed here from the measured rows, never written by hand.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Iterable
+
+from yolozu.bench.recipes import GRADIENT_METHODS
+from yolozu.data.corruptions import CORRUPTIONS
+
+TARGETS = {
+    "gain": 10.0,  # points of mean mAP50 over source at severity 5, best method
+    "clean_drop": 1.0,  # points of clean mAP50 lost at most
+    "tent_speed": 0.4,  # online Tent images/s relative to the no-TTT export
+}
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+class Results:
+    """Lookups over a results dict: score(method, split), timing and memory."""
+
+    def __init__(self, results: dict) -> None:
+        self.raw = results
+        self.methods = list(results["recipes"])
+        self.rows = {(r["split"], r["method"]): r for r in results["rows"]}
+        self.splits = results["splits"]
+
+    def score(self, method: str, split: str, metric: str = "map50") -> float:
+        return self.rows[(split, method)][metric]
+
+    def severity_splits(self, severity: int) -> list[str]:
+        return [f"val-{c}-{severity}" for c in CORRUPTIONS if f"val-{c}-{severity}" in self.splits]
+
+    def severities(self) -> list[int]:
+        return sorted({int(s.rsplit("-", 1)[1]) for s in self.splits if s != "val"})
+
+    def mean(self, method: str, severity: int, metric: str = "map50") -> float:
+        return statistics.fmean(self.score(method, s, metric) for s in self.severity_splits(severity))
+
+    def speed_ratio(self, method: str) -> float:
+        """Images/s of the method's export over the no-TTT (source) export, from total time over all splits."""
+        source = sum(self.rows[(s, "source")]["seconds"] for s in self.splits)
+        mine = sum(self.rows[(s, method)]["seconds"] for s in self.splits)
+        return source / mine
+
+    def images_per_second(self, method: str) -> float:
+        return sum(self.rows[(s, method)]["images"] for s in self.splits) / sum(
+            self.rows[(s, method)]["seconds"] for s in self.splits
+        )
+
+
+def headline_lines(res: Results) -> list[str]:
+    """The benchmark's two summary lines (best method; BatchNorm statistics baseline) at severity 5."""
+    source = res.mean("source", 5)
+    candidates = [m for m in res.methods if not m.startswith(("source", "bn"))] or ["bn"]
+    best = max(candidates, key=lambda m: res.mean(m, 5))
+    n = len(res.severity_splits(5))
+
+    def line(prefix: str, name: str, method: str) -> str:
+        value = res.mean(method, 5)
+        return (
+            f"{prefix}: {name}, mean mAP50 over {n} corruptions at severity 5: source {source:.3f} -> "
+            f"{value:.3f} ({100 * (value - source):+.1f} points)"
+        )
+
+    return [
+        line("Headline: best method", res.raw["recipes"][best]["label"], best),
+        line("Baseline", "BatchNorm statistics only", "bn"),
+    ]
+
+
+def target_lines(res: Results) -> list[str]:
+    """Each target of the benchmark with its measured value and whether it is met."""
+    out = []
+    source5, bn5 = res.mean("source", 5), res.mean("bn", 5)
+    best = max((m for m in res.methods if m != "source"), key=lambda m: res.mean(m, 5))
+    gain = 100 * (res.mean(best, 5) - source5)
+    out.append(
+        f"- Best method gains at least {TARGETS['gain']:.0f} points of mean mAP50 at severity 5 over source: "
+        f"{best} {gain:+.1f} points: **{'met' if gain >= TARGETS['gain'] else 'not met'}**."
+    )
+    for method in res.methods:
+        base, _, variant = method.partition("-")
+        if base not in GRADIENT_METHODS:
+            continue
+        delta = 100 * (res.mean(method, 5) - bn5)
+        line = (
+            f"- {res.raw['recipes'][method]['label']} beats BatchNorm statistics alone (batches of 32): "
+            f"{delta:+.2f} points: **{'met' if delta > 0 else 'not met'}**"
+        )
+        if variant and "bn-sample" in res.methods:
+            own = 100 * (res.mean(method, 5) - res.mean("bn-sample", 5))
+            line += f"; against per-image BatchNorm statistics, its own normalisation: {own:+.2f} points"
+        out.append(line + ".")
+    clean = res.score("source", "val")
+    for method in res.methods:
+        drop = 100 * (clean - res.score(method, "val"))
+        if drop > TARGETS["clean_drop"]:
+            out.append(
+                f"- Clean mAP50 drops by at most {TARGETS['clean_drop']:.0f} point: {method} drops {drop:.1f}: "
+                f"**not met**."
+            )
+    worst = max(100 * (clean - res.score(m, "val")) for m in res.methods)
+    if worst <= TARGETS["clean_drop"]:
+        out.append(
+            f"- Clean mAP50 drops by at most {TARGETS['clean_drop']:.0f} point for every method (largest drop "
+            f"{worst:.1f}): **met**."
+        )
+    if "tent" in res.methods:
+        ratio = res.speed_ratio("tent")
+        out.append(
+            f"- Online Tent export runs at least {TARGETS['tent_speed']}x the images/s of the no-TTT export: "
+            f"{ratio:.2f}x: **{'met' if ratio >= TARGETS['tent_speed'] else 'not met'}**."
+        )
+    return out
+
+
+def summary_table(res: Results) -> list[str]:
+    header = [
+        "method",
+        "mean mAP50 sev 5",
+        "mean mAP sev 5",
+        "vs source",
+        "vs BN stats",
+        "clean mAP50",
+        "clean vs source",
+        "images/s",
+        "speed vs no-TTT",
+        "peak MB",
+    ]
+    rows = []
+    clean = res.score("source", "val")
+    for m in res.methods:
+        rows.append(
+            [
+                res.raw["recipes"][m]["label"],
+                f"{res.mean(m, 5):.3f}",
+                f"{res.mean(m, 5, 'map'):.3f}",
+                f"{100 * (res.mean(m, 5) - res.mean('source', 5)):+.1f}",
+                f"{100 * (res.mean(m, 5) - res.mean('bn', 5)):+.2f}",
+                f"{res.score(m, 'val'):.3f}",
+                f"{100 * (res.score(m, 'val') - clean):+.1f}",
+                f"{res.images_per_second(m):.0f}",
+                f"{res.speed_ratio(m):.2f}x",
+                f"{res.raw['peak_memory_bytes'][m] / 1e6:.0f}",
+            ]
+        )
+    return _table(header, rows)
+
+
+def corruption_table(res: Results, severity: int, metric: str = "map50") -> list[str]:
+    header = ["corruption"] + res.methods
+    rows = []
+    for split in res.severity_splits(severity):
+        values = [res.score(m, split, metric) for m in res.methods]
+        top = max(values)
+        cells = [f"**{v:.3f}**" if v == top else f"{v:.3f}" for v in values]
+        rows.append([split.split("-", 1)[1].rsplit("-", 1)[0]] + cells)
+    rows.append(["**mean**"] + [f"**{res.mean(m, severity, metric):.3f}**" for m in res.methods])
+    return _table(header, rows)
+
+
+def severity_table(res: Results) -> list[str]:
+    header = ["method"] + [f"sev {s}" for s in res.severities()]
+    rows = [[m] + [f"{res.mean(m, s):.3f}" for s in res.severities()] for m in res.methods]
+    return _table(header, rows)
+
+
+def plot_severity5(res: Results, path: Path) -> Path:
+    """Bars: mAP50 per corruption at severity 5, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = res.severity_splits(5)
+    names = [s.split("-", 1)[1].rsplit("-", 1)[0] for s in splits] + ["mean"]
+    width = 0.8 / len(res.methods)
+    fig, ax = plt.subplots(figsize=(15, 5.5))
+    for i, m in enumerate(res.methods):
+        values = [res.score(m, s) for s in splits] + [res.mean(m, 5)]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=res.raw["recipes"][m]["label"])
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=35, ha="right")
+    ax.set_ylabel("mAP50")
+    ax.set_title("mAP50 per corruption at severity 5")
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def provenance(results: dict) -> str:
+    """When, how and where the results were measured."""
+    m = results["machine"]
+    return (
+        f"Measured on {results['date']} by `{results['command']}` (`make bench`: quick scope; `make bench-full`: "
+        f"every severity) on {m['processor']} ({m['platform']}), {m['torch_threads']} torch threads, device "
+        f"{m['device']}, torch {m['torch']}; {results['images_per_split']} images per split, the committed detector, "
+        f"the same images and seeds for every method; {results['seconds'] / 60:.1f} minutes in all."
+    )
+
+
+def write_report(results: dict, docs: Path, scope: str) -> list[Path]:
+    """Write the markdown report and plots; returns the paths written."""
+    from yolozu.plot_log import plot_log
+
+    res = Results(results)
+    docs.mkdir(parents=True, exist_ok=True)
+    stem = "benchmarks" if scope == "quick" else f"benchmarks-{scope}"
+    bars = plot_severity5(res, docs / f"{stem}-severity5.png")
+    written = [bars]
+    log = Path(results.get("loss_curve_log", ""))
+    if log.is_file():
+        written.append(plot_log(log, docs / f"{stem}-tent-loss.png"))
+    lines = (
+        [f"# Shift benchmark ({scope})", ""]
+        + headline_lines(res)
+        + [
+            "",
+            provenance(results),
+            "",
+            "## Targets",
+            "",
+            *target_lines(res),
+            "",
+            "## Summary",
+            "",
+            "Images/s is each method's whole export (loading, adaptation, prediction) over all splits; peak memory "
+            f"is the largest extra allocation while exporting {results['memory_images']} images of "
+            f"{results['memory_split']}.",
+            "",
+            *summary_table(res),
+            "",
+            "## mAP50 per corruption at severity 5",
+            "",
+            f"![mAP50 per corruption at severity 5]({bars.name})",
+            "",
+            *corruption_table(res, 5),
+            "",
+            "## mAP@[.5:.95] per corruption at severity 5",
+            "",
+            *corruption_table(res, 5, "map"),
+            "",
+        ]
+    )
+    if len(res.severities()) > 1:
+        lines += ["## Mean mAP50 per severity", "", *severity_table(res), ""]
+        for severity in res.severities()[:-1]:
+            lines += [f"## mAP50 per corruption at severity {severity}", "", *corruption_table(res, severity), ""]
+    if len(written) > 1:
+        lines += [
+            "## A TTT log",
+            "",
+            f"![Tent loss per step]({written[1].name})",
+            "",
+            "Drawn by `tools/plot_ttt_log.py` from a `--ttt-log-out` file.",
+            "",
+        ]
+    lines += ["## Methods", ""]
+    lines += _table(["method", "settings"], ([m, f"`{results['recipes'][m]}`"] for m in res.methods))
+    lines += [
+        "",
+        "How the settings were chosen, and why the gradient methods add little over BatchNorm statistics: "
+        "[benchmark notes](benchmark-notes.md).",
+        "",
+    ]
+    path = docs / f"{stem}.md"
+    path.write_text("\n".join(lines))
+    return [path, *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate the report from a results JSON: ``python -m yolozu.bench.report runs/bench/quick.json``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write docs/benchmarks*.md and plots from a results JSON.")
+    parser.add_argument("results")
+    parser.add_argument("--docs", default="docs")
+    args = parser.parse_args(argv)
+    results = json.loads(Path(args.results).read_text())
+    for path in write_report(results, Path(args.docs), results.get("scope", "quick")):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

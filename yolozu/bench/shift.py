@@ -1,0 +1,217 @@
+"""The shift benchmark: how much accuracy each method wins back on corrupted data, at what cost.
+
+For every split (clean val and the chosen corruption/severity copies of it) and every recipe
+(``yolozu.bench.recipes``) it runs the export flow in-process on the same images with the same seeds,
+evaluates COCO mAP50 and mAP@[.5:.95], and times the export against the no-TTT export of the same split.
+Peak memory is measured once per recipe on a fixed subset. Everything lands in one JSON file that
+``yolozu.bench.report`` turns into docs/benchmarks.md and its plots.
+
+    python -m yolozu.bench.shift --quick       # make bench
+    python -m yolozu.bench.shift --full        # make bench-full
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from yolozu.adapters.detector import DetectorAdapter
+from yolozu.bench.recipes import RECIPES, Recipe
+from yolozu.data import build_manifest
+from yolozu.data.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
+from yolozu.data.demo import corrupted_split_name
+from yolozu.eval import evaluate
+from yolozu.predict import Predictor
+from yolozu.predictions import write_json_atomic
+from yolozu.tta.schedules import adapt_and_predict
+
+PREDICT_BATCH = 32
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes allocated while ``fn`` runs above what was allocated before (CUDA allocator or CPU profiler)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+class Runner:
+    """Runs recipes on records with a detector restored to the source weights before every run."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._adapters: dict[tuple, DetectorAdapter] = {}
+        self._source: dict[tuple, dict] = {}
+
+    def adapter(self, recipe: Recipe) -> DetectorAdapter:
+        key = tuple(sorted(recipe.adapter.items()))
+        if key not in self._adapters:
+            adapter = DetectorAdapter(device=self.device, batch_size=PREDICT_BATCH, **recipe.adapter)
+            self._adapters[key] = adapter
+            self._source[key] = {k: v.clone() for k, v in adapter.get_model().state_dict().items()}
+        adapter = self._adapters[key]
+        adapter.get_model().load_state_dict(self._source[key])  # a stream run leaves its weights adapted
+        return adapter
+
+    def predict(self, recipe: Recipe, records: Sequence[dict]) -> tuple[list[dict], dict | None]:
+        """The recipe's predictions and, for TTT recipes, its report."""
+        adapter = self.adapter(recipe)
+        if recipe.ttt is not None:
+            predictions, report = adapt_and_predict(adapter, records, recipe.config(), batch_size=PREDICT_BATCH)
+            return predictions, report.to_dict()
+        if recipe.bn_stats:
+            return Predictor(adapter).predict(records, bn="batch", batch_size=recipe.bn_batch), None
+        return adapter.predict(records), None
+
+
+def splits_for(corruptions: Sequence[str], severities: Sequence[int]) -> list[str]:
+    """``val`` then every ``val-<corruption>-<severity>``."""
+    return ["val"] + [corrupted_split_name(c, s) for c in corruptions for s in severities]
+
+
+def run(
+    dataset: str,
+    splits: Sequence[str],
+    recipes: Sequence[str],
+    *,
+    images: int | None,
+    device: str = "cpu",
+    memory_images: int = 32,
+    log_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Every recipe on every split; returns the JSON-ready results."""
+    runner = Runner(device)
+    chosen = [RECIPES[name] for name in recipes]
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    for split in splits:
+        records = build_manifest(dataset, split)[:images]
+        for recipe in chosen:
+            start = time.perf_counter()
+            predictions, report = runner.predict(recipe, records)
+            seconds = time.perf_counter() - start
+            scores = evaluate(predictions, records)
+            row = {
+                "split": split,
+                "method": recipe.name,
+                "map50": scores["map50"],
+                "map": scores["map"],
+                "images": len(records),
+                "seconds": seconds,
+            }
+            if report is not None:
+                row["steps_run"] = report["steps_run"]
+                row["stopped_early"] = report["stopped_early"]
+                if log_dir and split != "val":
+                    write_json_atomic(
+                        Path(log_dir) / f"{recipe.name}__{split}.json",
+                        {"output": None, "ttt": {"method": recipe.name, "report": report}},
+                    )
+            rows.append(row)
+            if progress:
+                print(
+                    f"{split:<28} {recipe.name:<13} mAP50 {row['map50']:.3f}  mAP {row['map']:.3f}  "
+                    f"{len(records) / seconds:7.1f} img/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    memory_split = splits[-1]
+    memory_records = build_manifest(dataset, memory_split)[:memory_images]
+    memory = {}
+    for recipe in chosen:
+        runner.predict(recipe, memory_records)  # warm-up
+        memory[recipe.name] = peak_bytes(lambda recipe=recipe: runner.predict(recipe, memory_records))
+    curve = Path(log_dir or "") / f"tent__{splits[-1]}.json"
+    return {
+        "loss_curve_log": str(curve) if log_dir and curve.is_file() else None,
+        "date": date.today().isoformat(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "device": device,
+            "torch": torch.__version__,
+        },
+        "dataset": dataset,
+        "images_per_split": images,
+        "splits": list(splits),
+        "recipes": {
+            r.name: {"label": r.label, "ttt": r.ttt, "bn_stats": r.bn_stats, "adapter": r.adapter} for r in chosen
+        },
+        "rows": rows,
+        "peak_memory_bytes": memory,
+        "memory_split": memory_split,
+        "memory_images": len(memory_records),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--quick", action="store_true", help="15 corruptions at severity 5 (default)")
+    scope.add_argument("--full", action="store_true", help="15 corruptions x severities 1-5")
+    scope.add_argument("--heldout", action="store_true", help="the 4 held-out corruptions at severities 3 and 5")
+    parser.add_argument("--dataset", default="data/demo")
+    parser.add_argument("--images", type=int, default=300, help="images per split (default 300)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="results JSON (default runs/bench/<scope>.json)")
+    parser.add_argument("--docs", default="docs", help="where benchmarks.md and the plots go ('' to skip)")
+    args = parser.parse_args(argv)
+    name = "full" if args.full else "heldout" if args.heldout else "quick"
+    if args.full:
+        splits = splits_for(CORRUPTIONS, (1, 2, 3, 4, 5))
+    elif args.heldout:
+        splits = splits_for(HELDOUT_CORRUPTIONS, (3, 5))
+    else:
+        splits = splits_for(CORRUPTIONS, (5,))
+    output = Path(args.output or f"runs/bench/{name}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    results = run(
+        args.dataset,
+        splits,
+        args.recipes,
+        images=args.images,
+        device=args.device,
+        log_dir=str(output.parent / f"{name}-logs"),
+    )
+    results["scope"] = name
+    results["command"] = "python -m yolozu.bench.shift " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json_atomic(output, results, indent=1)
+    print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
+    if args.docs and name != "heldout":
+        from yolozu.bench.report import write_report
+
+        for path in write_report(results, Path(args.docs), name):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
