@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from yolozu.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
 from yolozu.functional.step import init_state
@@ -111,11 +112,6 @@ def make_variant(name: str, batch: int, args) -> callable:
     return run
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_variants(names: list[str], batch: int, args) -> dict[str, float]:
     """Best-of-rounds seconds per step of each variant (noise only adds time), in interleaved rounds."""
     runs = {name: make_variant(name, batch, args) for name in names}
@@ -125,39 +121,19 @@ def time_variants(names: list[str], batch: int, args) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            _sync(args.device)
+            sync(args.device)
             start = time.perf_counter()
             run()
-            _sync(args.device)
+            sync(args.device)
             samples[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in samples.items()}
 
 
 def peak_memory(name: str, batch: int, args) -> int:
-    """Peak bytes allocated during one step above what was allocated before it (after a warm-up step).
-
-    CPU: the allocation/free events of torch's profiler, accumulated in time order; GPU: the CUDA allocator's
-    peak statistics.
-    """
+    """Peak bytes one step of a variant allocates above what was allocated before it (after a warm-up step)."""
     run = make_variant(name, batch, args)
     run()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+    return peak_bytes(run, args.device)
 
 
 def main(argv: list[str] | None = None) -> int:

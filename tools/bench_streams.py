@@ -20,6 +20,7 @@ import time
 import torch
 
 from yolozu.adapters.detector import DetectorAdapter
+from yolozu.bench.memory import peak_bytes, sync
 from yolozu.data import build_manifest
 from yolozu.functional import streams
 from yolozu.functional.readout import readout_of
@@ -27,32 +28,6 @@ from yolozu.functional.step import make_update
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 from yolozu.tta.schedules import adapt_and_predict
-
-
-def peak_bytes(fn, device: str) -> int:
-    """Peak bytes allocated while ``fn`` runs, above what was allocated before (profiler on CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {k: [] for k in ks}
     for _ in range(args.rounds):
         for k in ks:
-            _sync(args.device)
+            sync(args.device)
             start = time.perf_counter()
             adapt_and_predict(adapter, records, base.replace(streams=k))
-            _sync(args.device)
+            sync(args.device)
             seconds[k].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in seconds.items()}
 

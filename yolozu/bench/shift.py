@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 
 from yolozu.adapters.detector import DetectorAdapter
-from yolozu.bench.recipes import RECIPES, Recipe
+from yolozu.bench.memory import peak_bytes
+from yolozu.bench.recipes import BENCHMARKED, RECIPES, Recipe
 from yolozu.data import build_manifest
 from yolozu.data.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
 from yolozu.data.demo import corrupted_split_name
@@ -33,27 +34,6 @@ from yolozu.predictions import write_json_atomic
 from yolozu.tta.schedules import adapt_and_predict
 
 PREDICT_BATCH = 32
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes allocated while ``fn`` runs above what was allocated before (CUDA allocator or CPU profiler)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 class Runner:
@@ -144,7 +124,7 @@ def run(
     memory = {}
     for recipe in chosen:
         runner.predict(recipe, memory_records)  # warm-up
-        memory[recipe.name] = peak_bytes(lambda recipe=recipe: runner.predict(recipe, memory_records))
+        memory[recipe.name] = peak_bytes(lambda recipe=recipe: runner.predict(recipe, memory_records), device)
     curve = Path(log_dir or "") / f"tent__{splits[-1]}.json"
     return {
         "loss_curve_log": str(curve) if log_dir and curve.is_file() else None,
@@ -178,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scope.add_argument("--heldout", action="store_true", help="the 4 held-out corruptions at severities 3 and 5")
     parser.add_argument("--dataset", default="data/demo")
     parser.add_argument("--images", type=int, default=300, help="images per split (default 300)")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=list(BENCHMARKED), choices=list(RECIPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help="results JSON (default runs/bench/<scope>.json)")
     parser.add_argument("--docs", default="docs", help="where benchmarks.md and the plots go ('' to skip)")
@@ -205,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["command"] = "python -m yolozu.bench.shift " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json_atomic(output, results, indent=1)
     print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
-    if args.docs and name != "heldout":
+    if args.docs and name != "heldout" and {"source", "bn"} <= set(args.recipes):
         from yolozu.bench.report import write_report
 
         for path in write_report(results, Path(args.docs), name):
