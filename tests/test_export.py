@@ -321,6 +321,7 @@ def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
         ("unwritable_output", "error:"),
         ("empty_selection", "TTT failed:"),
         ("bad_ttt_value", "TTT failed: TTTConfig.lr"),
+        ("no_cuda", "no CUDA device"),
     ],
 )
 def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys, case, expected):
@@ -345,6 +346,10 @@ def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys,
         base += ["--ttt", "--ttt-update-filter", "norm_only", "--ttt-include", "no_such_parameter"]
     elif case == "bad_ttt_value":
         base += ["--ttt", "--ttt-lr", "-1"]
+    elif case == "no_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+        base += ["--device", "cuda"]
     code = main(base)
     err = capsys.readouterr().err
     assert code != 0

@@ -252,6 +252,8 @@ def _check_output(path: Path) -> None:
 
 
 def _adapter(args: argparse.Namespace):
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build); use cpu")
     if args.adapter == "dummy":
         if args.checkpoint:
             raise UsageError("--checkpoint applies to --adapter detector only")
@@ -277,31 +279,29 @@ def run_export(args: argparse.Namespace) -> dict:
     tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
     records = _records(args)
     adapter = _adapter(args)
-    bar = tqdm(
-        total=len(records),
-        desc="ttt+predict" if config.enabled else "predict",
-        unit="img",
-        disable=args.quiet,
-        file=sys.stderr,
-    )
-    try:
-        if config.enabled:
-            try:
-                predictions, report = adapt_and_predict(
-                    adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bar
+
+    def bars(desc: str, total: int) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="img", disable=args.quiet, file=sys.stderr)
+
+    if config.enabled:
+        try:
+            predictions, report = adapt_and_predict(
+                adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bars
+            )
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            raise TTTError(str(e)) from e
+        report_dict = report.to_dict()
+    else:
+        with bars("predict", len(records)) as bar:
+            if tta is None and args.bn_stats == "running":
+                predictions = adapter.predict(records)
+                bar.update(len(records))
+            else:
+                bn = "batch" if args.bn_stats == "batch" else "eval"
+                predictions = Predictor(adapter, tta=tta).predict(
+                    records, bn=bn, batch_size=args.batch_size, progress=bar
                 )
-            except (RuntimeError, ValueError, NotImplementedError) as e:
-                raise TTTError(str(e)) from e
-            report_dict = report.to_dict()
-        elif tta is None and args.bn_stats == "running":
-            predictions, report_dict = adapter.predict(records), disabled_report(config).to_dict()
-            bar.update(len(records))
-        else:
-            bn = "batch" if args.bn_stats == "batch" else "eval"
-            predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
-            report_dict = disabled_report(config).to_dict()
-    finally:
-        bar.close()
+        report_dict = disabled_report(config).to_dict()
     meta = {
         "adapter": adapter.describe() if callable(getattr(adapter, "describe", None)) else {"adapter": args.adapter},
         "dataset": str(args.dataset),

@@ -34,8 +34,10 @@ def disabled_report(config: TTTConfig) -> TTTReport:
     return TTTReport(enabled=False, method=config.method, reset=config.reset)
 
 
-def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig()) -> TTTReport:
+def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig(), *, progress=None) -> TTTReport:
     """Adapt ``adapter.get_model()`` on ``records`` with ``config``; returns the run's ``TTTReport``.
+
+    ``progress`` (optional, e.g. a tqdm bar) is advanced by the number of images of each adapted batch.
 
     Raises:
       RuntimeError: the adapter lacks a TTT hook.
@@ -59,6 +61,8 @@ def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTC
             adaptation.step(batch, batch=index, step=step)
             if adaptation.stopped:
                 break
+        if progress is not None:
+            progress.update(len(batch))
         if adaptation.stopped:
             break
     adaptation.write_back()

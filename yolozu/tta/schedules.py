@@ -16,7 +16,7 @@ Predictions use the normalisation the adaptation used: test-batch BatchNorm stat
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
@@ -112,6 +112,15 @@ class _NoProgress:
     def update(self, n: int) -> None:
         del n
 
+    def close(self) -> None:
+        pass
+
+
+def no_bars(desc: str, total: int) -> _NoProgress:
+    """A progress-bar factory that shows nothing."""
+    del desc, total
+    return _NoProgress()
+
 
 def adapt_and_predict(
     adapter: object,
@@ -120,33 +129,41 @@ def adapt_and_predict(
     *,
     tta: FlipTTAConfig | None = None,
     batch_size: int = 32,
-    progress=None,
+    progress: Callable[[str, int], Any] = no_bars,
 ) -> tuple[list[Prediction], TTTReport]:
     """Predictions for ``records`` under test-time training ``config``, and the run's report.
 
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
-    batches they adapt on. ``progress`` (e.g. a tqdm bar) is advanced by the number of images predicted.
+    batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
+    for adaptation and one for prediction in ``pre``, one for both in the other schedules.
     """
     require_ttt_hooks(adapter)
     _check(config)
     predictor = Predictor(adapter, tta=tta)
-    progress = progress if progress is not None else _NoProgress()
     records = list(records)
     if config.reset == "stream" and config.schedule == "pre":
-        report = run_ttt(adapter, records, config)
+        limit = len(records) if config.max_batches is None else config.max_batches * config.batch_size
+        bar = progress("adapt", min(limit, len(records)))
+        try:
+            report = run_ttt(adapter, records, config, progress=bar)
+        finally:
+            bar.close()
         params, buffers = predictor.module_tensors()
-        predictions = predictor.predict(
-            records,
-            params=params,
-            buffers=buffers,
-            bn=config.prediction_bn,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        bar = progress("predict", len(records))
+        try:
+            predictions = predictor.predict(
+                records, params=params, buffers=buffers, bn=config.prediction_bn, batch_size=batch_size, progress=bar
+            )
+        finally:
+            bar.close()
         return predictions, report
     start = time.perf_counter()
     run = _predict_online if config.reset == "stream" else _predict_episodic
-    predictions, adaptation, adapted = run(adapter, records, config, predictor, progress)
+    bar = progress("adapt+predict", len(records))
+    try:
+        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar)
+    finally:
+        bar.close()
     report = adaptation.report(
         seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
     )
