@@ -52,8 +52,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "cotta-sample", "CoTTA, episodic", {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8}
         ),
+        Recipe(
+            "tent-reuse",
+            "Tent, online, predictions from the adaptation's forward",
+            {"method": "tent", **ONLINE, "lr": 3e-3, "online_predict": "adapt_forward"},
+        ),
     )
 }
+BENCHMARKED = tuple(name for name in RECIPES if name != "tent-reuse")
+"""The recipes ``make bench`` runs; ``tent-reuse`` (one forward per batch) is measured on its own (README)."""
 GRADIENT_METHODS = ("tent", "mim", "cotta")
 
 
