@@ -43,13 +43,12 @@ def replicate(state: TTTState, k: int) -> TTTState:
 
 def stack_states(states: Sequence[TTTState]) -> TTTState:
     """Stack the per-stream parts of K states; frozen and source are taken (shared) from the first."""
-    stacked = stack([_per_stream(s) for s in states])
-    return states[0]._replace(**dict(zip(_PER_STREAM, stacked)))
+    return _single(states[0], stack([_per_stream(s) for s in states]))
 
 
 def unstack_states(state: TTTState, k: int) -> list[TTTState]:
     """The K single-stream states of a stacked state."""
-    return [state._replace(**dict(zip(_PER_STREAM, parts))) for parts in unstack(_per_stream(state), k)]
+    return [_single(state, parts) for parts in unstack(_per_stream(state), k)]
 
 
 def select(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
@@ -70,13 +69,12 @@ def vmap_step(step: Callable[[TTTState, Any, Any], tuple[TTTState, dict]]) -> Ca
 
     def run(state: TTTState, batches: Any, inputs: Any = None) -> tuple[TTTState, dict]:
         def one_stream(parts: tuple, batch: Any, extra: Any) -> tuple[tuple, dict]:
-            single = state._replace(**dict(zip(_PER_STREAM, parts)))
-            new, metrics = step(single, batch, extra)
+            new, metrics = step(_single(state, parts), batch, extra)
             return _per_stream(new), metrics
 
-        in_dims = (0, 0, None if inputs is None else 0)
+        in_dims = (0, 0, _dim(inputs))
         parts, metrics = vmap(one_stream, in_dims=in_dims, randomness="error")(_per_stream(state), batches, inputs)
-        return state._replace(**dict(zip(_PER_STREAM, parts))), metrics
+        return _single(state, parts), metrics
 
     return run
 
