@@ -322,6 +322,7 @@ def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
         ("empty_selection", "TTT failed:"),
         ("bad_ttt_value", "TTT failed: TTTConfig.lr"),
         ("no_cuda", "no CUDA device"),
+        ("reuse_with_tta", "TTT failed: online_predict='adapt_forward'"),
     ],
 )
 def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys, case, expected):
@@ -346,6 +347,8 @@ def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys,
         base += ["--ttt", "--ttt-update-filter", "norm_only", "--ttt-include", "no_such_parameter"]
     elif case == "bad_ttt_value":
         base += ["--ttt", "--ttt-lr", "-1"]
+    elif case == "reuse_with_tta":
+        base += ["--ttt", "--ttt-schedule", "online", "--ttt-online-predict", "adapt_forward", "--tta"]
     elif case == "no_cuda":
         if torch.cuda.is_available():
             pytest.skip("this machine has a CUDA device")

@@ -7,7 +7,7 @@
   ``online_predict="adapt_forward"`` reuses the adaptation's own forward pass for the batch's predictions,
   as Tent's reference code does (one forward per batch instead of two);
 - reset ``sample`` (episodic): every image adapts from the source weights and buffers, then is predicted;
-  the model is left as it was.
+  the model is left as it was; ``streams=K`` adapts K images at once with ``vmap`` (the same predictions).
 
 Predictions use the normalisation the adaptation used: test-batch BatchNorm statistics unless ``bn_mode`` is
 ``eval``.
@@ -28,8 +28,13 @@ from yolozu.tta.integration import require_ttt_hooks, run_ttt
 from yolozu.tta.report import TTTReport
 
 
-def _check(config: TTTConfig) -> None:
+def _check(config: TTTConfig, tta: FlipTTAConfig | None) -> None:
     if config.online_predict == "adapt_forward":
+        if tta is not None:
+            raise ValueError(
+                "online_predict='adapt_forward' reuses the adaptation's forward pass, which has no "
+                "flipped branch; drop flip TTA or use online_predict='after_update'"
+            )
         if config.schedule != "online" or config.reset != "stream":
             raise ValueError("online_predict='adapt_forward' needs schedule='online' and reset='stream'")
         if config.method != "tent":
@@ -138,7 +143,7 @@ def adapt_and_predict(
     for adaptation and one for prediction in ``pre``, one for both in the other schedules.
     """
     require_ttt_hooks(adapter)
-    _check(config)
+    _check(config, tta)
     predictor = Predictor(adapter, tta=tta)
     records = list(records)
     if config.reset == "stream" and config.schedule == "pre":
