@@ -58,11 +58,6 @@ def tree_map(fn: Callable[..., Tensor], tree: T, *rest: T) -> T:
     return pytree.tree_map(fn, tree, *rest)
 
 
-def tree_where(condition: Tensor, new: T, old: T) -> T:
-    """Leaf-wise ``torch.where(condition, new, old)``: a per-stream select that ``vmap`` can batch."""
-    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), new, old)
-
-
 def stack(trees: Sequence[T]) -> T:
     """Stack K pytrees of the same structure into one with a leading dim K (for ``torch.func.vmap``)."""
     return pytree.tree_map(lambda *leaves: torch.stack(leaves), *trees)

@@ -143,18 +143,27 @@ class Adaptation:
         x = x.to(self.device)
         new_state, metrics = self._update(self.state, x, self.method.draw(self.key(index, step), self.state, x))
         labels = {} if batch is None else {"batch": batch}
-        (row,) = self._log(metrics, labels=[labels])
+        (row,) = self._log(metrics, guards.verdict(metrics, self.limits), labels=[labels])
         if not row["rolled_back"]:
             self.state = new_state
         self.last_output = metrics.get("output")
         return row
 
-    def _log(self, metrics: dict, *, labels: list[dict], active: torch.Tensor | None = None) -> list[dict]:
+    def adapt(self, x: torch.Tensor, *, batch: int, steps: int) -> None:
+        """Up to ``steps`` guarded steps on batch ``batch``, ending early when a guard stops the run."""
+        for step in range(steps):
+            self.step(x, batch=batch, step=step)
+            if self.stopped:
+                return
+
+    def _log(
+        self, metrics: dict, codes: torch.Tensor, *, labels: list[dict], active: torch.Tensor | None = None
+    ) -> list[dict]:
         """Verdicts and ``step_metrics`` rows of one step, for one stream or K (metrics with a leading dim K).
 
         Returns one row per stream that took the step (``active``); records losses and stops of kept steps.
         """
-        codes = guards.verdict(metrics, self.limits).reshape(-1).tolist()
+        codes = codes.reshape(-1).tolist()
         keys = ROW_KEYS + self._method_keys
         table = torch.stack([metrics[k].detach().double().cpu().reshape(-1) for k in keys], dim=1).tolist()
         taken = [True] * len(codes) if active is None else active.tolist()
@@ -197,8 +206,9 @@ class Adaptation:
             noises = [self.method.draw(self.key(i, s), self.source, x) for i, x in zip(indices, xs)]
             noises = None if noises[0] is None else stack(noises)
             new_state, metrics = self._streams_update(state, xs, noises)
-            self._log(metrics, labels=[{"batch": i} for i in indices], active=active)
-            ok = guards.verdict(metrics, self.limits).reshape(-1).cpu() == 0
+            codes = guards.verdict(metrics, self.limits)
+            self._log(metrics, codes, labels=[{"batch": i} for i in indices], active=active)
+            ok = codes.reshape(-1).cpu() == 0
             keep = active & (ok | (not self.config.rollback_on_stop))
             state = streams.select(keep.to(self.device), new_state, state)
             active = active & ok

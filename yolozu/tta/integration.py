@@ -57,10 +57,7 @@ def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTC
     batches_used = 0
     for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
         batches_used += 1
-        for step in range(config.steps):
-            adaptation.step(batch, batch=index, step=step)
-            if adaptation.stopped:
-                break
+        adaptation.adapt(batch, batch=index, steps=config.steps)
         if progress is not None:
             progress.update(len(batch))
         if adaptation.stopped:

@@ -44,13 +44,6 @@ def _check(config: TTTConfig, tta: FlipTTAConfig | None) -> None:
             )
 
 
-def _adapt(adaptation: Adaptation, x, steps: int, index: int) -> None:
-    for step in range(steps):
-        adaptation.step(x, batch=index, step=step)
-        if adaptation.stopped:
-            return
-
-
 def _predict_online(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
     reuse = config.online_predict == "adapt_forward"
     adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter), keep_output=reuse)
@@ -60,7 +53,7 @@ def _predict_online(adapter, records, config, predictor, progress) -> tuple[list
         x = adapter.load_batch(chunk)
         if not adaptation.stopped and (config.max_batches is None or index < config.max_batches):
             adapted += 1
-            _adapt(adaptation, x, config.steps, index)
+            adaptation.adapt(x, batch=index, steps=config.steps)
             if reuse and not adaptation.rows[-1]["rolled_back"]:
                 predictions.extend(adapter.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
@@ -98,7 +91,7 @@ def _predict_episodic(adapter, records, config, predictor, progress) -> tuple[li
             for index, record, image in zip(indices, chunk, x):
                 adaptation.restart()
                 if index < limit:
-                    _adapt(adaptation, image[None], config.steps, index)
+                    adaptation.adapt(image[None], batch=index, steps=config.steps)
                 predictions.extend(
                     predictor.predict_batch(
                         image[None],
