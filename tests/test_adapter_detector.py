@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 from yolozu.adapter import DummyAdapter
 from yolozu.adapters import build_adapter
 from yolozu.adapters.detector import DetectorAdapter, ImageLoadError
-from yolozu.models.ttt_losses import gather_positions, peak_indices, peak_softmax_entropy, sigmoid_entropy
+from yolozu.functional.readout import Readout, gather_positions, peak_indices
+from yolozu.functional.tent import tent_loss
 from yolozu.predictions import validate_predictions
 
 
@@ -113,9 +115,34 @@ def test_adapter_supports_ttt_and_readout_losses_are_finite_scalars(adapter, rec
     assert readout.recon(out).shape == x.shape
     assert readout.scores(out).shape == (3, 10, 40, 40)
     for name in ("peak_softmax", "sigmoid"):
-        loss = DetectorAdapter(tent_loss=name).ttt_readout().tent_loss(out)
+        loss = tent_loss(out, DetectorAdapter(tent_loss=name).ttt_readout())
         assert loss.ndim == 0 and torch.isfinite(loss) and float(loss) > 0
     pickle.dumps(readout)
+
+
+@functools.cache
+def _readout(name, k=4):
+    return DetectorAdapter(tent_loss=name, tent_peaks=k).ttt_readout()
+
+
+def peak_softmax_entropy(output, k):
+    return tent_loss(output, _readout("peak_softmax", k))
+
+
+def sigmoid_entropy(output):
+    return tent_loss(output, _readout("sigmoid"))
+
+
+def test_the_readouts_give_the_tent_objective_in_closed_form():
+    logits = torch.randn(2, 10, 8, 8, generator=torch.Generator().manual_seed(0))
+    picked = gather_positions(logits, peak_indices(logits, 4))
+    p = torch.softmax(picked, dim=1)
+    torch.testing.assert_close(peak_softmax_entropy({"logits": logits}, 4), -(p * p.log()).sum(1).mean())
+    q = torch.sigmoid(logits)
+    binary = -(q * q.log() + (1 - q) * (1 - q).log()).mean()
+    torch.testing.assert_close(sigmoid_entropy({"logits": logits}), binary)
+    row = torch.softmax(logits[:, :, 0, 0], dim=1)
+    torch.testing.assert_close(tent_loss(logits[:, :, 0, 0], Readout()), -(row * row.log()).sum(1).mean())
 
 
 def test_peak_softmax_entropy_has_a_gradient_wrt_the_logits():
@@ -140,11 +167,12 @@ def test_peak_selection_picks_local_maxima_first():
 
 
 def test_tent_losses_run_under_vmap():
+    _readout("peak_softmax", 4)  # built outside the transform (it loads a detector)
     logits = torch.randn(3, 2, 10, 8, 8)
     batched = torch.func.vmap(lambda z: peak_softmax_entropy({"logits": z}, k=4))(logits)
     looped = torch.stack([peak_softmax_entropy({"logits": z}, k=4) for z in logits])
     torch.testing.assert_close(batched, looped)
-    grads = torch.func.vmap(torch.func.grad(lambda z: peak_softmax_entropy(z, k=4)))(logits)
+    grads = torch.func.vmap(torch.func.grad(lambda z: peak_softmax_entropy({"logits": z}, k=4)))(logits)
     assert grads.shape == logits.shape and torch.isfinite(grads).all()
 
 

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 from toy import TinyClassifier, seeded
 
+from yolozu.bridge import make_apply
 from yolozu.functional import cotta, filters, optim, rng, streams
+from yolozu.functional.cotta import CoTTASettings
 from yolozu.functional.readout import Readout
-from yolozu.functional.step import init_state, make_update
+from yolozu.functional.step import make_update
 
 
 def _params(seed=0):
@@ -45,8 +47,9 @@ def test_restore_fraction_and_count_match():
 def test_restore_touches_only_selected_params():
     model = seeded(TinyClassifier)
     tx = optim.sgd(0.5)
-    state = cotta.init_teacher(init_state(model, filters.select(model, "norm_only"), tx))
-    update = make_update(cotta.cotta_method(model, tx, restore_prob=1.0, confidence_threshold=1.0))
+    method = cotta.cotta_method(make_apply(model), tx, CoTTASettings(restore_prob=1.0, confidence_threshold=1.0))
+    state = method.init_state(model, filters.select(model, "norm_only"))
+    update = make_update(method)
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     new, metrics = update(state, x, cotta.restore_draws(state.source, rng.key(0)))
     assert new.trainable.keys() == state.trainable.keys()
@@ -73,8 +76,9 @@ def test_teacher_targets_of_a_flip_equivariant_model_equal_the_identity_branch()
     model = seeded(FlipEquivariant)
     readout = Readout(scores=lambda out: out, score_kind="sigmoid", spatial=True)
     tx = optim.adam(1e-3)
-    state = cotta.init_teacher(init_state(model, filters.select(model, "all"), tx))
-    method = cotta.cotta_method(model, tx, readout=readout, confidence_threshold=1.0)  # always average
+    settings = CoTTASettings(confidence_threshold=1.0)  # always average
+    method = cotta.cotta_method(make_apply(model), tx, settings, readout=readout)
+    state = method.init_state(model, filters.select(model, "all"))
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     targets = method.prepare(state, x, None)
     model.train()  # batch statistics, as the teacher's view uses
@@ -102,11 +106,12 @@ def test_confidence_weighted_mean_weights_confident_branches():
 
 
 def test_unknown_augmentation_or_aggregation_is_an_error():
-    model, tx = seeded(TinyClassifier), optim.adam(1e-3)
-    with pytest.raises(ValueError, match="augmentation"):
-        cotta.cotta_method(model, tx, augmentations=("identity", "rotate"))
-    with pytest.raises(ValueError, match="aggregation"):
-        cotta.cotta_method(model, tx, aggregation="median")
+    with pytest.raises(ValueError, match="augmentations must be a non-empty list drawn from identity, hflip"):
+        CoTTASettings(augmentations=("identity", "rotate"))
+    with pytest.raises(ValueError, match="augmentations"):
+        CoTTASettings(augmentations=())
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        CoTTASettings(aggregation="median")
 
 
 class DenseScores(nn.Module):
@@ -127,10 +132,9 @@ def test_cotta_steps_reduce_the_consistency_loss_on_a_shifted_batch():
     model = seeded(DenseScores)
     readout = Readout(scores=lambda out: out, score_kind="sigmoid", spatial=True)
     tx = optim.adam(1e-2)
-    step = cotta.make_cotta_step(
-        model, tx, readout=readout, ema_momentum=0.9, restore_prob=0.0, confidence_threshold=1.0
-    )
-    state = cotta.init_teacher(init_state(model, filters.select(model, "all"), tx))
+    settings = CoTTASettings(ema_momentum=0.9, restore_prob=0.0, confidence_threshold=1.0)
+    step = cotta.make_cotta_step(make_apply(model), tx, settings, readout=readout)
+    state = cotta.cotta_method(make_apply(model), tx, settings).init_state(model, filters.select(model, "all"))
     x = 2.0 * torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0)) + 1.0  # shifted inputs
     losses = []
     for i in range(15):
@@ -143,8 +147,8 @@ def test_cotta_steps_reduce_the_consistency_loss_on_a_shifted_batch():
 def test_cotta_update_vmapped_over_streams_equals_separate_updates():
     model = seeded(TinyClassifier)
     tx = optim.sgd(0.1, momentum=0.9)
-    method = cotta.cotta_method(model, tx, restore_prob=0.3, confidence_threshold=0.5)
-    source = cotta.init_teacher(init_state(model, filters.select(model, "lora_norm_only"), tx))
+    method = cotta.cotta_method(make_apply(model), tx, CoTTASettings(restore_prob=0.3, confidence_threshold=0.5))
+    source = method.init_state(model, filters.select(model, "lora_norm_only"))
     xs = torch.randn(3, 4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     draws = [cotta.restore_draws(source.source, rng.key(i)) for i in range(3)]
     update = make_update(method)
@@ -153,5 +157,5 @@ def test_cotta_update_vmapped_over_streams_equals_separate_updates():
     for (single, _m), streamed in zip(loop, streams.unstack_states(stacked, 3)):
         for name in single.trainable:
             torch.testing.assert_close(streamed.trainable[name], single.trainable[name], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(streamed.extras["teacher"][name], single.extras["teacher"][name])
+            torch.testing.assert_close(streamed.method_state.teacher[name], single.method_state.teacher[name])
     torch.testing.assert_close(metrics["restored_count"], torch.stack([m["restored_count"] for _, m in loop]))

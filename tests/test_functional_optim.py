@@ -96,5 +96,5 @@ def test_foreach_and_per_tensor_paths_agree_under_vmap():
 
 
 def test_build_rejects_unknown_optimizer():
-    with pytest.raises(ValueError, match="adam or sgd"):
+    with pytest.raises(ValueError, match="choose one of adam, sgd"):
         optim.build("lion", 1e-3)

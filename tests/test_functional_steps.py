@@ -6,9 +6,10 @@ import pytest
 import torch
 from toy import TinyAutoencoder, TinyClassifier, seeded
 
+from yolozu.bridge import make_apply
 from yolozu.functional import filters, optim, rng, streams
 from yolozu.functional.losses import softmax_entropy
-from yolozu.functional.mim import make_mim_step, make_mim_update
+from yolozu.functional.mim import MIMSettings, make_mim_step, make_mim_update
 from yolozu.functional.step import init_state
 from yolozu.functional.tent import make_tent_step
 
@@ -35,12 +36,12 @@ def test_every_step_leaves_its_inputs_bitwise_unchanged(bn, differentiate):
     x = _batch()
     cases = [
         (
-            make_tent_step(clf, tx, bn=bn, differentiate=differentiate),
+            make_tent_step(make_apply(clf), tx, bn=bn, differentiate=differentiate),
             init_state(clf, filters.select(clf, "all"), tx),
             rng.key(0),
         ),
         (
-            make_mim_step(ae, tx, patch_size=4, bn=bn, differentiate=differentiate),
+            make_mim_step(make_apply(ae), tx, MIMSettings(patch_size=4), bn=bn, differentiate=differentiate),
             init_state(ae, filters.select(ae, "all"), tx),
             rng.key(0),
         ),
@@ -60,7 +61,7 @@ def test_five_functional_tent_steps_equal_classic_stateful_tent():
     classic = copy.deepcopy(model)
     names = filters.select(model, "norm_only")
     tx = optim.adam(1e-2)
-    step = make_tent_step(model, tx, bn="running")
+    step = make_tent_step(make_apply(model), tx, bn="running")
     state = init_state(model, names, tx)
     batches = [_batch(seed) for seed in range(5)]
     for x in batches:
@@ -89,7 +90,7 @@ def test_bn_modes_running_batch_eval():
     tx = optim.adam(1e-2)
     state = init_state(model, filters.select(model, "norm_only"), tx)
     x = _batch() * 3 + 1
-    new = {bn: make_tent_step(model, tx, bn=bn)(state, x, None)[0] for bn in ("running", "batch", "eval")}
+    new = {bn: make_tent_step(make_apply(model), tx, bn=bn)(state, x, None)[0] for bn in ("running", "batch", "eval")}
     assert not torch.equal(new["running"].buffers["bn1.running_mean"], state.buffers["bn1.running_mean"])
     for bn in ("batch", "eval"):
         assert _trees_equal(new[bn].buffers, state.buffers)
@@ -104,10 +105,10 @@ def test_tent_step_vmapped_over_four_states_equals_four_separate_steps():
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adam(1e-2))
     source = init_state(model, filters.select(model, "lora_norm_only"), tx)
     batches = torch.stack([_batch(seed) for seed in range(4)])
-    loop_step = make_tent_step(model, tx)
+    loop_step = make_tent_step(make_apply(model), tx)
     singles = [source] * 4
     stacked = streams.replicate(source, 4)
-    vstep = streams.vmap_step(make_tent_step(model, tx, differentiate="func"))
+    vstep = streams.vmap_step(make_tent_step(make_apply(model), tx, differentiate="func"))
     for _ in range(2):
         singles = [loop_step(s, b, None)[0] for s, b in zip(singles, batches)]
         stacked, metrics = vstep(stacked, batches)
@@ -129,9 +130,9 @@ def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
     from yolozu.functional.masking import block_mask
 
     masks = torch.stack([block_mask(rng.key(i), 2, 16, 16, patch_size=4, mask_prob=0.5) for i in range(3)])
-    update = make_mim_update(model, tx)
+    update = make_mim_update(make_apply(model), tx)
     loop = [update(source, x[i], masks[i])[0] for i in range(3)]
-    vmapped, metrics = streams.vmap_step(make_mim_update(model, tx, differentiate="func"))(
+    vmapped, metrics = streams.vmap_step(make_mim_update(make_apply(model), tx, differentiate="func"))(
         streams.replicate(source, 3), x, masks
     )
     torch.testing.assert_close(metrics["mask_ratio"], masks.float().mean(dim=(1, 2, 3, 4)))
@@ -143,7 +144,7 @@ def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
 def test_mim_loss_falls_over_twenty_steps():
     model = seeded(TinyAutoencoder)
     tx = optim.adam(1e-2)
-    step = make_mim_step(model, tx, patch_size=4, mask_prob=0.5)
+    step = make_mim_step(make_apply(model), tx, MIMSettings(patch_size=4, mask_prob=0.5))
     state = init_state(model, filters.select(model, "all"), tx)
     # a smooth image: the masked blocks are predictable from their surroundings
     ramp = torch.linspace(0, 1, 16)
@@ -161,7 +162,7 @@ def test_metrics_are_consistent_with_the_update():
     model = seeded(TinyClassifier)
     tx = optim.sgd(0.1)
     state = init_state(model, filters.select(model, "norm_only"), tx)
-    new, metrics = make_tent_step(model, tx)(state, _batch(), None)
+    new, metrics = make_tent_step(make_apply(model), tx)(state, _batch(), None)
     diff = optim.tree_sub(new.trainable, state.trainable)
     torch.testing.assert_close(metrics["update_norm"], optim.global_norm(diff))
     torch.testing.assert_close(metrics["update_norm"], 0.1 * metrics["grad_norm"])
@@ -187,13 +188,12 @@ class Tied(torch.nn.Module):
 @pytest.mark.parametrize("factory", [TinyClassifier, Tied])
 def test_apply_equals_the_module_forward_and_restores_the_module(factory):
     from yolozu.functional.state import extract
-    from yolozu.functional.step import make_apply
 
     model = seeded(factory)
     x = torch.randn(6, 3, 12, 12) if factory is TinyClassifier else torch.randn(6, 4)
     params, buffers = extract(model)
     params = {name: p + 0.5 for name, p in params.items()}  # different from the module's own tensors
-    out, _ = make_apply(model, "eval")(params, buffers, x)
+    out, _ = make_apply(model)(params, buffers, x, bn_mode="eval")
     reference = torch.func.functional_call(model.eval(), (params, buffers), (x,))
     torch.testing.assert_close(out, reference)
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
@@ -202,9 +202,10 @@ def test_apply_equals_the_module_forward_and_restores_the_module(factory):
 
 def test_apply_rejects_unknown_names():
     from yolozu.functional.state import extract
-    from yolozu.functional.step import make_apply
 
     model = seeded(TinyClassifier)
     params, buffers = extract(model)
     with pytest.raises(KeyError, match="not a parameter or buffer"):
-        make_apply(model, "eval")({**params, "ghost.weight": torch.zeros(1)}, buffers, torch.randn(2, 3, 8, 8))
+        make_apply(model)({**params, "ghost.weight": torch.zeros(1)}, buffers, torch.randn(2, 3, 8, 8), bn_mode="eval")
+    with pytest.raises(ValueError, match="BatchNorm mode 'frozen'"):
+        make_apply(model)(params, buffers, torch.randn(2, 3, 8, 8), bn_mode="frozen")

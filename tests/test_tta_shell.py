@@ -181,8 +181,10 @@ def test_tent_runner_steps_logs_and_resets_bitwise():
 
 
 def test_tent_config_is_validated():
-    with pytest.raises(ValueError, match="TTTConfig.lr"):
+    with pytest.raises(ValueError, match="TentConfig.lr must be a finite number > 0"):
         TentConfig(lr=0)
+    with pytest.raises(ValueError, match="TentConfig.method must be one of tent"):
+        TentConfig(method="mim")
 
 
 def test_run_ttt_mim_compat_api():

@@ -27,6 +27,7 @@ from torch import nn
 from yolozu.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
+from yolozu.bridge import make_apply
 from yolozu.functional.step import init_state
 from yolozu.functional.tent import make_tent_step, tent_method
 
@@ -73,7 +74,7 @@ def make_variant(name: str, batch: int, args) -> callable:
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     if name == "functional":
         tx = optim.adam(1e-3)
-        step = make_tent_step(model, tx)
+        step = make_tent_step(make_apply(model), tx)
         holder = [init_state(model, names, tx)]
 
         def run():
@@ -82,8 +83,9 @@ def make_variant(name: str, batch: int, args) -> callable:
         return run
     if name == "vmap8":
         tx = optim.adam(1e-3)
-        update = streams.streams_update(tent_method(model, tx))
-        holder = [streams.replicate(init_state(model, names, tx), 8)]
+        method = tent_method(make_apply(model), tx)
+        update = streams.streams_update(method)
+        holder = [streams.replicate(method.init_state(model, names), 8)]
         xs = torch.randn(8, batch, 3, args.image_size, args.image_size, device=device)
 
         def run():

@@ -22,7 +22,7 @@ import torch
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.bench.memory import peak_bytes, sync
 from yolozu.data import build_manifest
-from yolozu.functional import streams
+from yolozu.functional import rng, streams
 from yolozu.functional.readout import readout_of
 from yolozu.functional.step import make_update
 from yolozu.tta.config import TTTConfig
@@ -88,19 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     x = adapter.load_batch(records[: max(ks)])
     def one_image() -> None:  # the loop's unit of work: one image adapted from the source
         adaptation.restart()
-        for step in range(args.steps):
-            adaptation.step(x[:1], batch=0, step=step)
+        adaptation.adapt(x[:1], 0, args.steps)
 
     single = peak_bytes(one_image, args.device)
     naive_step = streams.vmap_step(make_update(adaptation.method, differentiate="func"))
     rows = []
     print(f"{'K':>3} {'images/s':>9} {'vs loop':>8} {'peak MB':>9} {'peak/(K x one)':>15} {'func.grad path':>15}")
     for k in ks:
-        lean = peak_bytes(lambda k=k: adaptation.adapt_streams(x[:k, None], list(range(k)), args.steps), args.device)
-        keys = [adaptation.key(i, 0) for i in range(k)]
-        noises = [adaptation.method.draw(key, adaptation.source, x[i : i + 1]) for i, key in enumerate(keys)]
+        lean = peak_bytes(lambda k=k: adaptation.adapt_episodes(x[:k, None], range(k), args.steps), args.device)
+        keys = [rng.step_key(adaptation.root, i, 0) for i in range(k)]
+        inputs = streams.draw(adaptation.method, keys, adaptation.source.source, x[:k, None])
         stacked = streams.replicate(adaptation.source, k)
-        inputs = None if noises[0] is None else streams.stack(noises)
         naive = peak_bytes(lambda k=k, s=stacked, n=inputs: naive_step(s, x[:k, None], n), args.device)
         row = {
             "streams": k,

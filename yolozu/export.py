@@ -12,127 +12,56 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import attrs
 import torch
 from tqdm import tqdm
 
 from yolozu.adapters import ADAPTERS, build_adapter
+from yolozu.functional.settings import Number
 from yolozu.data import build_manifest
 from yolozu.flip_tta import MERGES, FlipTTAConfig
-from yolozu.functional.filters import FILTERS
 from yolozu.predict import Predictor
 from yolozu.predictions import wrap, write_json_atomic
-from yolozu.tta.config import (
-    COTTA_AGGREGATIONS,
-    COTTA_AUGMENTATIONS,
-    METHODS,
-    ONLINE_PREDICT,
-    PREDICT_WITH,
-    RESETS,
-    SCHEDULES,
-    TTTConfig,
-)
+from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
 from yolozu.tta.presets import PRESETS
 from yolozu.tta.schedules import adapt_and_predict
 
 SCHEMA_VERSION = 1
 
-# flag -> (TTTConfig field, argparse keyword arguments); every default is None so that an explicit value can
-# be told from an absent one (an explicit value wins over its preset).
-TTT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--ttt-method": ("method", {"choices": METHODS, "help": "tent (default), mim or cotta"}),
-    "--ttt-reset": (
-        "reset",
-        {
-            "choices": RESETS,
-            "help": "stream (default): one adapted model for the whole run; "
-            "sample: every image adapts from the source weights",
-        },
-    ),
-    "--ttt-schedule": (
-        "schedule",
-        {
-            "choices": SCHEDULES,
-            "help": "pre (default): adapt, then predict all; online: adapt on batch t, then predict batch t",
-        },
-    ),
-    "--ttt-steps": ("steps", {"type": int, "help": "optimiser steps per batch (default 1)"}),
-    "--ttt-lr": ("lr", {"type": float, "help": "learning rate (default 1e-4)"}),
-    "--ttt-batch-size": ("batch_size", {"type": int, "help": "images per adaptation batch (default 1)"}),
-    "--ttt-max-batches": ("max_batches", {"type": int, "help": "adapt on at most this many batches (default: all)"}),
-    "--ttt-seed": ("seed", {"type": int, "help": "seed of the TTT random keys (default: --seed)"}),
-    "--ttt-update-filter": ("update_filter", {"choices": FILTERS, "help": "parameters to adapt (default all)"}),
-    "--ttt-include": (
-        "include",
-        {"action": "append", "metavar": "SUBSTR", "help": "only parameters whose name contains SUBSTR (repeatable)"},
-    ),
-    "--ttt-exclude": (
-        "exclude",
-        {"action": "append", "metavar": "SUBSTR", "help": "no parameter whose name contains SUBSTR (repeatable)"},
-    ),
-    "--ttt-optimizer": ("optimizer", {"choices": ("adam", "sgd"), "help": "adam (default) or sgd"}),
-    "--ttt-bn-mode": (
-        "bn_mode",
-        {
-            "choices": ("running", "batch", "eval"),
-            "help": "BatchNorm while adapting: running (default: batch statistics, running "
-            "stats updated), batch (batch statistics only), eval (stored stats)",
-        },
-    ),
-    "--ttt-mask-prob": ("mask_prob", {"type": float, "help": "MIM: probability a patch is masked (default 0.6)"}),
-    "--ttt-patch-size": ("patch_size", {"type": int, "help": "MIM: mask patch size in pixels (default 16)"}),
-    "--ttt-mask-value": ("mask_value", {"type": float, "help": "MIM: value of masked pixels (default 0.0)"}),
-    "--ttt-max-grad-norm": ("max_grad_norm", {"type": float, "help": "clip gradients to this global norm"}),
-    "--ttt-max-update-norm": ("max_update_norm", {"type": float, "help": "stop if one update's norm exceeds this"}),
-    "--ttt-max-total-update-norm": (
-        "max_total_update_norm",
-        {"type": float, "help": "stop if the drift from the source weights exceeds this"},
-    ),
-    "--ttt-max-loss-ratio": ("max_loss_ratio", {"type": float, "help": "stop if loss > first loss x this"}),
-    "--ttt-max-loss-increase": ("max_loss_increase", {"type": float, "help": "stop if loss > first loss + this"}),
-    "--ttt-stop-on-non-finite": (
-        "stop_on_non_finite",
-        {"action": argparse.BooleanOptionalAction, "help": "stop on a non-finite loss or update (default on)"},
-    ),
-    "--ttt-rollback-on-stop": (
-        "rollback_on_stop",
-        {"action": argparse.BooleanOptionalAction, "help": "undo the step a guard stops (default on)"},
-    ),
-    "--ttt-online-predict": (
-        "online_predict",
-        {
-            "choices": ONLINE_PREDICT,
-            "help": "online: predict after the update (default) or reuse the "
-            "adaptation's forward pass (Tent's reference code)",
-        },
-    ),
-    "--ttt-streams": ("streams", {"type": int, "help": "sample reset: images adapted at once (default 1)"}),
-    "--ttt-cotta-ema-momentum": ("cotta_ema_momentum", {"type": float, "help": "CoTTA teacher EMA (default 0.999)"}),
-    "--ttt-cotta-augmentations": (
-        "cotta_augmentations",
-        {"nargs": "+", "choices": COTTA_AUGMENTATIONS, "help": "CoTTA teacher branches (default identity hflip)"},
-    ),
-    "--ttt-cotta-aggregation": (
-        "cotta_aggregation",
-        {"choices": COTTA_AGGREGATIONS, "help": "CoTTA branch averaging (default confidence_weighted_mean)"},
-    ),
-    "--ttt-cotta-restore-prob": (
-        "cotta_restore_prob",
-        {"type": float, "help": "CoTTA stochastic restore probability (default 0.01)"},
-    ),
-    "--ttt-cotta-restore-interval": (
-        "cotta_restore_interval",
-        {"type": int, "help": "CoTTA: restore every N steps (default 1)"},
-    ),
-    "--ttt-cotta-confidence-threshold": (
-        "cotta_confidence_threshold",
-        {"type": float, "help": "CoTTA: average augmentations where source confidence is below this (default 0.92)"},
-    ),
-    "--ttt-cotta-predict-with": (
-        "cotta_predict_with",
-        {"choices": PREDICT_WITH, "help": "CoTTA: predict with the teacher (default) or the student"},
-    ),
-}
+NOT_FLAGS = ("enabled", "preset")
+"""``TTTConfig`` fields with a flag of their own shape (``--ttt``, ``--ttt-preset``)."""
+
+
+def flag_of(field: attrs.Attribute) -> str:
+    """The command-line flag of a ``TTTConfig`` field: ``--ttt-`` + its name with dashes."""
+    return "--ttt-" + field.name.replace("_", "-")
+
+
+def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
+    """argparse keyword arguments of a ``TTTConfig`` field, from its type, validator and help. Every default is
+    None, so that an explicit value can be told from an absent one (an explicit value wins over its preset)."""
+    default = field.default
+    shown = " ".join(default) if isinstance(default, tuple) else default
+    expected = getattr(field.validator, "expected", None) if isinstance(field.validator, Number) else None
+    text = field.metadata["help"] + (f": {expected}" if expected else "")
+    kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default {shown or 'none'})"}
+    choices = getattr(field.validator, "choices", None)
+    kind = field.metadata["kind"]
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind is tuple:
+        kwargs.update(action="extend", nargs="+", metavar="VALUE" if choices is None else None)
+    else:
+        kwargs["type"] = kind
+    if choices is not None:
+        kwargs["choices"] = choices
+    return {k: v for k, v in kwargs.items() if v is not None or k == "default"}
+
+
+def ttt_fields() -> list[attrs.Attribute]:
+    """The ``TTTConfig`` fields that are ``--ttt-*`` flags."""
+    return [f for f in attrs.fields(TTTConfig) if f.name not in NOT_FLAGS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,19 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     ttt = parser.add_argument_group("test-time training")
     ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
     ttt.add_argument("--ttt-preset", choices=sorted(PRESETS), help="tested settings; explicit flags win")
-    for flag, (_, kwargs) in TTT_FLAGS.items():
-        ttt.add_argument(flag, default=None, **kwargs)
+    for field in ttt_fields():
+        ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
     ttt.add_argument("--ttt-log-out", help="write a JSON log {output, ttt}")
     return parser
 
 
 def ttt_config(args: argparse.Namespace) -> TTTConfig:
     """The TTT config the flags ask for: preset values, then every explicitly given flag."""
-    explicit = {
-        field: getattr(args, flag[2:].replace("-", "_"))
-        for flag, (field, _) in TTT_FLAGS.items()
-        if getattr(args, flag[2:].replace("-", "_")) is not None
-    }
+    explicit = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
+    explicit = {name: value for name, value in explicit.items() if value is not None}
     explicit.setdefault("seed", args.seed)
     if not args.ttt:
         return TTTConfig(**explicit)
@@ -187,42 +113,9 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
 
 
 def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
-    """``meta.ttt``: the settings as applied (after presets) and the run's report."""
-    c = config.to_dict()
-    meta = {
-        k: c[k]
-        for k in (
-            "enabled",
-            "preset",
-            "method",
-            "reset",
-            "schedule",
-            "steps",
-            "lr",
-            "batch_size",
-            "update_filter",
-            "include",
-            "exclude",
-            "max_batches",
-            "seed",
-            "optimizer",
-            "bn_mode",
-            "online_predict",
-            "streams",
-            "max_grad_norm",
-            "max_update_norm",
-            "max_total_update_norm",
-            "max_loss_ratio",
-            "max_loss_increase",
-            "stop_on_non_finite",
-            "rollback_on_stop",
-        )
-    }
-    meta["prediction_bn"] = config.prediction_bn
-    meta["mim"] = {k: c[k] for k in ("mask_prob", "patch_size", "mask_value")}
-    meta["cotta"] = {k[len("cotta_") :]: c[k] for k in c if k.startswith("cotta_")}
-    meta["report"] = report
-    return meta
+    """``meta.ttt``: the settings as applied (after presets; each method's under its name), the normalisation
+    predictions used and the run's report."""
+    return {**config.grouped(), "prediction_bn": config.prediction_bn, "report": report}
 
 
 class UsageError(Exception):

@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.func import vmap
 
 from yolozu.adapter import Prediction, Record
+from yolozu.bridge import make_apply
 from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
-from yolozu.functional.step import make_apply
 
 PREDICT_HOOKS = ("get_model", "load_batch", "decode")
 PREDICT_BN = ("eval", "batch")
@@ -48,7 +48,7 @@ class Predictor:
         self.adapter = adapter
         self.model = adapter.get_model()
         self.tta = tta
-        self._apply = {bn: make_apply(self.model, bn) for bn in PREDICT_BN}
+        self._apply = make_apply(self.model)
 
     def module_tensors(self) -> tuple[Params, Params]:
         """Copies of the model's current parameters and buffers."""
@@ -69,8 +69,8 @@ class Predictor:
         self, x: Tensor, records: Sequence[Record], params: Params, buffers: Params, bn: str = "eval"
     ) -> list[Prediction]:
         """Predictions for one preprocessed batch ``x`` of ``records``."""
-        apply = self._apply[bn]
-        return self._decoded(lambda inputs: apply(params, buffers, inputs)[0], x, records)
+        apply = self._apply
+        return self._decoded(lambda inputs: apply(params, buffers, inputs, bn_mode=bn)[0], x, records)
 
     def predict_streams(
         self,
@@ -83,10 +83,10 @@ class Predictor:
     ) -> list[Prediction]:
         """Predictions of K adapted streams in one vmapped forward: ``xs`` is ``(K, 1, C, H, W)`` (one image per
         stream), ``trainable`` and ``buffers`` are stacked per stream, ``frozen`` is shared."""
-        apply = self._apply[bn]
+        apply = self._apply
 
         def one(tr: Params, buf: Params, x: Tensor) -> Any:
-            return apply(combine(frozen, tr), buf, x)[0]
+            return apply(combine(frozen, tr), buf, x, bn_mode=bn)[0]
 
         def forward(inputs: Tensor) -> Any:
             return tree_map(lambda t: t.flatten(0, 1), vmap(one)(trainable, buffers, inputs))

@@ -17,10 +17,30 @@ from PIL import Image
 from torch import Tensor, nn
 
 from yolozu.adapter import ModelAdapter, Prediction, Record
-from yolozu.functional.readout import Readout
+from yolozu.functional.readout import Readout, peak_class_logits
 from yolozu.models.checkpoint import load_detector
 from yolozu.models.decode import decode as decode_outputs
-from yolozu.models.ttt_losses import DEFAULT_PEAKS, TENT_LOSSES, heatmap_logits, reconstruction
+
+TENT_LOSSES = ("peak_softmax", "sigmoid")
+"""How Tent reads the detector (``tent_loss``): ``peak_softmax``, the softmax over the classes at each image's
+top-k heatmap peaks ("which digit is this object"); ``sigmoid``, every heatmap score as an independent
+Bernoulli (mostly confident background)."""
+DEFAULT_PEAKS = 4
+
+
+def heatmap_logits(output: Mapping[str, Tensor]) -> Tensor:
+    """The class heatmap logits ``(B, C, H, W)`` (CoTTA's scores)."""
+    return output["logits"]
+
+
+def heatmap_peaks(output: Mapping[str, Tensor], k: int = DEFAULT_PEAKS) -> Tensor:
+    """The class logits ``(B, C, k)`` at each image's top-k heatmap peaks (Tent's samples)."""
+    return peak_class_logits(heatmap_logits(output), k)
+
+
+def reconstruction(output: Mapping[str, Tensor]) -> Tensor:
+    """The MIM reconstruction ``(B, 3, S, S)`` (present when the forward ran with ``recon=True``)."""
+    return output["recon"]
 
 
 class ImageLoadError(OSError):
@@ -138,12 +158,12 @@ class DetectorAdapter(ModelAdapter):
         return out
 
     def ttt_readout(self) -> Readout:
-        """How TTT reads this detector: a Tent loss on the heatmap, the MIM reconstruction, sigmoid heatmap scores."""
-        loss = TENT_LOSSES[self.tent_loss]
-        if self.tent_loss == "peak_softmax":
-            loss = functools.partial(loss, k=self.tent_peaks)
+        """How TTT reads this detector: sigmoid heatmap scores (dense, flipped with the image), Tent's samples
+        (``tent_loss``) and the MIM reconstruction."""
+        peaks = self.tent_loss == "peak_softmax"
         return Readout(
-            tent_loss=loss,
+            samples=functools.partial(heatmap_peaks, k=self.tent_peaks) if peaks else None,
+            sample_kind="softmax" if peaks else None,
             recon_kwargs={"recon": True},
             recon=reconstruction,
             scores=heatmap_logits,

@@ -10,26 +10,28 @@ A student is trained on the test stream towards a mean teacher's pseudo-labels:
   with probability ``restore_prob`` (stochastic restoration), which bounds forgetting on long streams.
 
 Randomness enters as explicit inputs: an update takes the restore draws as a tensor dict (so ``vmap`` can
-batch K streams, each with its own draws); ``cotta_step`` draws them from a key.
+batch K streams, each with its own draws); ``make_cotta_step`` draws them from a key.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import NamedTuple, Sequence
 
+import attrs
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key, generator
+from yolozu.functional.settings import many_of, number, one_of, setting, str_tuple
 from yolozu.functional.state import Params, combine
-from yolozu.functional.step import LossOutput, Method, TTTState, make_apply, make_step, make_update
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_step
 
 AUGMENTATIONS = ("identity", "hflip")
 AGGREGATIONS = ("confidence_weighted_mean", "mean")
-TEACHER = "teacher"
+PREDICT_WITH = ("teacher", "student")
 
 
 def ema(teacher: Params, student: Params, momentum: float | Tensor) -> Params:
@@ -57,7 +59,8 @@ def stochastic_restore(
         hit = (draws[name] < prob) & active
         restored[name] = torch.where(hit, source[name], p)
         counts.append(hit.sum())
-    total = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
+    # an empty selection has no device of its own: its count of zero is a CPU scalar
+    total = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64, device="cpu")
     return restored, total
 
 
@@ -107,93 +110,128 @@ def consistency_loss(student_logits: Tensor, targets: Tensor, score_kind: str) -
     return -(targets * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
 
 
-def _check_names(augmentations: Sequence[str], aggregation: str) -> None:
-    unknown = [a for a in augmentations if a not in AUGMENTATIONS]
-    if unknown or not augmentations:
-        raise ValueError(f"unknown CoTTA augmentation(s) {unknown or '(none given)'}; choose from {AUGMENTATIONS}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown CoTTA aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+class CoTTAState(NamedTuple):
+    """CoTTA's own state: the mean teacher's adapted parameters."""
+
+    teacher: Params
 
 
-def init_teacher(state: TTTState) -> TTTState:
-    """The state with a teacher (a copy of the trainable params) in its extras."""
-    return state._replace(extras={**state.extras, TEACHER: dict(state.trainable)})
+@attrs.frozen(kw_only=True)
+class CoTTASettings:
+    """CoTTA's settings; defaults from the paper's CIFAR setting."""
+
+    ema_momentum: float = setting(0.999, "CoTTA: teacher EMA momentum m", number(0, 1))
+    augmentations: tuple[str, ...] = setting(
+        AUGMENTATIONS, "CoTTA: teacher branches", many_of(*AUGMENTATIONS), type=tuple, converter=str_tuple
+    )
+    aggregation: str = setting("confidence_weighted_mean", "CoTTA: branch averaging", one_of(*AGGREGATIONS))
+    restore_prob: float = setting(0.01, "CoTTA: stochastic restore probability", number(0, 1))
+    restore_interval: int = setting(1, "CoTTA: restore every N steps", number(1, integer=True))
+    confidence_threshold: float = setting(
+        0.92, "CoTTA: average the branches where the source confidence is below this", number(0, 1)
+    )
+    predict_with: str = setting("teacher", "CoTTA: predict with the teacher or the student", one_of(*PREDICT_WITH))
 
 
-def cotta_method(
-    model: nn.Module,
-    optimizer: optim.GradientTransformation,
-    *,
-    readout: Readout = DEFAULT_READOUT,
-    augmentations: Sequence[str] = AUGMENTATIONS,
-    aggregation: str = "confidence_weighted_mean",
-    confidence_threshold: float = 0.92,
-    ema_momentum: float = 0.999,
-    restore_prob: float = 0.01,
-    restore_interval: int = 1,
-    bn: str = "running",
-) -> Method:
-    """CoTTA as a ``Method``: ``prepare`` makes the teacher's targets, the loss is the student's consistency
-    with them, ``finish`` moves the teacher (EMA of the student) and restores; the randomness is one uniform
-    draw per adapted element (``restore_draws``). ``state.extras["teacher"]`` holds the teacher
-    (``init_teacher``).
-
-    Metrics add ``consistency_loss`` (= ``loss``), ``ema_momentum`` and ``restored_count``.
-    """
-    _check_names(augmentations, aggregation)
-    student_apply = make_apply(model, bn)
-    # teacher and source forwards normalise like the student but leave the running statistics alone
-    view_apply = make_apply(model, "eval" if bn == "eval" else "batch")
+def teacher_prepare(apply: Apply, readout: Readout, settings: CoTTASettings, bn: str):
+    """CoTTA's ``prepare``: the teacher's soft targets for a batch (no gradient). The teacher and source views
+    normalise like the student but leave the running statistics alone."""
+    view_bn = "eval" if bn == "eval" else "batch"
 
     def scores_in_frame(params: Params, buffers: Params, x: Tensor, name: str) -> Tensor:
         if name == "identity":
-            return readout.scores(view_apply(params, buffers, x)[0])
-        scores = readout.scores(view_apply(params, buffers, _hflip(x))[0])
+            return readout.scores(apply(params, buffers, x, bn_mode=view_bn)[0])
+        scores = readout.scores(apply(params, buffers, _hflip(x), bn_mode=view_bn)[0])
         return _hflip(scores) if readout.spatial else scores
 
     def prepare(state: TTTState, batch: Tensor, draws: Params) -> Tensor:
         del draws
-        teacher = combine(state.frozen, state.extras[TEACHER])
+        teacher = combine(state.frozen, state.method_state.teacher)
         with torch.no_grad():
-            branches = [scores_in_frame(teacher, state.buffers, batch, name) for name in augmentations]
+            branches = [scores_in_frame(teacher, state.buffers, batch, name) for name in settings.augmentations]
             source = scores_in_frame(combine(state.frozen, state.source), state.buffers, batch, "identity")
             return teacher_targets(
-                branches, source, score_kind=readout.score_kind, aggregation=aggregation, threshold=confidence_threshold
+                branches,
+                source,
+                score_kind=readout.score_kind,
+                aggregation=settings.aggregation,
+                threshold=settings.confidence_threshold,
             )
 
-    def student_loss(params, buffers, batch, targets):
-        output, new_buffers = student_apply(params, buffers, batch)
-        loss = consistency_loss(readout.scores(output), targets, readout.score_kind)
-        return loss, LossOutput(new_buffers, {"consistency_loss": loss.detach()}, output)
+    return prepare
+
+
+def teacher_finish(settings: CoTTASettings):
+    """CoTTA's ``finish``: the teacher follows the student (EMA), then the due stochastic restore."""
 
     def finish(old: TTTState, new: TTTState, metrics: dict, draws: Params) -> tuple[TTTState, dict]:
-        teacher = ema(old.extras[TEACHER], new.trainable, ema_momentum)
-        due = (new.step % restore_interval) == 0
-        restored, count = stochastic_restore(new.trainable, old.source, restore_prob, draws, due)
+        teacher = ema(old.method_state.teacher, new.trainable, settings.ema_momentum)
+        due = (new.step % settings.restore_interval) == 0
+        restored, count = stochastic_restore(new.trainable, old.source, settings.restore_prob, draws, due)
         metrics = {
             **metrics,
-            "ema_momentum": torch.full_like(metrics["loss"], ema_momentum),
+            "ema_momentum": torch.full_like(metrics["loss"], settings.ema_momentum),
             "restored_count": count,
             "total_update_norm": optim.global_norm(optim.tree_sub(restored, old.source)),
         }
-        return new._replace(trainable=restored, extras={**new.extras, TEACHER: teacher}), metrics
+        return new._replace(trainable=restored, method_state=CoTTAState(teacher)), metrics
 
-    def draw(k: Key, state: TTTState, batch: Tensor) -> Params:
+    return finish
+
+
+def cotta_method(
+    apply: Apply,
+    optimizer: optim.GradientTransformation,
+    settings: CoTTASettings = CoTTASettings(),
+    *,
+    readout: Readout = DEFAULT_READOUT,
+    bn: str = "running",
+) -> Method:
+    """CoTTA as a ``Method``: ``prepare`` makes the teacher's targets (``teacher_prepare``), the loss is the
+    student's consistency with them, ``finish`` moves the teacher and restores (``teacher_finish``); the
+    randomness is one uniform draw per adapted element (``restore_draws``). Its state is a ``CoTTAState``;
+    predictions use the teacher unless ``settings.predict_with`` is ``student``.
+
+    Metrics add ``consistency_loss`` (= ``loss``), ``ema_momentum`` and ``restored_count``.
+    """
+
+    def student_loss(params, buffers, batch, targets):
+        output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
+        loss = consistency_loss(readout.scores(output), targets, readout.score_kind)
+        return loss, LossOutput(new_buffers, {"consistency_loss": loss.detach()}, output)
+
+    def draw(k: Key, source: Params, batch: Tensor) -> Params:
         del batch
-        return restore_draws(state.source, k)
+        return restore_draws(source, k)
 
-    return Method(student_loss, optimizer, prepare=prepare, finish=finish, draw=draw)
+    def predict_params(state: TTTState) -> Params:
+        return state.method_state.teacher if settings.predict_with == "teacher" else state.trainable
 
-
-def make_cotta_update(
-    model: nn.Module, optimizer: optim.GradientTransformation, *, differentiate: str = "autograd", **kwargs: Any
-):
-    """Build ``cotta_update(state, batch, draws) -> (new_state, metrics)`` (see ``cotta_method``)."""
-    return make_update(cotta_method(model, optimizer, **kwargs), differentiate=differentiate)
+    augmentations = list(settings.augmentations)
+    return Method(
+        student_loss,
+        optimizer,
+        prepare=teacher_prepare(apply, readout, settings, bn),
+        finish=teacher_finish(settings),
+        draw=draw,
+        init=lambda trainable: CoTTAState(dict(trainable)),
+        predict_params=predict_params,
+        metric_names=("consistency_loss", "restored_count"),
+        row_fields={
+            "ema_momentum": settings.ema_momentum,
+            "aug": {"augmentations": augmentations, "aggregation": settings.aggregation, "branches": len(augmentations)},
+        },
+    )
 
 
 def make_cotta_step(
-    model: nn.Module, optimizer: optim.GradientTransformation, *, differentiate: str = "autograd", **kwargs: Any
+    apply: Apply,
+    optimizer: optim.GradientTransformation,
+    settings: CoTTASettings = CoTTASettings(),
+    *,
+    readout: Readout = DEFAULT_READOUT,
+    bn: str = "running",
+    differentiate: str = "autograd",
 ):
     """Build ``cotta_step(state, batch, key)``: draws the restore noise from ``key``, then updates."""
-    return make_step(cotta_method(model, optimizer, **kwargs), differentiate=differentiate)
+    return make_step(cotta_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)

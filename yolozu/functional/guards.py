@@ -14,6 +14,8 @@ import attrs
 import torch
 from torch import Tensor
 
+from yolozu.functional.settings import number, setting
+
 STOP_REASONS = (
     "non_finite",
     "max_update_norm_exceeded",
@@ -23,25 +25,23 @@ STOP_REASONS = (
 )
 
 
-def _positive_or_none(instance, attribute, value) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0 or None, got {value}")
-
-
-def _non_negative_or_none(instance, attribute, value) -> None:
-    if value is not None and not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0 or None, got {value}")
-
-
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class GuardLimits:
     """Thresholds of the guards; None disables a guard."""
 
-    max_update_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
-    max_total_update_norm: float | None = attrs.field(default=None, validator=_positive_or_none)
-    max_loss_ratio: float | None = attrs.field(default=None, validator=_positive_or_none)
-    max_loss_increase: float | None = attrs.field(default=None, validator=_non_negative_or_none)
-    stop_on_non_finite: bool = True
+    max_update_norm: float | None = setting(
+        None, "stop if one update's norm exceeds this", number(0, low_open=True, optional=True)
+    )
+    max_total_update_norm: float | None = setting(
+        None, "stop if the drift from the source weights exceeds this", number(0, low_open=True, optional=True)
+    )
+    max_loss_ratio: float | None = setting(
+        None, "stop if the loss exceeds the first step's loss times this", number(0, low_open=True, optional=True)
+    )
+    max_loss_increase: float | None = setting(
+        None, "stop if the loss exceeds the first step's loss plus this", number(0, optional=True)
+    )
+    stop_on_non_finite: bool = setting(True, "stop on a non-finite loss, gradient or update")
 
 
 def trips(metrics: Mapping[str, Tensor], limits: GuardLimits) -> list[tuple[int, Tensor]]:

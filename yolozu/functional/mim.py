@@ -1,25 +1,38 @@
 """MIM test-time training: reconstruct the test image from a block-masked copy (masked-image modelling as a
-self-supervised test-time task, as in TTT-MAE, Gandelsman et al., NeurIPS 2022)."""
+self-supervised test-time task, as in TTT-MAE, Gandelsman, Sun, Chen & Efros, NeurIPS 2022).
+
+    L(theta) = sum_{masked pixels} ||f_theta(x * (1 - m) + v m) - x||^2 / #masked,   m ~ block mask (SimMIM)
+"""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import attrs
+from torch import Tensor
 
 from yolozu.functional import optim
 from yolozu.functional.losses import masked_reconstruction_loss
 from yolozu.functional.masking import apply_mask, block_mask
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key
-from yolozu.functional.step import LossOutput, Method, TTTState, make_apply, make_step, make_update
+from yolozu.functional.settings import number, setting
+from yolozu.functional.state import Params
+from yolozu.functional.step import Apply, LossOutput, Method, make_step, make_update
+
+
+@attrs.frozen(kw_only=True)
+class MIMSettings:
+    """The block mask of MIM's reconstruction task."""
+
+    mask_prob: float = setting(0.6, "MIM: probability that a mask cell is masked", number(0, 1))
+    patch_size: int = setting(16, "MIM: side of a mask cell in pixels", number(1, integer=True))
+    mask_value: float = setting(0.0, "MIM: value written into masked pixels", number())
 
 
 def mim_method(
-    model: nn.Module,
+    apply: Apply,
     optimizer: optim.GradientTransformation,
+    settings: MIMSettings = MIMSettings(),
     *,
-    patch_size: int = 16,
-    mask_prob: float = 0.6,
-    mask_value: float = 0.0,
     readout: Readout = DEFAULT_READOUT,
     bn: str = "running",
 ) -> Method:
@@ -27,26 +40,28 @@ def mim_method(
 
     Metrics add ``mask_ratio`` (the masked fraction of pixels).
     """
-    apply = make_apply(model, bn)
 
     def reconstruction_loss(params, buffers, batch, mask):
-        output, new_buffers = apply(params, buffers, apply_mask(batch, mask, mask_value), **readout.recon_kwargs)
+        masked = apply_mask(batch, mask, settings.mask_value)
+        output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
         loss = masked_reconstruction_loss(readout.recon(output), batch, mask)
         return loss, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
 
-    def draw_mask(k: Key, state: TTTState, batch: Tensor) -> Tensor:
-        del state
+    def draw_mask(k: Key, source: Params, batch: Tensor) -> Tensor:
+        del source
         b, _, h, w = batch.shape
-        return block_mask(k, b, h, w, patch_size=patch_size, mask_prob=mask_prob, device=batch.device)
+        return block_mask(
+            k, b, h, w, patch_size=settings.patch_size, mask_prob=settings.mask_prob, device=batch.device
+        )
 
-    return Method(reconstruction_loss, optimizer, draw=draw_mask)
+    return Method(reconstruction_loss, optimizer, draw=draw_mask, metric_names=("mask_ratio",))
 
 
 def make_mim_update(
-    model: nn.Module,
+    apply: Apply,
     optimizer: optim.GradientTransformation,
+    settings: MIMSettings = MIMSettings(),
     *,
-    mask_value: float = 0.0,
     readout: Readout = DEFAULT_READOUT,
     bn: str = "running",
     differentiate: str = "autograd",
@@ -56,23 +71,17 @@ def make_mim_update(
     Taking the mask as an input (not a key) is what lets ``vmap`` batch the step over K streams, each with
     its own mask.
     """
-    method = mim_method(model, optimizer, mask_value=mask_value, readout=readout, bn=bn)
-    return make_update(method, differentiate=differentiate)
+    return make_update(mim_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)
 
 
 def make_mim_step(
-    model: nn.Module,
+    apply: Apply,
     optimizer: optim.GradientTransformation,
+    settings: MIMSettings = MIMSettings(),
     *,
-    patch_size: int = 16,
-    mask_prob: float = 0.6,
-    mask_value: float = 0.0,
     readout: Readout = DEFAULT_READOUT,
     bn: str = "running",
     differentiate: str = "autograd",
 ):
     """Build ``mim_step(state, batch, key)``: draws block masks from ``key``, then updates on them."""
-    method = mim_method(
-        model, optimizer, patch_size=patch_size, mask_prob=mask_prob, mask_value=mask_value, readout=readout, bn=bn
-    )
-    return make_step(method, differentiate=differentiate)
+    return make_step(mim_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)

@@ -51,11 +51,21 @@ def _rebuild(like: Params, values: Sequence[Tensor]) -> Params:
     return dict(zip(like.keys(), values))
 
 
+def _device(tree: Params) -> torch.device:
+    """Where a tree's tensors live (the CPU for an empty tree): counters and norms are made there too."""
+    first = next(iter(tree.values()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _count(params: Params) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=_device(params))
+
+
 def global_norm(tree: Params) -> Tensor:
     """sqrt(sum of squared elements over every tensor), as a 0-d tensor (0 for an empty dict)."""
     leaves = list(tree.values())
     if not leaves:
-        return torch.zeros(())
+        return torch.zeros((), device=_device(tree))
     norms = torch._foreach_norm(leaves) if _use_foreach(leaves) else [t.norm() for t in leaves]
     return torch.linalg.vector_norm(torch.stack(norms))
 
@@ -69,7 +79,7 @@ def global_norms(*trees: Params) -> list[Tensor]:
     out, start = [], 0
     for tree in trees:
         part = norms[start : start + len(tree)]
-        out.append(torch.linalg.vector_norm(torch.stack(part)) if part else torch.zeros(()))
+        out.append(torch.linalg.vector_norm(torch.stack(part)) if part else torch.zeros((), device=_device(tree)))
         start += len(tree)
     return out
 
@@ -138,7 +148,7 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTra
     """
 
     def init_fn(params: Params) -> TraceState:
-        return TraceState(torch.zeros((), dtype=torch.int64), _zeros_like(params))
+        return TraceState(_count(params), _zeros_like(params))
 
     def update_fn(grads: Params, state: TraceState, params: Params | None = None):
         del params
@@ -165,7 +175,7 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     """
 
     def init_fn(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(torch.zeros((), dtype=torch.int64), _zeros_like(params), _zeros_like(params))
+        return ScaleByAdamState(_count(params), _zeros_like(params), _zeros_like(params))
 
     def update_fn(grads: Params, state: ScaleByAdamState, params: Params | None = None):
         del params
@@ -181,10 +191,10 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
             nu = torch._foreach_mul(nu_old, b2)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
             denom = torch._foreach_sqrt(nu)
-            torch._foreach_div_(denom, bc2_sqrt.to(g[0].device))
+            torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
             updates = torch._foreach_div(mu, denom)
-            torch._foreach_mul_(updates, step_size.to(g[0].device))
+            torch._foreach_mul_(updates, step_size)
         else:
             mu = [torch.lerp(m, x, 1.0 - b1) for m, x in zip(mu_old, g)]
             nu = [v * b2 + (1.0 - b2) * x * x for v, x in zip(nu_old, g)]
@@ -210,12 +220,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn)
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 def build(name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float | None = None) -> GradientTransformation:
-    """The optimiser a config names (``adam`` or ``sgd``), behind a global-norm clip when ``max_grad_norm``."""
+    """The optimiser a config names (one of ``OPTIMIZERS``), behind a global-norm clip when ``max_grad_norm``."""
     if name == "adam":
         base = adam(lr)
     elif name == "sgd":
         base = sgd(lr, momentum=momentum)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; choose adam or sgd")
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     return base if max_grad_norm is None else chain(clip_by_global_norm(max_grad_norm), base)

@@ -1,8 +1,10 @@
-"""Readout: how test-time training reads a model's outputs.
+"""Readout: how test-time training reads a model's outputs as class distributions and reconstructions.
 
-A classifier returns logits; a detector returns a dict of dense maps. The update functions do not care:
-they call the readout, which each adapter supplies (``adapter.ttt_readout()``) and which defaults to
-"the output is class logits over dim 1".
+A classifier returns logits ``(B, C)``: each row is one class distribution. A dense detector returns maps
+``(B, C, H, W)`` that are mostly confident background; the objects' class distributions sit at the heatmap's
+peaks, which ``peak_class_logits`` gathers. The methods never look inside an output: they call the readout,
+which each adapter supplies (``adapter.ttt_readout()``) and which defaults to "the output is class logits over
+dim 1".
 """
 
 from __future__ import annotations
@@ -10,18 +12,17 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import attrs
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from yolozu.functional.losses import softmax_entropy
+from yolozu.functional.settings import one_of
+
+SCORE_KINDS = ("softmax", "sigmoid")
 
 
 def _identity(output: Any) -> Tensor:
     return output
-
-
-def mean_softmax_entropy(output: Any) -> Tensor:
-    """Tent's loss for a classifier: mean over samples (and positions) of softmax entropy over dim 1."""
-    return softmax_entropy(output, dim=1).mean()
 
 
 @attrs.frozen
@@ -29,21 +30,28 @@ class Readout:
     """Pure functions from a model's forward output to what each TTT method needs.
 
     Attributes:
-      tent_loss: output -> scalar entropy loss (Tent).
-      recon_kwargs: keyword arguments for the forward pass that makes the model reconstruct its input (MIM).
-      recon: output of that forward -> reconstruction, shaped like the input.
-      scores: output -> class logits ``(B, C, ...)`` (CoTTA's pseudo-labels).
+      scores: output -> class logits ``(B, C, ...)``, classes on dim 1 (CoTTA's pseudo-labels).
       score_kind: ``"softmax"`` (one class per sample/position) or ``"sigmoid"`` (independent class scores).
-      spatial: True when ``scores`` are dense maps ``(B, C, H, W)`` aligned with the image, so a
-        horizontal flip of the input flips them along W.
+      spatial: True when ``scores`` are dense maps ``(B, C, H, W)`` aligned with the image, so a horizontal
+        flip of the input flips them along W.
+      samples: output -> the class logits ``(N, C, ...)`` whose entropy Tent minimises; None: ``scores``.
+      sample_kind: how ``samples`` become probabilities; None: ``score_kind``.
+      recon_kwargs: keyword arguments of the forward pass that makes the model reconstruct its input (MIM).
+      recon: output of that forward -> reconstruction, shaped like the input.
     """
 
-    tent_loss: Callable[[Any], Tensor] = mean_softmax_entropy
+    scores: Callable[[Any], Tensor] = _identity
+    score_kind: str = attrs.field(default="softmax", validator=one_of(*SCORE_KINDS))
+    spatial: bool = False
+    samples: Callable[[Any], Tensor] | None = None
+    sample_kind: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*SCORE_KINDS)))
     recon_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     recon: Callable[[Any], Tensor] = _identity
-    scores: Callable[[Any], Tensor] = _identity
-    score_kind: str = attrs.field(default="softmax", validator=attrs.validators.in_(("softmax", "sigmoid")))
-    spatial: bool = False
+
+    def class_samples(self, output: Any) -> tuple[Tensor, str]:
+        """The class logits Tent reads from ``output`` and how they become probabilities."""
+        logits = (self.samples or self.scores)(output)
+        return logits, self.sample_kind or self.score_kind
 
 
 DEFAULT_READOUT = Readout()
@@ -55,4 +63,30 @@ def readout_of(adapter: object) -> Readout:
     return hook() if callable(hook) else DEFAULT_READOUT
 
 
-__all__ = ["Readout", "DEFAULT_READOUT", "readout_of", "mean_softmax_entropy"]
+def peak_indices(logits: Tensor, k: int) -> Tensor:
+    """Flat positions ``(B, k)`` of the k highest 3x3-local maxima of the max-over-classes heatmap.
+
+    Computed on detached logits: choosing where to look is not differentiated, only what is read there.
+    """
+    score = logits.detach().amax(dim=1, keepdim=True)
+    pooled = F.max_pool2d(score, 3, stride=1, padding=1)
+    is_peak = pooled == score
+    # Non-peaks drop below every peak but keep their order, so top-k is well defined even with < k peaks.
+    ranked = torch.where(is_peak, score, score - 1e4).flatten(1)
+    return torch.topk(ranked, min(k, ranked.shape[1]), dim=1).indices
+
+
+def gather_positions(logits: Tensor, index: Tensor) -> Tensor:
+    """Class logits ``(B, C, k)`` at flat positions ``index`` (B, k) of ``logits`` (B, C, H, W), with grad."""
+    flat = logits.flatten(2)
+    return torch.gather(flat, 2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+
+def peak_class_logits(logits: Tensor, k: int) -> Tensor:
+    """The class logits ``(B, C, k)`` of a dense heatmap ``(B, C, H, W)`` at each image's top-k peaks: one class
+    distribution per likely object ("which class is this object"), where a corruption makes the detector unsure.
+    """
+    return gather_positions(logits, peak_indices(logits, k))
+
+
+__all__ = ["Readout", "DEFAULT_READOUT", "readout_of", "peak_class_logits", "peak_indices", "gather_positions"]

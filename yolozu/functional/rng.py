@@ -59,3 +59,9 @@ def generator(k: Key, device: torch.device | str | None = None) -> torch.Generat
     g = torch.Generator(device=device if device is not None else "cpu")
     g.manual_seed(k.value)
     return g
+
+
+def step_key(root: Key, batch: int, step: int) -> Key:
+    """The key of step ``step`` on batch ``batch`` (a batch of a stream, or an image of an episodic run): the
+    same wherever and however that batch is adapted, one stream or K at once."""
+    return fold_in(fold_in(root, batch), step)

@@ -1,18 +1,18 @@
-"""The state of one adapted model and the generic gradient step every method builds on.
+"""The state of one adapted model, a method as one value, and the gradient step every method builds on.
 
-A step is a pure function ``(state, batch, extra) -> (new_state, metrics)``: it reads parameters and buffers
-from ``state``, never from the module (which is only a template for ``functional_call``), and returns new
-tensors. Metrics are 0-d tensors so that ``torch.func.vmap`` can batch a step over K stacked states.
+A step is a pure function ``(state, batch, noise) -> (new_state, metrics)``: it reads parameters and buffers
+from ``state`` and runs the model through an ``apply`` function the bridge supplies (``yolozu.bridge``), so
+the core never touches a module. Metrics are 0-d tensors, so ``torch.func.vmap`` can batch a step over K
+stacked states.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 
 from yolozu.functional import optim
 from yolozu.functional.rng import Key
@@ -31,6 +31,11 @@ DIFFERENTIATE = ("autograd", "func")
 """``autograd``: ``torch.autograd.grad`` (fastest for one model); ``func``: ``torch.func.grad`` (composes with
 ``vmap``)."""
 
+Apply = Callable[..., tuple[Any, Params]]
+"""``apply(params, buffers, x, *, bn_mode, **forward_kwargs) -> (output, new_buffers)``: the model as a pure
+function (``yolozu.bridge.make_apply``). ``bn_mode`` is one of ``BN_MODES``; the buffers passed in are never
+modified."""
+
 
 class TTTState(NamedTuple):
     """Everything a method step reads and returns.
@@ -43,7 +48,7 @@ class TTTState(NamedTuple):
       source: ``trainable`` before adaptation (total update norm; CoTTA's stochastic restore).
       step: int64 count of steps taken.
       initial_loss: the first step's loss, measured before its update (NaN before the first step).
-      extras: method-specific state (CoTTA's teacher), keyed by name.
+      method_state: the method's own typed state (CoTTA's teacher; ``()`` for a method without one).
     """
 
     trainable: Params
@@ -53,7 +58,7 @@ class TTTState(NamedTuple):
     source: Params
     step: Tensor
     initial_loss: Tensor
-    extras: dict = {}
+    method_state: Any = ()
 
 
 class LossOutput(NamedTuple):
@@ -69,11 +74,7 @@ LossFn = Callable[[Params, Params, Any, Any], tuple[Tensor, LossOutput]]
 
 
 def init_state(
-    model: nn.Module,
-    selected: Sequence[str],
-    optimizer: optim.GradientTransformation,
-    *,
-    extras: dict | None = None,
+    model: nn.Module, selected: Sequence[str], optimizer: optim.GradientTransformation, *, method_state: Any = ()
 ) -> TTTState:
     """A fresh state: the model's tensors (copied), split by ``selected``, and the optimiser's initial state."""
     params, buffers = extract(model)
@@ -87,91 +88,65 @@ def init_state(
         source=dict(trainable),
         step=torch.zeros((), dtype=torch.int64, device=device),
         initial_loss=torch.full((), float("nan"), device=device),
-        extras=dict(extras or {}),
+        method_state=method_state,
     )
 
 
-@contextlib.contextmanager
-def training_mode(modules: Sequence[nn.Module], training: bool) -> Iterator[None]:
-    """Run with every module's ``training`` flag set to ``training``, then put the flags that changed back."""
-    changed = [module for module in modules if module.training != training]
-    for module in changed:
-        module.training = training
-    try:
-        yield
-    finally:
-        for module in changed:
-            module.training = not training
+def pass_noise(state: TTTState, batch: Any, noise: Any) -> Any:
+    """The default ``prepare``: the loss gets the step's randomness as its ``extra`` input."""
+    del state, batch
+    return noise
 
 
-Apply = Callable[..., tuple[Any, Params]]
-"""``apply(params, buffers, x, **forward_kwargs) -> (output, new_buffers)``."""
+def keep_new(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
+    """The default ``finish``: the optimiser's new state as it is."""
+    del old, noise
+    return new, metrics
 
 
-def _slots(model: nn.Module) -> dict[str, tuple[dict, str]] | None:
-    """For every parameter and buffer name, the module dict (``_parameters``/``_buffers``) and key holding it;
-    None when the model registers a tensor under two names (tied weights), which needs ``functional_call``'s
-    untying."""
-    slots: dict[str, tuple[dict, str]] = {}
-    seen: set[int] = set()
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for kind in ("_parameters", "_buffers"):
-            table = getattr(module, kind)
-            for leaf, tensor in table.items():
-                if tensor is None:
-                    continue
-                if id(tensor) in seen:
-                    return None
-                seen.add(id(tensor))
-                slots[f"{prefix}.{leaf}" if prefix else leaf] = (table, leaf)
-    return slots
+def no_noise(k: Key | None, source: Params, batch: Any) -> None:
+    """The default ``draw``: a method without randomness."""
+    del k, source, batch
 
 
-@contextlib.contextmanager
-def _swapped(slots: dict[str, tuple[dict, str]], *tensor_dicts: Params) -> Iterator[None]:
-    """Temporarily put the given tensors in the module's parameter and buffer slots (what ``functional_call``
-    does, without its per-call name resolution, which costs about 0.5 ms per step on a ResNet-18)."""
-    saved = []
-    try:
-        for tensors in tensor_dicts:
-            for name, tensor in tensors.items():
-                try:
-                    table, leaf = slots[name]
-                except KeyError:
-                    raise KeyError(f"{name!r} is not a parameter or buffer of the model") from None
-                saved.append((table, leaf, table[leaf]))
-                table[leaf] = tensor
-        yield
-    finally:
-        for table, leaf, original in reversed(saved):
-            table[leaf] = original
+def no_method_state(trainable: Params) -> tuple:
+    """The default ``init``: no state of the method's own."""
+    del trainable
+    return ()
 
 
-def make_apply(model: nn.Module, bn: str = "running") -> Apply:
-    """A pure forward over explicit tensors with the BatchNorm behaviour ``bn`` (see ``BN_MODES``).
+def adapted_params(state: TTTState) -> Params:
+    """The default ``predict_params``: predictions use the adapted (trainable) parameters."""
+    return state.trainable
 
-    The buffers passed in are never modified: in the modes that normalise with batch statistics the module
-    updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
-    The module is only a template: its tensors are swapped for the given ones during the call (as
-    ``torch.func.functional_call`` does; that function itself serves models with tied weights).
+
+class Method(NamedTuple):
+    """A TTT method as one value, the only holder of its knowledge (optax's init/update spirit).
+
+    One update is ``extra = prepare(state, batch, noise)``, a gradient step on
+    ``loss_fn(params, buffers, batch, extra)`` with ``optimizer``, then ``finish(old, new, metrics, noise)``.
+    ``draw(key, source, batch)`` makes the update's randomness (``noise``) from a key and the shapes of the
+    source params and the batch, outside any transform. ``init(trainable)`` makes the method's own state,
+    ``predict_params(state)`` the parameters its predictions use. ``metric_names`` are the metrics it adds to
+    a step row and ``row_fields`` constants every row of it carries; ``clean_forward`` says the loss runs one
+    plain forward of the unaltered batch, so its output is a prediction of that batch.
     """
-    if bn not in BN_MODES:
-        raise ValueError(f"unknown BatchNorm mode {bn!r}; choose one of {', '.join(BN_MODES)}")
-    modules = list(model.modules())
-    training = bn != "eval"
-    slots = _slots(model)
 
-    def apply(params: Params, buffers: Params, x: Any, **kwargs: Any) -> tuple[Any, Params]:
-        work = {name: b.clone() for name, b in buffers.items()} if training else buffers
-        with training_mode(modules, training):
-            if slots is None:
-                output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)
-            else:
-                with _swapped(slots, params, work):
-                    output = model(x, **kwargs)
-        return output, (work if bn == "running" else buffers)
+    loss_fn: LossFn
+    optimizer: optim.GradientTransformation
+    prepare: Callable[[TTTState, Any, Any], Any] = pass_noise
+    finish: Callable[[TTTState, TTTState, dict, Any], tuple[TTTState, dict]] = keep_new
+    draw: Callable[[Key | None, Params, Any], Any] = no_noise
+    init: Callable[[Params], Any] = no_method_state
+    predict_params: Callable[[TTTState], Params] = adapted_params
+    metric_names: tuple[str, ...] = ()
+    row_fields: Mapping[str, Any] = {}
+    clean_forward: bool = False
 
-    return apply
+    def init_state(self, model: nn.Module, selected: Sequence[str]) -> TTTState:
+        """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters."""
+        state = init_state(model, selected, self.optimizer)
+        return state._replace(method_state=self.init(state.trainable))
 
 
 def _detach_tree(tree: Any) -> Any:
@@ -237,35 +212,6 @@ def apply_gradients(
     return new_state, metrics
 
 
-def pass_noise(state: TTTState, batch: Any, noise: Any) -> Any:
-    del state, batch
-    return noise
-
-
-def _unchanged(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
-    del old, noise
-    return new, metrics
-
-
-def _no_noise(k: Key, state: TTTState, batch: Any) -> None:
-    del k, state, batch
-
-
-class Method(NamedTuple):
-    """A TTT method as pure pieces, so one definition serves a single stream, ``vmap`` and K fast streams.
-
-    One update is ``extra = prepare(state, batch, noise)``, a gradient step on
-    ``loss_fn(params, buffers, batch, extra)`` with ``optimizer``, then ``finish(old, new, metrics, noise)``;
-    ``draw(key, state, batch)`` makes the update's randomness (``noise``) from a key, outside any transform.
-    """
-
-    loss_fn: LossFn
-    optimizer: optim.GradientTransformation
-    prepare: Callable[[TTTState, Any, Any], Any] = pass_noise
-    finish: Callable[[TTTState, TTTState, dict, Any], tuple[TTTState, dict]] = _unchanged
-    draw: Callable[[Key, TTTState, Any], Any] = _no_noise
-
-
 Update = Callable[[TTTState, Any, Any], tuple[TTTState, dict]]
 
 
@@ -299,6 +245,6 @@ def make_step(
     update = make_update(method, differentiate=differentiate, keep_output=keep_output)
 
     def step(state: TTTState, batch: Any, key: Key | None = None) -> tuple[TTTState, dict]:
-        return update(state, batch, method.draw(key, state, batch))
+        return update(state, batch, method.draw(key, state.source, batch))
 
     return step

@@ -1,12 +1,13 @@
 """K independent adaptation streams in one call: a method's update vmapped over K stacked states.
 
-Each stream has its own trainable params, buffers, optimiser state, counters and extras (stacked along a
+Each stream has its own trainable params, buffers, optimiser state, counters and method state (stacked along a
 leading dim K); the frozen params and the source params are shared, passed unbatched, so K streams do not
 hold K copies of the model. Per-stream inputs (a batch, a MIM mask, CoTTA's restore draws) carry the leading
-dim K too.
+dim K too; ``draw`` makes them from one key per stream.
 
-    states = replicate(init_state(model, names, opt), k)       # K streams from the same source
-    update_k = streams_update(tent_method(model, opt))
+    method = tent_method(make_apply(model), opt)
+    states = replicate(method.init_state(model, names), k)     # K streams from the same source
+    update_k = streams_update(method)
     states, metrics = update_k(states, batches)                # batches: (K, B, C, H, W)
 
 ``streams_update`` vmaps the forward pass and differentiates the summed per-stream losses with
@@ -24,12 +25,23 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from yolozu.functional.rng import Key
 from yolozu.functional.state import combine, stack, tree_map, unstack
-
-__all__ = ["replicate", "select", "stack", "stack_states", "streams_update", "unstack_states", "vmap_step"]
 from yolozu.functional.step import LossOutput, Method, TTTState, apply_gradients, gradients_autograd, pass_noise
 
-_PER_STREAM = ("trainable", "buffers", "opt_state", "step", "initial_loss", "extras")
+__all__ = [
+    "as_stacked",
+    "draw",
+    "replicate",
+    "stack",
+    "stack_states",
+    "streams_update",
+    "unstack_states",
+    "vmap_step",
+    "where",
+]
+
+_PER_STREAM = ("trainable", "buffers", "opt_state", "step", "initial_loss", "method_state")
 
 
 def _per_stream(state: TTTState) -> tuple:
@@ -46,18 +58,30 @@ def stack_states(states: Sequence[TTTState]) -> TTTState:
     return _single(states[0], stack([_per_stream(s) for s in states]))
 
 
+def as_stacked(state: TTTState) -> TTTState:
+    """One state as a stacked state of K = 1, without copying (views)."""
+    return _single(state, tree_map(lambda t: t.unsqueeze(0), _per_stream(state)))
+
+
 def unstack_states(state: TTTState, k: int) -> list[TTTState]:
     """The K single-stream states of a stacked state."""
     return [_single(state, parts) for parts in unstack(_per_stream(state), k)]
 
 
-def select(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
+def where(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
     """Per stream, the new state where ``keep`` (a bool vector of length K) holds, else the old one."""
 
     def pick(a: Tensor, b: Tensor) -> Tensor:
         return torch.where(keep.reshape(keep.shape + (1,) * (a.dim() - 1)), a, b)
 
     return _single(old, tree_map(pick, _per_stream(new), _per_stream(old)))
+
+
+def draw(method: Method, keys: Sequence[Key], source: dict, batches: Any) -> Any:
+    """The per-stream randomness of one step, stacked: ``method.draw`` with stream k's key and batch (``source``
+    is the shared source params); None for a method without randomness."""
+    noises = [method.draw(k, source, batch) for k, batch in zip(keys, batches)]
+    return None if noises[0] is None else stack(noises)
 
 
 def vmap_step(step: Callable[[TTTState, Any, Any], tuple[TTTState, dict]]) -> Callable:

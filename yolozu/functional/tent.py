@@ -1,38 +1,64 @@
-"""Tent: test-time entropy minimisation (Wang et al., ICLR 2021).
+"""Tent: test-time entropy minimisation (Wang, Shelhamer, Liu, Olshausen & Darrell, ICLR 2021).
 
-Minimise the entropy of the model's own predictions on the test batch, updating only the selected
-parameters (the paper: BatchNorm affine parameters, normalising with test-batch statistics).
+Tent minimises the mean Shannon entropy of the model's own class predictions on the test batch,
+
+    L(theta) = 1/N sum_n H(p_n),   H(p) = -sum_c p_c log p_c,   p_n = softmax(z_n)
+
+(for independent sigmoid scores, H(p) = -sum_c [p_c log p_c + (1 - p_c) log(1 - p_c)]), updating only the
+selected parameters (the paper: BatchNorm affine parameters, normalising with test-batch statistics). The
+samples z_n are what the readout (``yolozu.functional.readout``) reads from the output: a classifier's logit
+rows, or a detector's class logits at its top-k heatmap peaks (``peak_class_logits``).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import attrs
+from torch import Tensor
 
 from yolozu.functional import optim
+from yolozu.functional.losses import binary_entropy, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
-from yolozu.functional.step import LossOutput, Method, make_apply, make_step
+from yolozu.functional.step import Apply, LossOutput, Method, make_step
+
+
+@attrs.frozen(kw_only=True)
+class TentSettings:
+    """Tent has no settings of its own: its learning rate, filter and BatchNorm mode are every method's."""
+
+
+def entropy(logits: Tensor, kind: str) -> Tensor:
+    """Per-sample entropy ``H(p)`` of class logits (classes on dim 1): softmax or independent sigmoid scores."""
+    return softmax_entropy(logits, dim=1) if kind == "softmax" else binary_entropy(logits)
+
+
+def tent_loss(output, readout: Readout = DEFAULT_READOUT) -> Tensor:
+    """Tent's objective on one forward output: the mean entropy of the class samples the readout gives."""
+    logits, kind = readout.class_samples(output)
+    return entropy(logits, kind).mean()
 
 
 def tent_method(
-    model: nn.Module,
+    apply: Apply,
     optimizer: optim.GradientTransformation,
+    settings: TentSettings = TentSettings(),
     *,
     readout: Readout = DEFAULT_READOUT,
     bn: str = "running",
 ) -> Method:
-    """Tent as a ``Method``: the loss is ``readout.tent_loss(model(batch))``; no randomness."""
-    apply = make_apply(model, bn)
+    """Tent as a ``Method``: the loss is ``tent_loss(apply(batch))``; no randomness. Its loss is one plain
+    forward of the batch, so that forward's output is also the batch's prediction (``clean_forward``)."""
+    del settings
 
     def entropy_loss(params, buffers, batch, extra):
         del extra
-        output, new_buffers = apply(params, buffers, batch)
-        return readout.tent_loss(output), LossOutput(new_buffers, {}, output)
+        output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
+        return tent_loss(output, readout), LossOutput(new_buffers, {}, output)
 
-    return Method(entropy_loss, optimizer)
+    return Method(entropy_loss, optimizer, clean_forward=True)
 
 
 def make_tent_step(
-    model: nn.Module,
+    apply: Apply,
     optimizer: optim.GradientTransformation,
     *,
     readout: Readout = DEFAULT_READOUT,
@@ -40,10 +66,10 @@ def make_tent_step(
     differentiate: str = "autograd",
     keep_output: bool = False,
 ):
-    """Build ``tent_step(state, batch, key) -> (new_state, metrics)`` for ``model`` (a template only).
+    """Build ``tent_step(state, batch, key) -> (new_state, metrics)`` over ``apply`` (``bridge.make_apply``).
 
     ``key`` is accepted for a uniform step signature and unused (Tent is deterministic). ``bn`` picks the
     BatchNorm mode (``step.BN_MODES``).
     """
-    method = tent_method(model, optimizer, readout=readout, bn=bn)
+    method = tent_method(apply, optimizer, readout=readout, bn=bn)
     return make_step(method, differentiate=differentiate, keep_output=keep_output)

@@ -1,141 +1,90 @@
-"""``TTTConfig``: the shared defaults of the CLI and the Python API, validated on construction.
+"""``TTTConfig``: every test-time training setting, declared once and validated on construction.
 
-A bad value is a ``ValueError`` naming the field and what it accepts. Defaults keep TTT off; presets
-(``yolozu.tta.presets``) bundle tested settings, and an explicitly given value wins over its preset.
+The settings every method shares are declared here; the guards' beside the guards
+(``yolozu.functional.guards.GuardLimits``) and each method's beside the method (its settings class in the
+method registry, ``yolozu.functional.methods``), taken over as fields named ``prefix + name``. Each field
+carries its help text and its validator's range or choices, from which the command-line flags, ``--help``,
+validation messages and ``meta.ttt`` are generated. A bad value is a ``ValueError`` naming the field and what
+it accepts. Defaults keep TTT off; presets (``yolozu.tta.presets``) bundle tested settings, and an explicitly
+given value wins over its preset.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Mapping
 
 import attrs
 
 from yolozu.functional.filters import FILTERS
+from yolozu.functional.guards import GuardLimits
+from yolozu.functional.methods import METHODS, MethodEntry, entry
+from yolozu.functional.optim import OPTIMIZERS
+from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
 from yolozu.functional.step import BN_MODES
+from yolozu.tta.presets import PRESETS, preset_values
 
-METHODS = ("tent", "mim", "cotta")
 RESETS = ("stream", "sample")
 SCHEDULES = ("pre", "online")
-OPTIMIZERS = ("adam", "sgd")
-COTTA_AUGMENTATIONS = ("identity", "hflip")
-COTTA_AGGREGATIONS = ("confidence_weighted_mean", "mean")
-PREDICT_WITH = ("teacher", "student")
 ONLINE_PREDICT = ("after_update", "adapt_forward")
 
-
-def _fail(attribute: attrs.Attribute, expected: str, value: Any) -> None:
-    raise ValueError(f"TTTConfig.{attribute.name} must be {expected}, got {value!r}")
-
-
-def one_of(choices: tuple[str, ...]):
-    """Validator: the value is one of ``choices``."""
-
-    def check(instance, attribute, value):
-        if value not in choices:
-            _fail(attribute, "one of " + ", ".join(choices), value)
-
-    return check
-
-
-def number(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    integer: bool = False,
-    optional: bool = False,
-):
-    """Validator: a finite number (an int when ``integer``) in [low, high] (``(low, high]`` when ``low_open``);
-    None allowed when ``optional``."""
-    kind = "an integer" if integer else "a finite number"
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low}")
-    if high is not None:
-        bounds.append(f"<= {high}")
-    expected = kind + (" " + " and ".join(bounds) if bounds else "") + (" or None" if optional else "")
-
-    def check(instance, attribute, value):
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(attribute, expected, value)
-        if integer and not isinstance(value, int):
-            _fail(attribute, expected, value)
-        if not math.isfinite(value):
-            _fail(attribute, expected, value)
-        if low is not None and (value <= low if low_open else value < low):
-            _fail(attribute, expected, value)
-        if high is not None and value > high:
-            _fail(attribute, expected, value)
-
-    return check
+COMMON = {
+    "enabled": setting(False, "adapt the model before/while predicting"),
+    "preset": setting(None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str),
+    "method": None,  # its choices come from the method registry (``_fields``)
+    "reset": setting(
+        "stream",
+        "stream: one adapted model for the whole run; sample: every image adapts from the source weights",
+        one_of(*RESETS),
+    ),
+    "schedule": setting(
+        "pre", "pre: adapt, then predict all; online: adapt on batch t, then predict batch t", one_of(*SCHEDULES)
+    ),
+    "steps": setting(1, "optimiser steps per batch", number(1, integer=True)),
+    "lr": setting(1e-4, "learning rate", number(0, low_open=True)),
+    "batch_size": setting(1, "images per adaptation batch", number(1, integer=True)),
+    "max_batches": setting(
+        None, "adapt on at most this many batches (none: every one)", number(1, integer=True, optional=True), type=int
+    ),
+    "update_filter": setting("all", "the parameters to adapt", one_of(*FILTERS)),
+    "include": setting((), "only parameters whose name contains one of these", type=tuple, converter=str_tuple),
+    "exclude": setting((), "no parameter whose name contains one of these", type=tuple, converter=str_tuple),
+    "seed": setting(0, "seed of the TTT random keys", number(0, integer=True)),
+    "optimizer": setting("adam", "the optimiser", one_of(*OPTIMIZERS)),
+    "momentum": setting(0.9, "SGD momentum", number(0, 1)),
+    "max_grad_norm": setting(
+        None, "clip gradients to this global norm", number(0, low_open=True, optional=True), type=float
+    ),
+    "bn_mode": setting(
+        "running",
+        "BatchNorm while adapting: running (batch statistics, running stats updated), batch (batch statistics "
+        "only), eval (stored stats)",
+        one_of(*BN_MODES),
+    ),
+    "rollback_on_stop": setting(True, "undo the step a guard stops"),
+    "streams": setting(1, "sample reset: images adapted at once, vmapped", number(1, integer=True)),
+    "online_predict": setting(
+        "after_update",
+        "online: predict after the update, or reuse the adaptation's forward pass (Tent's reference code)",
+        one_of(*ONLINE_PREDICT),
+    ),
+}
 
 
-def _str_tuple(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
+def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:
+    """The common fields, then the guards' (flat), then each method's (``prefix + name``, grouped under the
+    method's name in ``grouped()``)."""
+    fields = dict(COMMON)
+    fields["method"] = setting("tent", "the test-time training method", one_of(*methods))
+    fields.update({f.name: copy_field(f) for f in attrs.fields(GuardLimits)})
+    for name, method in methods.items():
+        fields.update(
+            {method.prefix + f.name: copy_field(f, group=name, prefix=method.prefix) for f in attrs.fields(method.settings)}
+        )
+    return fields
 
 
-def _augmentations(instance, attribute, value) -> None:
-    if not value or any(name not in COTTA_AUGMENTATIONS for name in value):
-        _fail(attribute, "a non-empty list drawn from " + ", ".join(COTTA_AUGMENTATIONS), list(value))
-
-
-@attrs.frozen(kw_only=True)
-class TTTConfig:
-    """Test-time training settings (field names follow the ``--ttt-*`` CLI flags).
-
-    ``steps`` is the number of optimiser steps per batch; ``max_batches`` caps the adapted batches
-    (None: every batch the loader yields).
-    """
-
-    enabled: bool = False
-    preset: str | None = None
-    method: str = attrs.field(default="tent", validator=one_of(METHODS))
-    reset: str = attrs.field(default="stream", validator=one_of(RESETS))
-    schedule: str = attrs.field(default="pre", validator=one_of(SCHEDULES))
-    steps: int = attrs.field(default=1, validator=number(1, integer=True))
-    lr: float = attrs.field(default=1e-4, validator=number(0, low_open=True))
-    batch_size: int = attrs.field(default=1, validator=number(1, integer=True))
-    max_batches: int | None = attrs.field(default=None, validator=number(1, integer=True, optional=True))
-    update_filter: str = attrs.field(default="all", validator=one_of(FILTERS))
-    include: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    exclude: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    seed: int = attrs.field(default=0, validator=number(0, integer=True))
-    optimizer: str = attrs.field(default="adam", validator=one_of(OPTIMIZERS))
-    momentum: float = attrs.field(default=0.9, validator=number(0, 1))
-    bn_mode: str = attrs.field(default="running", validator=one_of(BN_MODES))
-    # MIM
-    mask_prob: float = attrs.field(default=0.6, validator=number(0, 1))
-    patch_size: int = attrs.field(default=16, validator=number(1, integer=True))
-    mask_value: float = attrs.field(default=0.0, validator=number())
-    # guards
-    max_grad_norm: float | None = attrs.field(default=None, validator=number(0, low_open=True, optional=True))
-    max_update_norm: float | None = attrs.field(default=None, validator=number(0, low_open=True, optional=True))
-    max_total_update_norm: float | None = attrs.field(default=None, validator=number(0, low_open=True, optional=True))
-    max_loss_ratio: float | None = attrs.field(default=None, validator=number(0, low_open=True, optional=True))
-    max_loss_increase: float | None = attrs.field(default=None, validator=number(0, optional=True))
-    stop_on_non_finite: bool = True
-    rollback_on_stop: bool = True
-    # CoTTA (Wang et al., CVPR 2022); defaults from the paper's CIFAR setting
-    cotta_ema_momentum: float = attrs.field(default=0.999, validator=number(0, 1))
-    cotta_augmentations: tuple[str, ...] = attrs.field(
-        default=COTTA_AUGMENTATIONS, converter=_str_tuple, validator=_augmentations
-    )
-    cotta_aggregation: str = attrs.field(default="confidence_weighted_mean", validator=one_of(COTTA_AGGREGATIONS))
-    cotta_restore_prob: float = attrs.field(default=0.01, validator=number(0, 1))
-    cotta_restore_interval: int = attrs.field(default=1, validator=number(1, integer=True))
-    cotta_confidence_threshold: float = attrs.field(default=0.92, validator=number(0, 1))
-    cotta_predict_with: str = attrs.field(default="teacher", validator=one_of(PREDICT_WITH))
-    # episodic adaptation of K images at once (reset="sample")
-    streams: int = attrs.field(default=1, validator=number(1, integer=True))
-    # online schedule: predict a batch after adapting on it, or reuse the adaptation's own forward (Tent's code)
-    online_predict: str = attrs.field(default="after_update", validator=one_of(ONLINE_PREDICT))
+class _Config:
+    """What a config does with its fields; ``config_class`` generates the fields themselves."""
 
     @property
     def prediction_bn(self) -> str:
@@ -146,8 +95,6 @@ class TTTConfig:
     @classmethod
     def from_preset(cls, preset: str | None, **explicit: Any) -> "TTTConfig":
         """A config from a preset's values overridden by the ``explicit`` ones (an explicit value wins)."""
-        from yolozu.tta.presets import preset_values
-
         values = preset_values(preset) if preset else {}
         values.update(explicit)
         return cls(preset=preset, **values)
@@ -156,8 +103,43 @@ class TTTConfig:
         """A copy with ``changes`` applied (validated)."""
         return attrs.evolve(self, **changes)
 
+    def method_settings(self) -> Any:
+        """The settings object of ``method`` (its class from the method registry) built from this config."""
+        method = entry(self.method)
+        return method.settings(**{f.name: getattr(self, method.prefix + f.name) for f in attrs.fields(method.settings)})
+
+    def guard_limits(self) -> GuardLimits:
+        """The guard thresholds this config sets."""
+        return GuardLimits(**{f.name: getattr(self, f.name) for f in attrs.fields(GuardLimits)})
+
     def to_dict(self) -> dict:
         """Plain JSON-ready values of every field."""
         return attrs.asdict(
             self, value_serializer=lambda inst, field, value: list(value) if isinstance(value, tuple) else value
         )
+
+    def grouped(self) -> dict:
+        """``to_dict()`` with each method's settings in a dict under its name, keyed without their prefix (the
+        shape of ``meta.ttt``)."""
+        flat = self.to_dict()
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(self)):
+            group = field.metadata.get("group")
+            if group is None:
+                out[field.name] = flat[field.name]
+            else:
+                out.setdefault(group, {})[field.name[len(field.metadata["prefix"]) :]] = flat[field.name]
+        return out
+
+
+def config_class(methods: Mapping[str, MethodEntry] = METHODS) -> type:
+    """The config class of a method registry: the common, guard and method fields as a frozen attrs class."""
+    namespace = {"__doc__": _DOC, "__module__": __name__, "__qualname__": "TTTConfig"}
+    return attrs.frozen(type("TTTConfig", (_Config,), namespace), these=_fields(methods), kw_only=True)
+
+
+_DOC = """Test-time training settings (field names follow the ``--ttt-*`` CLI flags; ``attrs.fields(TTTConfig)`` lists
+them with their help). ``steps`` is the number of optimiser steps per batch; ``max_batches`` caps the adapted
+batches (None: every batch the loader yields)."""
+
+TTTConfig = config_class()

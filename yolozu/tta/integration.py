@@ -2,7 +2,8 @@
 
 The model is adapted on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``, for
 ``steps`` steps per batch, and the adapted tensors are written into it once, at the end. If anything fails
-on the way the module is left exactly as it was.
+on the way the module is left exactly as it was. ``adapt_stream`` is the same adaptation without the write
+(the export's ``pre`` schedule predicts from the adapted tensors directly).
 """
 
 from __future__ import annotations
@@ -34,10 +35,28 @@ def disabled_report(config: TTTConfig) -> TTTReport:
     return TTTReport(enabled=False, method=config.method, reset=config.reset)
 
 
-def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig(), *, progress=None) -> TTTReport:
-    """Adapt ``adapter.get_model()`` on ``records`` with ``config``; returns the run's ``TTTReport``.
+def adapt_stream(
+    adapter: object, records: Sequence[Record], config: TTTConfig, *, progress=None
+) -> tuple[Adaptation, int]:
+    """Adapt one stream on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``,
+    ``steps`` steps per batch, until a guard stops it; the module is not written. Returns the adaptation and the
+    number of batches used. ``progress`` (e.g. a tqdm bar) is advanced by each adapted batch's images."""
+    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
+    loader = adapter.build_loader(list(records), batch_size=config.batch_size)
+    batches_used = 0
+    for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
+        batches_used += 1
+        adaptation.adapt(batch, index, config.steps)
+        if progress is not None:
+            progress.update(len(batch))
+        if adaptation.stopped:
+            break
+    return adaptation, batches_used
 
-    ``progress`` (optional, e.g. a tqdm bar) is advanced by the number of images of each adapted batch.
+
+def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig(), *, progress=None) -> TTTReport:
+    """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``) and write the adapted
+    tensors into it; returns the run's ``TTTReport``.
 
     Raises:
       RuntimeError: the adapter lacks a TTT hook.
@@ -52,16 +71,7 @@ def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTC
             f"the source weights and belongs to the export flow (yolozu.export), not to run_ttt"
         )
     start = time.perf_counter()
-    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
-    loader = adapter.build_loader(list(records), batch_size=config.batch_size)
-    batches_used = 0
-    for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
-        batches_used += 1
-        adaptation.adapt(batch, batch=index, steps=config.steps)
-        if progress is not None:
-            progress.update(len(batch))
-        if adaptation.stopped:
-            break
+    adaptation, batches_used = adapt_stream(adapter, records, config, progress=progress)
     adaptation.write_back()
     return adaptation.report(
         seconds=time.perf_counter() - start,

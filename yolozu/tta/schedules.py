@@ -1,22 +1,24 @@
-"""Adapt-and-predict schedules of the export flow (DESIGN.md):
+"""Adapt-and-predict schedules of the export flow:
 
-- ``pre`` (the YOLOZU spec's flow): adapt on the first ``max_batches`` batches, write the weights into the
-  model, then predict every image;
+- ``pre`` (the YOLOZU spec's flow): adapt on the first ``max_batches`` batches, then predict every image with
+  the adapted tensors;
 - ``online`` (the Tent protocol): adapt on batch t, then predict batch t with the adapted weights, for every
   batch (adaptation stops after ``max_batches`` batches when that is set, or when a guard stops it);
   ``online_predict="adapt_forward"`` reuses the adaptation's own forward pass for the batch's predictions,
-  as Tent's reference code does (one forward per batch instead of two);
+  as Tent's reference code does (one forward per batch instead of two; methods whose loss is a plain forward
+  of the batch only);
 - reset ``sample`` (episodic): every image adapts from the source weights and buffers, then is predicted;
-  the model is left as it was; ``streams=K`` adapts K images at once with ``vmap`` (the same predictions).
+  ``streams=K`` adapts K images at once with ``vmap`` (the same predictions).
 
-Predictions use the normalisation the adaptation used: test-batch BatchNorm statistics unless ``bn_mode`` is
-``eval``.
+Every schedule reads its batches through ``adapter.build_loader`` and adapts through the one driver; none
+writes into the module. Predictions use the normalisation the adaptation used: test-batch BatchNorm
+statistics unless ``bn_mode`` is ``eval``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
@@ -24,86 +26,98 @@ from yolozu.functional.readout import readout_of
 from yolozu.predict import Predictor, chunks
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import require_ttt_hooks, run_ttt
+from yolozu.tta.integration import adapt_stream, require_ttt_hooks
 from yolozu.tta.report import TTTReport
 
 
 def _check(config: TTTConfig, tta: FlipTTAConfig | None) -> None:
-    if config.online_predict == "adapt_forward":
-        if tta is not None:
-            raise ValueError(
-                "online_predict='adapt_forward' reuses the adaptation's forward pass, which has no "
-                "flipped branch; drop flip TTA or use online_predict='after_update'"
-            )
-        if config.schedule != "online" or config.reset != "stream":
-            raise ValueError("online_predict='adapt_forward' needs schedule='online' and reset='stream'")
-        if config.method != "tent":
-            raise ValueError(
-                f"online_predict='adapt_forward' reuses Tent's forward pass on the clean batch; method "
-                f"{config.method!r} adapts on a different forward, use online_predict='after_update'"
-            )
+    if config.online_predict != "adapt_forward":
+        return
+    if tta is not None:
+        raise ValueError(
+            "online_predict='adapt_forward' reuses the adaptation's forward pass, which has no "
+            "flipped branch; drop flip TTA or use online_predict='after_update'"
+        )
+    if config.schedule != "online" or config.reset != "stream":
+        raise ValueError("online_predict='adapt_forward' needs schedule='online' and reset='stream'")
+
+
+def _check_reuse(config: TTTConfig, adaptation: Adaptation) -> None:
+    if config.online_predict == "adapt_forward" and not adaptation.method.clean_forward:
+        raise ValueError(
+            f"online_predict='adapt_forward' reuses the forward pass of the adaptation on the clean batch; method "
+            f"{config.method!r} adapts on a different forward, use online_predict='after_update'"
+        )
+
+
+def _batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
+    """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader``."""
+    return zip(chunks(records, size), adapter.build_loader(records, batch_size=size))
 
 
 def _predict_online(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
     reuse = config.online_predict == "adapt_forward"
     adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter), keep_output=reuse)
+    _check_reuse(config, adaptation)
     predictions: list[Prediction] = []
     adapted = 0
-    for index, chunk in enumerate(chunks(records, config.batch_size)):
-        x = adapter.load_batch(chunk)
+    for index, (chunk, x) in enumerate(_batches(adapter, records, config.batch_size)):
         if not adaptation.stopped and (config.max_batches is None or index < config.max_batches):
             adapted += 1
-            adaptation.adapt(x, batch=index, steps=config.steps)
-            if reuse and not adaptation.rows[-1]["rolled_back"]:
+            rows = adaptation.adapt(x, index, config.steps)
+            if reuse and not rows[-1]["rolled_back"]:
                 predictions.extend(adapter.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
                 continue
-        state = adaptation.state
-        predictions.extend(
-            predictor.predict_batch(x, chunk, adaptation.prediction_params(), state.buffers, config.prediction_bn)
-        )
+        params, buffers = adaptation.prediction_tensors()
+        predictions.extend(predictor.predict_batch(x, chunk, params, buffers, config.prediction_bn))
         progress.update(len(chunk))
-    adaptation.write_back()
     return predictions, adaptation, adapted
 
 
 def _predict_episodic(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
     adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
     limit = len(records) if config.max_batches is None else min(config.max_batches, len(records))
+    bn = config.prediction_bn
     predictions: list[Prediction] = []
-    for start in range(0, len(records), config.streams):
-        chunk = records[start : start + config.streams]
-        x = adapter.load_batch(chunk)
-        indices = list(range(start, start + len(chunk)))
-        if config.streams > 1 and indices[-1] < limit:
-            states = adaptation.adapt_streams(x.unsqueeze(1), indices, config.steps)
-            predictions.extend(
-                predictor.predict_streams(
-                    x.unsqueeze(1),
-                    chunk,
-                    adaptation.predicting(states),
-                    states.frozen,
-                    states.buffers,
-                    config.prediction_bn,
-                )
-            )
+    for first, (chunk, x) in zip(range(0, limit, config.streams), _batches(adapter, records[:limit], config.streams)):
+        carry = adaptation.adapt_episodes(x.unsqueeze(1), range(first, first + len(chunk)), config.steps)
+        if len(chunk) == 1:
+            predictions.extend(predictor.predict_batch(x, chunk, *adaptation.prediction_tensors(carry), bn))
         else:
-            for index, record, image in zip(indices, chunk, x):
-                adaptation.restart()
-                if index < limit:
-                    adaptation.adapt(image[None], batch=index, steps=config.steps)
-                predictions.extend(
-                    predictor.predict_batch(
-                        image[None],
-                        [record],
-                        adaptation.prediction_params(),
-                        adaptation.state.buffers,
-                        config.prediction_bn,
-                    )
-                )
+            state = carry.state
+            trainable = adaptation.method.predict_params(state)
+            xs = x.unsqueeze(1)
+            predictions.extend(predictor.predict_streams(xs, chunk, trainable, state.frozen, state.buffers, bn))
         progress.update(len(chunk))
     adaptation.restart()
+    source = adaptation.prediction_tensors()
+    for chunk, x in _batches(adapter, records[limit:], 1):  # past max_batches: each image from the source
+        predictions.extend(predictor.predict_batch(x, chunk, *source, bn))
+        progress.update(len(chunk))
     return predictions, adaptation, limit
+
+
+def _predict_pre(adapter, records, config, predictor, progress, batch_size) -> tuple[list[Prediction], TTTReport]:
+    limit = len(records) if config.max_batches is None else config.max_batches * config.batch_size
+    bar = progress("adapt", min(limit, len(records)))
+    start = time.perf_counter()
+    try:
+        adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar)
+    finally:
+        bar.close()
+    report = adaptation.report(
+        seconds=time.perf_counter() - start, steps_requested=config.steps * batches_used, batches_used=batches_used
+    )
+    params, buffers = adaptation.prediction_tensors()
+    bar = progress("predict", len(records))
+    try:
+        predictions = predictor.predict(
+            records, params=params, buffers=buffers, bn=config.prediction_bn, batch_size=batch_size, progress=bar
+        )
+    finally:
+        bar.close()
+    return predictions, report
 
 
 class _NoProgress:
@@ -129,7 +143,8 @@ def adapt_and_predict(
     batch_size: int = 32,
     progress: Callable[[str, int], Any] = no_bars,
 ) -> tuple[list[Prediction], TTTReport]:
-    """Predictions for ``records`` under test-time training ``config``, and the run's report.
+    """Predictions for ``records`` under test-time training ``config``, and the run's report. The adapter's
+    module is left as it was.
 
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
     batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
@@ -140,21 +155,7 @@ def adapt_and_predict(
     predictor = Predictor(adapter, tta=tta)
     records = list(records)
     if config.reset == "stream" and config.schedule == "pre":
-        limit = len(records) if config.max_batches is None else config.max_batches * config.batch_size
-        bar = progress("adapt", min(limit, len(records)))
-        try:
-            report = run_ttt(adapter, records, config, progress=bar)
-        finally:
-            bar.close()
-        params, buffers = predictor.module_tensors()
-        bar = progress("predict", len(records))
-        try:
-            predictions = predictor.predict(
-                records, params=params, buffers=buffers, bn=config.prediction_bn, batch_size=batch_size, progress=bar
-            )
-        finally:
-            bar.close()
-        return predictions, report
+        return _predict_pre(adapter, records, config, predictor, progress, batch_size)
     start = time.perf_counter()
     run = _predict_online if config.reset == "stream" else _predict_episodic
     bar = progress("adapt+predict", len(records))

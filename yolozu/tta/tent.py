@@ -1,9 +1,9 @@
-"""``TentRunner``: YOLOZU's stateful Tent API over the functional ``tent_step``.
+"""``TentRunner``: YOLOZU's stateful Tent API over the functional core.
 
 runner = TentRunner(model, config=TentConfig(lr=1e-3))
 for batch in loader:
     metrics = runner.adapt_step(batch)     # the model holds the adapted weights afterwards
-runner.maybe_log()                          # {"updated_param_count", ...}
+runner.maybe_log()                          # {"updated_param_count", ...}, logged every log_every steps
 runner.reset()                              # source weights, buffers and optimiser state again
 """
 
@@ -16,39 +16,28 @@ import torch
 from torch import nn
 
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
+from yolozu.functional.settings import copy_field, number, one_of, setting
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 
 log = logging.getLogger(__name__)
+_FIELDS = attrs.fields_dict(TTTConfig)
 
 
 @attrs.frozen(kw_only=True)
-class TentConfig:
-    """Tent settings; defaults follow the Tent paper: BatchNorm affine params, batch statistics, Adam."""
+class TentConfig(TTTConfig):
+    """A ``TTTConfig`` for Tent, with the Tent paper's defaults (BatchNorm affine params, Adam at lr 1e-3) and
+    ``log_every`` (``maybe_log`` logs every that many steps; 0: never)."""
 
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    update_filter: str = "norm_only"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    bn_mode: str = "running"
-    max_grad_norm: float | None = None
-    max_update_norm: float | None = None
-    max_total_update_norm: float | None = None
-    max_loss_ratio: float | None = None
-    max_loss_increase: float | None = None
-    stop_on_non_finite: bool = True
-    rollback_on_stop: bool = True
-    log_every: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        self.to_ttt_config()  # validates every field now, with TTTConfig's messages
+    enabled: bool = copy_field(_FIELDS["enabled"], default=True)
+    method: str = attrs.field(default="tent", validator=one_of("tent"))
+    lr: float = copy_field(_FIELDS["lr"], default=1e-3)
+    update_filter: str = copy_field(_FIELDS["update_filter"], default="norm_only")
+    log_every: int = setting(0, "log the counters every this many steps (0: never)", number(0, integer=True))
 
     def to_ttt_config(self) -> TTTConfig:
-        """The equivalent (validated) ``TTTConfig``."""
-        fields = attrs.asdict(self)
-        fields.pop("log_every")
-        return TTTConfig(enabled=True, method="tent", **fields)
+        """The equivalent plain ``TTTConfig``."""
+        return TTTConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(TTTConfig)})
 
 
 class TentRunner:
@@ -57,7 +46,7 @@ class TentRunner:
     def __init__(self, model: nn.Module, config: TentConfig = TentConfig(), *, readout: Readout = DEFAULT_READOUT):
         self.model = model
         self.config = config
-        self._adaptation = Adaptation(model, config.to_ttt_config(), readout)
+        self._adaptation = Adaptation(model, config, readout)
 
     @property
     def updated_param_count(self) -> int:
@@ -70,24 +59,26 @@ class TentRunner:
         """
         if self._adaptation.stopped:
             return {"skipped": True, "stop_reason": self._adaptation.stop_reason}
-        row = self._adaptation.step(batch)
+        (row,) = self._adaptation.adapt(batch, len(self._adaptation.rows), steps=1)
         self._adaptation.write_back()
-        metrics = {"loss_entropy": row["loss"], **row}
-        every = self.config.log_every
-        if every and self._adaptation.attempts % every == 0:
-            log.info("tent step %d: %s", self._adaptation.attempts, self.maybe_log())
-        return metrics
+        self.maybe_log()
+        return {"loss_entropy": row["loss"], **row}
 
     def maybe_log(self) -> dict:
-        """Counters for logging: ``updated_param_count``, ``steps``, ``last_loss``, ``stopped``, ``stop_reason``."""
+        """The counters (``updated_param_count``, ``steps``, ``last_loss``, ``stopped``, ``stop_reason``); they
+        are also logged (INFO, logger ``yolozu.tta.tent``) when the steps taken are a multiple of ``log_every``."""
         losses = self._adaptation.losses
-        return {
+        counters = {
             "updated_param_count": self.updated_param_count,
             "steps": len(losses),
             "last_loss": losses[-1] if losses else None,
             "stopped": self._adaptation.stopped,
             "stop_reason": self._adaptation.stop_reason,
         }
+        every, taken = self.config.log_every, len(self._adaptation.rows)
+        if every and taken and taken % every == 0:
+            log.info("tent step %d: %s", taken, counters)
+        return counters
 
     def reset(self) -> None:
         """Restore the source weights, buffers and optimiser state into the module."""

@@ -80,25 +80,27 @@ def filter_parameters(
     return [(name, param) for name, param in pairs if name in kept]
 
 
+_MIM = TTTConfig(method="mim")  # the defaults run_ttt_mim's keywords take
+
+
 def run_ttt_mim(
     model: nn.Module,
     x: Tensor,
     *,
     steps: int = 1,
-    lr: float = 1e-4,
-    mask_prob: float = 0.6,
-    patch_size: int = 16,
-    mask_value: float = 0.0,
-    update_filter: str = "all",
+    lr: float = _MIM.lr,
+    mask_prob: float = _MIM.mask_prob,
+    patch_size: int = _MIM.patch_size,
+    mask_value: float = _MIM.mask_value,
+    update_filter: str = _MIM.update_filter,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    seed: int = 0,
+    seed: int = _MIM.seed,
     readout: Readout = DEFAULT_READOUT,
 ) -> TTTMIMResult:
-    """``steps`` MIM steps on the batch ``x``: mask blocks, reconstruct, update the filtered params.
-
-    The adapted weights are written into ``model`` at the end. ``readout`` says how to get the
-    reconstruction from the model's output (default: the output is the reconstruction).
+    """``steps`` MIM steps on the batch ``x`` (batch index 0 of the keys): mask blocks, reconstruct, update
+    the filtered params; the adapted weights are written into ``model`` at the end. ``readout`` says how to get
+    the reconstruction from the model's output (default: the output is the reconstruction).
     """
     config = TTTConfig(
         enabled=True,
@@ -114,14 +116,11 @@ def run_ttt_mim(
         seed=seed,
     )
     adaptation = Adaptation(model, config, readout)
-    for _ in range(steps):
-        adaptation.step(x)
-        if adaptation.stopped:
-            break
+    adaptation.adapt(x, 0, steps)
     adaptation.write_back()
-    ratios = adaptation.mask_ratios
+    report = adaptation.report(seconds=0.0, steps_requested=steps, batches_used=1)
     return TTTMIMResult(
-        losses=list(adaptation.losses),
-        mask_ratio=sum(ratios) / len(ratios) if ratios else 0.0,
-        updated_param_count=adaptation.updated_param_count,
+        losses=report.losses,
+        mask_ratio=report.mask_ratio or 0.0,
+        updated_param_count=report.updated_param_count,
     )

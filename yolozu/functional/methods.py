@@ -1,0 +1,37 @@
+"""The registry of TTT methods: a method's name -> how to build it and the settings it declares.
+
+Nothing outside a method's own file knows what the method does: the shell builds it from here, its settings
+become ``TTTConfig`` fields (``prefix`` + the settings' field names) and command-line flags, and the built
+``Method`` says what its steps log and predict with. Adding a method is one file in ``yolozu/functional/``
+(a settings class and a constructor ``(apply, optimizer, settings, *, readout, bn) -> Method``) and one line
+below.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from yolozu.functional import cotta, mim, tent
+
+
+class MethodEntry(NamedTuple):
+    """How to build one method: its constructor, its settings class and the prefix of its config fields."""
+
+    build: Callable[..., object]
+    settings: type
+    prefix: str
+
+
+METHODS: dict[str, MethodEntry] = {
+    "tent": MethodEntry(tent.tent_method, tent.TentSettings, ""),
+    "mim": MethodEntry(mim.mim_method, mim.MIMSettings, ""),
+    "cotta": MethodEntry(cotta.cotta_method, cotta.CoTTASettings, "cotta_"),
+}
+
+
+def entry(name: str) -> MethodEntry:
+    """The registry entry of method ``name``; an unknown name is a ValueError listing the methods."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown TTT method {name!r}; choose one of {', '.join(METHODS)}") from None

@@ -1,0 +1,142 @@
+"""Declared settings: an attrs field that carries its help text and a validator that knows its range or choices.
+
+A setting is declared once, where its meaning lives (a method's settings beside the method, the guard limits
+beside the guards); the shell's ``TTTConfig``, the command-line flags, ``--help``, validation messages and
+``meta.ttt`` are all generated from these declarations.
+
+    class MIMSettings:
+        mask_prob: float = setting(0.6, "probability that a mask cell is masked", number(0, 1))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import attrs
+
+
+def _fail(instance: Any, attribute: attrs.Attribute, expected: str, value: Any) -> None:
+    raise ValueError(f"{type(instance).__name__}.{attribute.name} must be {expected}, got {value!r}")
+
+
+@attrs.frozen
+class OneOf:
+    """Validator: the value (every element, when ``many``) is one of ``choices``; ``many`` also asks for a
+    non-empty sequence."""
+
+    choices: tuple[str, ...]
+    many: bool = False
+
+    @property
+    def expected(self) -> str:
+        listed = ", ".join(self.choices)
+        return f"a non-empty list drawn from {listed}" if self.many else f"one of {listed}"
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        values = value if self.many else (value,)
+        if (self.many and not values) or any(v not in self.choices for v in values):
+            _fail(instance, attribute, self.expected, list(value) if self.many else value)
+
+
+@attrs.frozen
+class Number:
+    """Validator: a finite number (an int when ``integer``) in [low, high] (``(low, high]`` when ``low_open``);
+    None allowed when ``optional``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    @property
+    def expected(self) -> str:
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low}")
+        if self.high is not None:
+            bounds.append(f"<= {self.high}")
+        kind = "an integer" if self.integer else "a finite number"
+        return kind + (" " + " and ".join(bounds) if bounds else "") + (" or None" if self.optional else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if (self.integer and not isinstance(value, int)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not self.accepts(value):
+            _fail(instance, attribute, self.expected, value)
+
+
+def one_of(*choices: str) -> OneOf:
+    """The value is one of ``choices``."""
+    return OneOf(tuple(choices))
+
+
+def many_of(*choices: str) -> OneOf:
+    """A non-empty tuple whose every element is one of ``choices``."""
+    return OneOf(tuple(choices), many=True)
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> Number:
+    """A finite number in [low, high] (see ``Number``)."""
+    return Number(low, high, low_open, integer, optional)
+
+
+def is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: True or False."""
+    if not isinstance(value, bool):
+        _fail(instance, attribute, "True or False", value)
+
+
+def str_tuple(value: Any) -> tuple[str, ...]:
+    """Converter: None -> (), a string -> (string,), any other iterable -> a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def setting(
+    default: Any,
+    help: str,
+    validator: Callable[..., None] | None = None,
+    *,
+    type: type | None = None,
+    converter: Callable[[Any], Any] | None = None,
+) -> Any:
+    """An attrs field with its ``help`` text and ``kind`` in the metadata: ``type``, the value's Python type (what
+    a command line parses a flag with), inferred from the default when not given."""
+    kind = type if type is not None else (default.__class__ if default is not None else float)
+    if validator is None and kind is bool:
+        validator = is_bool
+    return attrs.field(default=default, validator=validator, converter=converter, metadata={"help": help, "kind": kind})
+
+
+def copy_field(field: attrs.Attribute, *, default: Any = attrs.NOTHING, **metadata: Any) -> Any:
+    """A new attrs field declared like ``field`` (default, validator, converter, type, metadata), with another
+    ``default`` if given and extra ``metadata``: how a composite settings class takes a part's fields over
+    without re-declaring them."""
+    return attrs.field(
+        default=field.default if default is attrs.NOTHING else default,
+        validator=field.validator,
+        converter=field.converter,
+        type=field.type,
+        metadata={**field.metadata, **metadata},
+    )
