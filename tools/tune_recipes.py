@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolozu.bench.recipes import Recipe  # noqa: E402
-from yolozu.bench.shift import Runner, splits_for  # noqa: E402
 from yolozu.data import build_manifest  # noqa: E402
-from yolozu.data.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
+from yolozu.demo.bench.recipes import Recipe  # noqa: E402
+from yolozu.demo.bench.shift import Runner, splits_for  # noqa: E402
+from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.eval import evaluate  # noqa: E402
 from yolozu.predictions import write_json_atomic  # noqa: E402
 

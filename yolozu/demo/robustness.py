@@ -1,6 +1,6 @@
 """mAP of a detector checkpoint on clean val and on each corrupted val split: the drops TTT must win back.
 
-``python -m yolozu.models.robustness --root data/demo --severities 3 5`` prints a markdown table
+``python -m yolozu.demo.robustness --root data/demo --severities 3 5`` prints a markdown table
 (and ``--output`` writes the numbers as JSON). The splits come from ``tools/make_demo_data.py``.
 """
 
@@ -77,7 +77,7 @@ def markdown_table(clean: dict[str, Any], rows: dict[str, dict[int, dict[str, An
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate the checkpoint on clean val and every corruption at the given severities."""
     from yolozu.adapters.detector import DetectorAdapter
-    from yolozu.data.corruptions import CORRUPTIONS
+    from yolozu.demo.corruptions import CORRUPTIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/demo")
