@@ -42,8 +42,8 @@ SEVERITY ?= 5
 SPLIT := val-$(CORRUPTION)-$(SEVERITY)
 EXPORT_DIR := runs/export
 EXPORT := $(PY) tools/export_predictions.py --adapter detector --dataset data/demo --split $(SPLIT) --wrap
-# the TTT settings of each method: the benchmark's online recipe (yolozu/bench/recipes.py)
-TTT_ARGS = $$($(PY) -m yolozu.bench.recipes $(TTT))
+# the TTT settings of each method: the benchmark's online recipe (yolozu/demo/bench/recipes.py)
+TTT_ARGS = $$($(PY) -m yolozu.demo.bench.recipes $(TTT))
 
 .PHONY: export
 export: $(STAMP)
@@ -72,8 +72,8 @@ bench-streams: $(STAMP)
 .PHONY: bench bench-full
 bench: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all --severities 5
-	$(PY) -m yolozu.bench.shift --quick
+	$(PY) -m yolozu.demo.bench.shift --quick
 
 bench-full: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all
-	$(PY) -m yolozu.bench.shift --full
+	$(PY) -m yolozu.demo.bench.shift --full

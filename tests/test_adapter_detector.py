@@ -25,7 +25,7 @@ def adapter() -> DetectorAdapter:
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    from yolozu.data.synth import SynthSpec, render_sample
+    from yolozu.demo.synth import SynthSpec, render_sample
 
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)

@@ -7,10 +7,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from yolozu.data import build_manifest, corruptions
-from yolozu.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELDOUT_CORRUPTIONS, corrupt, corrupt_with_labels
-from yolozu.data.demo import main, write_corrupted_split
-from yolozu.data.synth import SynthSpec, make_dataset
+from yolozu.data import build_manifest
+from yolozu.demo import corruptions
+from yolozu.demo.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELDOUT_CORRUPTIONS, corrupt, corrupt_with_labels
+from yolozu.demo.data import main, write_corrupted_split
+from yolozu.demo.synth import SynthSpec, make_dataset
 
 SIZE = 64
 # Published ImageNet-C parameters that do not order these severities by pixel deviation (docs/data.md):
@@ -190,7 +191,7 @@ def test_interrupted_corrupted_split_leaves_nothing_that_looks_complete(tmp_path
             raise KeyboardInterrupt
         return img
 
-    monkeypatch.setattr("yolozu.data.demo.corrupt", failing)
+    monkeypatch.setattr("yolozu.demo.data.corrupt", failing)
     with pytest.raises(KeyboardInterrupt):
         write_corrupted_split(tmp_path, "snow", 1)
     assert not (tmp_path / "images" / "val-snow-1").exists()

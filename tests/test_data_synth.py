@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from yolozu.data import build_manifest, synth
-from yolozu.data.synth import SynthSpec, make_dataset, render_sample, write_split
+from yolozu.data import build_manifest
+from yolozu.demo import synth
+from yolozu.demo.synth import SynthSpec, make_dataset, render_sample, write_split
 
 SPEC = SynthSpec(image_size=64, min_objects=2, max_objects=5, min_digit=10, max_digit=24)
 

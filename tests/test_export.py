@@ -12,8 +12,8 @@ from PIL import Image
 
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
-from yolozu.data.demo import write_corrupted_split
-from yolozu.data.synth import SynthSpec, render_sample, write_split
+from yolozu.demo.data import write_corrupted_split
+from yolozu.demo.synth import SynthSpec, render_sample, write_split
 from yolozu.export import build_parser, main
 from yolozu.predictions import validate_predictions
 

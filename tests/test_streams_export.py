@@ -4,7 +4,7 @@ import pytest
 
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
-from yolozu.data.synth import SynthSpec, write_split
+from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.schedules import adapt_and_predict
 

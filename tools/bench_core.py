@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from yolozu.bench.memory import peak_bytes, sync
+from yolozu.demo.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
 from yolozu.bridge import make_apply

@@ -20,8 +20,8 @@ import time
 import torch
 
 from yolozu.adapters.detector import DetectorAdapter
-from yolozu.bench.memory import peak_bytes, sync
 from yolozu.data import build_manifest
+from yolozu.demo.bench.memory import peak_bytes, sync
 from yolozu.functional import rng, streams
 from yolozu.functional.readout import readout_of
 from yolozu.functional.step import make_update

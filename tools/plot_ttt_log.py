@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolozu.plot_log import plot_log  # noqa: E402
+from yolozu.demo.plot_log import plot_log  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolozu.bench.recipes import ONLINE, Recipe  # noqa: E402
-from yolozu.bench.shift import Runner  # noqa: E402
 from yolozu.data import build_manifest  # noqa: E402
+from yolozu.demo.bench.recipes import ONLINE, Recipe  # noqa: E402
+from yolozu.demo.bench.shift import Runner  # noqa: E402
 from yolozu.eval import evaluate  # noqa: E402
 
 

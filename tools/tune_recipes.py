@@ -16,15 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolozu.bench.recipes import Recipe  # noqa: E402
-from yolozu.bench.shift import Runner, splits_for  # noqa: E402
 from yolozu.data import build_manifest  # noqa: E402
-from yolozu.data.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
+from yolozu.demo.bench.recipes import EPISODIC, ONLINE, Recipe  # noqa: E402
+from yolozu.demo.bench.shift import Runner, splits_for  # noqa: E402
+from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.eval import evaluate  # noqa: E402
 from yolozu.predictions import write_json_atomic  # noqa: E402
 
-ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only"}
-EPISODIC = {"reset": "sample", "streams": 8, "update_filter": "norm_only"}
 CANDIDATES = {
     "tent": [
         *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3, 5e-3, 1e-2)),

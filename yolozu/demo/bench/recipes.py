@@ -4,7 +4,7 @@ Tuned only on the ImageNet-C validation corruptions (speckle_noise, gaussian_blu
 severities 3 and 5; ``tools/tune_recipes.py``), never on the 15 test corruptions; docs/benchmarks.md records the
 search. ``make export TTT=<method>`` uses the online recipe of the same method.
 
-    python -m yolozu.bench.recipes tent        # the recipe as export flags
+    python -m yolozu.demo.bench.recipes tent        # the recipe as export flags
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def export_flags(name: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] not in RECIPES:
-        print(f"usage: python -m yolozu.bench.recipes {{{','.join(RECIPES)}}}", file=sys.stderr)
+        print(f"usage: python -m yolozu.demo.bench.recipes {{{','.join(RECIPES)}}}", file=sys.stderr)
         return 2
     print(" ".join(export_flags(args[0])))
     return 0

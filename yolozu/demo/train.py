@@ -1,6 +1,6 @@
 """Source training of the built-in detector on freshly rendered synthetic images (CPU, minutes).
 
-Every step renders a new batch with ``yolozu.data.synth.render_sample`` (photometric background jitter on)
+Every step renders a new batch with ``yolozu.demo.synth.render_sample`` (photometric background jitter on)
 from a seeded stream, mirrors each image with probability 1/2 (boxes mirrored, class kept, so the detector
 is flip-equivariant for test-time augmentation and CoTTA), and minimises the CenterNet loss. Every
 ``mim_every``-th step it also trains the MIM decoder: block-mask the clean batch and reconstruct it (MSE on
@@ -30,6 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from yolozu.adapters.detector import DetectorAdapter
+from yolozu.data import build_manifest
+from yolozu.demo.synth import SynthSpec, render_sample, write_split
+from yolozu.eval import evaluate
 from yolozu.functional.losses import masked_reconstruction_loss
 from yolozu.functional.masking import apply_mask, block_mask
 from yolozu.functional.rng import fold_in, key
@@ -73,8 +77,6 @@ def flip_labels(labels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_batch(rng: np.random.Generator, spec: Any, batch_size: int, flip_prob: float) -> tuple[Tensor, list]:
     """A fresh training batch ``(B, 3, S, S)`` in [0, 1] and its labels, randomly mirrored."""
-    from yolozu.data.synth import render_sample
-
     images, labels = [], []
     for _ in range(batch_size):
         img, objs = render_sample(rng, spec, "train", jitter=True)
@@ -164,10 +166,6 @@ def train(model: CenterNetDetector, spec: Any, config: TrainConfig, *, log_every
 
 def evaluate_on(model: CenterNetDetector, root: Path, split: str) -> dict[str, Any]:
     """COCO mAP of ``model`` on a written split (via the detector adapter's loading and decoding)."""
-    from yolozu.adapters.detector import DetectorAdapter
-    from yolozu.data import build_manifest
-    from yolozu.eval import evaluate
-
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.pt"
         save_detector(model, ckpt)
@@ -181,8 +179,6 @@ def validation_split(root: Path, spec: Any, seed: int, n_val: int) -> tuple[Path
     """Where to evaluate: ``<root>/images/val`` if present, else a val split written to a temporary folder."""
     if (root / "images" / "val").is_dir():
         return root, "val", False
-    from yolozu.data.synth import write_split
-
     tmp = Path(tempfile.mkdtemp(prefix="yolozu-val-"))
     write_split(tmp, "val", n_val, seed=seed, spec=spec)
     return tmp, "val", True
@@ -211,8 +207,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate on clean val, and write the checkpoint and its JSON sidecar."""
     args = parse_args(argv)
-    from yolozu.data.synth import SynthSpec
-
     spec = SynthSpec()
     config = TrainConfig(
         seed=args.seed,

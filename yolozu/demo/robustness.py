@@ -1,6 +1,6 @@
 """mAP of a detector checkpoint on clean val and on each corrupted val split: the drops TTT must win back.
 
-``python -m yolozu.models.robustness --root data/demo --severities 3 5`` prints a markdown table
+``python -m yolozu.demo.robustness --root data/demo --severities 3 5`` prints a markdown table
 (and ``--output`` writes the numbers as JSON). The splits come from ``tools/make_demo_data.py``.
 """
 
@@ -13,41 +13,25 @@ from typing import Any, Sequence
 
 import torch
 
+from yolozu.adapters.detector import DetectorAdapter
+from yolozu.data import build_manifest
+from yolozu.demo.corruptions import CORRUPTIONS
+from yolozu.eval import evaluate
+from yolozu.predict import Predictor
 from yolozu.predictions import write_json_atomic
-
-
-def predict_with_batch_statistics(adapter: Any, records: Sequence[dict], batch_size: int) -> list[dict]:
-    """Predictions with BatchNorm normalising by each test batch's own statistics (no learning).
-
-    The "BN adapt" reference of Schneider et al. 2020: how much of a corruption's drop is a shift of
-    normalisation statistics. The adapter's model is left as it was.
-    """
-    model = adapter.get_model()
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    preds: list[dict] = []
-    try:
-        with torch.no_grad():
-            for start, x in zip(
-                range(0, len(records), batch_size), adapter.build_loader(records, batch_size=batch_size)
-            ):
-                preds += adapter.decode(model(x), records[start : start + batch_size])
-    finally:
-        model.load_state_dict(saved)
-        model.eval()
-    return preds
 
 
 def evaluate_split(adapter: Any, root: Path, split: str, *, batch_stats: int = 0) -> dict[str, Any]:
     """Predict and score one split of ``root`` with ``adapter``; with ``batch_stats`` > 0 also score
-    predictions made with test-batch BatchNorm statistics (batches of that size) as ``map50_batch_stats``."""
-    from yolozu.data import build_manifest
-    from yolozu.eval import evaluate
+    predictions made with test-batch BatchNorm statistics (batches of that size) as ``map50_batch_stats``.
 
+    The test-batch statistics are the "BN adapt" reference of Schneider et al. 2020 (no learning): how much of
+    a corruption's drop is a shift of normalisation statistics. ``Predictor`` leaves the model as it was.
+    """
     records = build_manifest(root, split)
     report = evaluate(adapter.predict(records), records)
     if batch_stats:
-        adapted = evaluate(predict_with_batch_statistics(adapter, records, batch_stats), records)
+        adapted = evaluate(Predictor(adapter).predict(records, bn="batch", batch_size=batch_stats), records)
         report["map50_batch_stats"] = adapted["map50"]
         report["map_batch_stats"] = adapted["map"]
     return report
@@ -76,9 +60,6 @@ def markdown_table(clean: dict[str, Any], rows: dict[str, dict[int, dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate the checkpoint on clean val and every corruption at the given severities."""
-    from yolozu.adapters.detector import DetectorAdapter
-    from yolozu.data.corruptions import CORRUPTIONS
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/demo")
     p.add_argument("--checkpoint", default=None, help="detector checkpoint (default: the committed one)")

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md and its plots from a shift-benchmark results JSON (``yolozu.bench.shift``).
+"""docs/benchmarks.md and its plots from a shift-benchmark results JSON (``yolozu.demo.bench.shift``).
 
 The headline and baseline lines are computed here from the measured rows, never written by hand.
 """
@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from yolozu.bench.recipes import GRADIENT_METHODS
-from yolozu.data.corruptions import CORRUPTIONS
+from yolozu.demo.bench.recipes import GRADIENT_METHODS
+from yolozu.demo.corruptions import CORRUPTIONS
 
 TARGETS = {
     "gain": 10.0,  # points of mean mAP50 over source at severity 5, best method
@@ -212,7 +212,7 @@ def provenance(results: dict) -> str:
 
 def write_report(results: dict, docs: Path, scope: str) -> list[Path]:
     """Write the markdown report and plots; returns the paths written."""
-    from yolozu.plot_log import plot_log
+    from yolozu.demo.plot_log import plot_log
 
     res = Results(results)
     docs.mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,7 @@ def write_report(results: dict, docs: Path, scope: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Regenerate the report from a results JSON: ``python -m yolozu.bench.report runs/bench/quick.json``."""
+    """Regenerate the report from a results JSON: ``python -m yolozu.demo.bench.report runs/bench/quick.json``."""
     import argparse
     import json
 

@@ -1,0 +1,1 @@
+"""The shift benchmark: method recipes, the in-process runner, peak-memory probes and the markdown report."""
