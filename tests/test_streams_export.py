@@ -1,6 +1,7 @@
 """Episodic export batched with vmap equals the one-image-at-a-time loop, for every method."""
 
 import pytest
+import torch
 
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
@@ -63,3 +64,17 @@ def test_a_stream_stopped_by_a_guard_keeps_its_last_good_state(records):
     ]
     for a, b in zip(loop, streamed):
         assert [d["score"] for d in a["detections"]] == pytest.approx([d["score"] for d in b["detections"]], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"schedule": "pre", "max_batches": 2}, {"schedule": "online", "batch_size": 2}, {"reset": "sample", "streams": 2}],
+)
+def test_the_export_schedules_leave_the_module_as_it_was(records, schedule):
+    adapter = DetectorAdapter()
+    before = {k: v.clone() for k, v in adapter.get_model().state_dict().items()}
+    config = TTTConfig(enabled=True, method="cotta", lr=1e-2, update_filter="norm_only", **schedule)
+    _, report = adapt_and_predict(adapter, records, config)
+    assert report.steps_run > 0
+    after = adapter.get_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -83,3 +83,44 @@ def test_to_dict_is_json_ready():
     d = TTTConfig(include=["bn"], exclude="head").to_dict()
     assert d["include"] == ["bn"] and d["exclude"] == ["head"]
     json.dumps(d)
+
+
+def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
+    import attrs
+
+    from yolozu.export import build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    flags = [f for f in attrs.fields(TTTConfig) if f.name not in ("enabled", "preset")]
+    assert len(flags) > 30
+    for field in flags:
+        action = actions.pop(f"ttt_{field.name}")
+        assert action.option_strings[0] == "--ttt-" + field.name.replace("_", "-")
+        assert field.metadata["help"] in action.help and action.default is None
+        assert (tuple(action.choices) if action.choices else None) == getattr(field.validator, "choices", None)
+    assert {dest for dest in actions if dest.startswith("ttt_")} == {"ttt_preset", "ttt_log_out"}
+
+
+def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
+    from yolozu.export import build_parser, ttt_config, ttt_meta
+    from yolozu.functional.cotta import CoTTASettings
+
+    argv = ["--dataset", "d", "--output", "o", "--ttt", "--ttt-method", "cotta", "--ttt-cotta-augmentations",
+            "identity", "--ttt-cotta-augmentations", "hflip", "--ttt-include", "bn", "lora", "--ttt-max-batches", "3",
+            "--no-ttt-rollback-on-stop", "--ttt-mask-prob", "0.25", "--ttt-cotta-restore-prob", "0.5"]
+    config = ttt_config(build_parser().parse_args(argv))
+    assert config.cotta_augmentations == ("identity", "hflip") and config.include == ("bn", "lora")
+    assert (config.max_batches, config.rollback_on_stop, config.mask_prob) == (3, False, 0.25)
+    assert config.method_settings() == CoTTASettings(restore_prob=0.5)
+    meta = ttt_meta(config, None)
+    assert meta["cotta"]["restore_prob"] == 0.5 and meta["cotta"]["augmentations"] == ["identity", "hflip"]
+    assert meta["mim"] == {"mask_prob": 0.25, "patch_size": 16, "mask_value": 0.0}
+    assert (meta["max_batches"], meta["prediction_bn"], meta["report"]) == (3, "batch", None)
+    assert "cotta_restore_prob" not in meta and "mask_prob" not in meta
+
+
+def test_enabled_and_switches_accept_only_booleans():
+    with pytest.raises(ValueError, match="TTTConfig.enabled must be True or False, got 'no'"):
+        TTTConfig(enabled="no")
+    with pytest.raises(ValueError, match="TTTConfig.rollback_on_stop must be True or False"):
+        TTTConfig(rollback_on_stop=1)

@@ -232,3 +232,25 @@ def test_cotta_rows_carry_the_yolozu_step_metric_keys():
     assert row["aug"] == {"augmentations": ["identity", "hflip"], "aggregation": "confidence_weighted_mean",
                           "branches": 2}
     assert row["consistency_loss"] == row["loss"]
+
+
+def test_tent_runner_logs_its_counters_every_log_every_steps(caplog):
+    model = seeded(TinyClassifier)
+    runner = TentRunner(model, config=TentConfig(lr=1e-2, log_every=2))
+    with caplog.at_level("INFO", logger="yolozu.tta.tent"):
+        for x in _images(5):
+            runner.adapt_step(torch.stack([x, -x]))
+    logged = [r.getMessage() for r in caplog.records if r.name == "yolozu.tta.tent"]
+    assert [m.split(":")[0] for m in logged] == ["tent step 2", "tent step 4"]
+    assert "'updated_param_count': 32" in logged[0] and runner.maybe_log()["steps"] == 5
+
+
+def test_run_ttt_mim_keys_come_from_batch_zero_and_the_step():
+    from yolozu.functional import rng
+    from yolozu.functional.masking import block_mask
+
+    model = seeded(TinyAutoencoder)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = run_ttt_mim(model, x, steps=2, lr=1e-2, mask_prob=0.5, patch_size=4, seed=3)
+    masks = [block_mask(rng.step_key(rng.key(3), 0, s), 2, 16, 16, patch_size=4, mask_prob=0.5) for s in range(2)]
+    assert result.mask_ratio == pytest.approx(float(torch.stack(masks).float().mean()))

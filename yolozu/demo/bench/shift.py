@@ -37,22 +37,18 @@ PREDICT_BATCH = 32
 
 
 class Runner:
-    """Runs recipes on records with a detector restored to the source weights before every run."""
+    """Runs recipes on records, one detector per set of adapter options. Every run starts from the source
+    weights: the export's schedules adapt copies of the tensors and leave the module as it was."""
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self._adapters: dict[tuple, DetectorAdapter] = {}
-        self._source: dict[tuple, dict] = {}
 
     def adapter(self, recipe: Recipe) -> DetectorAdapter:
         key = tuple(sorted(recipe.adapter.items()))
         if key not in self._adapters:
-            adapter = DetectorAdapter(device=self.device, batch_size=PREDICT_BATCH, **recipe.adapter)
-            self._adapters[key] = adapter
-            self._source[key] = {k: v.clone() for k, v in adapter.get_model().state_dict().items()}
-        adapter = self._adapters[key]
-        adapter.get_model().load_state_dict(self._source[key])  # a stream run leaves its weights adapted
-        return adapter
+            self._adapters[key] = DetectorAdapter(device=self.device, batch_size=PREDICT_BATCH, **recipe.adapter)
+        return self._adapters[key]
 
     def predict(self, recipe: Recipe, records: Sequence[dict]) -> tuple[list[dict], dict | None]:
         """The recipe's predictions and, for TTT recipes, its report."""
