@@ -20,8 +20,6 @@ from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
 
 PREDICT_HOOKS = ("get_model", "load_batch", "decode")
-PREDICT_BN = ("eval", "batch")
-"""``eval``: the stored running statistics; ``batch``: the statistics of the test batch (nothing updated)."""
 
 
 def missing_predict_hooks(adapter: object) -> list[str]:
@@ -36,7 +34,9 @@ def chunks(records: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
 
 
 class Predictor:
-    """Decoded predictions of ``adapter`` for given params and buffers (default: the model's own)."""
+    """Decoded predictions of ``adapter`` for given params and buffers (default: the model's own), normalised
+    with BatchNorm mode ``bn``: ``eval``, the stored running statistics, or ``batch``, the statistics of the test
+    batch (nothing updated)."""
 
     def __init__(self, adapter: object, *, tta: FlipTTAConfig | None = None) -> None:
         missing = missing_predict_hooks(adapter)
