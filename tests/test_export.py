@@ -359,3 +359,19 @@ def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys,
     assert expected in err
     assert not out.exists()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_eata_reads_its_fisher_data_split_and_sar_runs_online(tmp_path, dataset):
+    fisher = ["--ttt-method", "eata", "--ttt-eata-fisher-data", "val", "--ttt-eata-e-margin", "2.0"]
+    flags = ["--wrap", "--ttt", "--ttt-update-filter", "norm_only", "--ttt-lr", "1e-3", "--ttt-batch-size", "2"]
+    code, out = _export(tmp_path, dataset, *flags, *fisher, "--ttt-schedule", "online")
+    assert code == 0
+    ttt = json.loads(out.read_text())["meta"]["ttt"]
+    assert ttt["eata"]["fisher_data"] == "val" and ttt["report"]["steps_run"] == 2
+    assert {"selected", "selected_ratio", "skipped"} <= ttt["report"]["step_metrics"][0].keys()
+    code, out = _export(tmp_path, dataset, *flags, "--ttt-method", "sar", "--ttt-sar-e-margin", "2.0",
+                        "--ttt-sar-adaptive", "--ttt-schedule", "online", name="sar.json")
+    report = json.loads(out.read_text())["meta"]["ttt"]["report"]
+    assert code == 0 and report["steps_run"] == 2 and "ema_loss" in report["step_metrics"][0]
+    code, out = _export(tmp_path, dataset, *flags, *fisher[:3], "nosuchsplit", name="bad.json")
+    assert code == 1 and not out.exists()

@@ -17,7 +17,7 @@ def records(tmp_path_factory):
     return build_manifest(root, "val")
 
 
-@pytest.mark.parametrize("method", ["tent", "mim", "cotta"])
+@pytest.mark.parametrize("method", ["tent", "mim", "cotta", "eata", "sar"])
 def test_vmapped_streams_equal_the_loop(records, method):
     adapter = DetectorAdapter()
     config = TTTConfig(
@@ -29,6 +29,8 @@ def test_vmapped_streams_equal_the_loop(records, method):
         update_filter="lora_norm_only",
         patch_size=16,
         cotta_restore_prob=0.1,
+        eata_e_margin=2.0,
+        sar_e_margin=2.0,
     )
     loop, loop_report = adapt_and_predict(adapter, records, config)
     streamed, streamed_report = adapt_and_predict(adapter, records, config.replace(streams=3))  # chunks of 3 and 2

@@ -17,7 +17,7 @@ from yolozu.tta.presets import PRESETS, preset_values
         ("max_batches", 0, ">= 1 or None"),
         ("mask_prob", 1.2, "<= 1"),
         ("patch_size", 0, ">= 1"),
-        ("method", "sgd", "one of tent, mim, cotta"),
+        ("method", "sgd", "one of tent, mim, cotta, eata, sar"),
         ("update_filter", "bias", "one of all, norm_only"),
         ("reset", "never", "one of stream, sample"),
         ("schedule", "later", "one of pre, online"),

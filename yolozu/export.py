@@ -178,8 +178,10 @@ def run_export(args: argparse.Namespace) -> dict:
 
     if config.enabled:
         try:
+            split = config.calibration_split()
+            calibration = build_manifest(args.dataset, split) if split else None
             predictions, report = adapt_and_predict(
-                adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bars
+                adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bars, calibration=calibration
             )
         except (RuntimeError, ValueError, NotImplementedError) as e:
             raise TTTError(str(e)) from e

@@ -208,6 +208,7 @@ def cotta_method(
         return state.method_state.teacher if settings.predict_with == "teacher" else state.trainable
 
     augmentations = list(settings.augmentations)
+    aug = {"augmentations": augmentations, "aggregation": settings.aggregation, "branches": len(augmentations)}
     return Method(
         student_loss,
         optimizer,
@@ -217,10 +218,7 @@ def cotta_method(
         init=lambda trainable: CoTTAState(dict(trainable)),
         predict_params=predict_params,
         metric_names=("consistency_loss", "restored_count"),
-        row_fields={
-            "ema_momentum": settings.ema_momentum,
-            "aug": {"augmentations": augmentations, "aggregation": settings.aggregation, "branches": len(augmentations)},
-        },
+        row_fields={"ema_momentum": settings.ema_momentum, "aug": aug},
     )
 
 

@@ -101,7 +101,7 @@ def make_driver(
                 break
             keys = [rng.step_key(root, b, s) for b in batches]
             new, metrics = update(carry.state, xs, streams.draw(method, keys, carry.state.source, xs))
-            verdict = guards.verdict(metrics, limits)
+            verdict = guards.verdict(metrics, limits, method.stop_reasons)
             ok = verdict == 0
             keep = running & ok if rollback else running
             carry = Carry(_choose(keep, new, carry.state), torch.where(running & ~ok, verdict, carry.stop_code))

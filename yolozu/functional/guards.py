@@ -8,7 +8,7 @@ The loss guards compare a step's loss with the first step's loss measured before
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import attrs
 import torch
@@ -44,8 +44,11 @@ class GuardLimits:
     stop_on_non_finite: bool = setting(True, "stop on a non-finite loss, gradient or update")
 
 
-def trips(metrics: Mapping[str, Tensor], limits: GuardLimits) -> list[tuple[int, Tensor]]:
-    """(reason index, tripped) for every enabled guard, in ``STOP_REASONS`` order."""
+def trips(
+    metrics: Mapping[str, Tensor], limits: GuardLimits, method_reasons: Sequence[str] = ()
+) -> list[tuple[int, Tensor]]:
+    """(reason index, tripped) for every enabled guard, in ``STOP_REASONS`` order, then a method's own stop
+    reasons (``Method.stop_reasons``: bool metrics of those names) with indices after ``STOP_REASONS``."""
     loss, initial = metrics["loss"], metrics["initial_loss"]
     checks: list[tuple[int, Tensor]] = []
     if limits.stop_on_non_finite:
@@ -58,17 +61,18 @@ def trips(metrics: Mapping[str, Tensor], limits: GuardLimits) -> list[tuple[int,
         checks.append((3, loss > initial * limits.max_loss_ratio))
     if limits.max_loss_increase is not None:
         checks.append((4, loss > initial + limits.max_loss_increase))
+    checks += [(len(STOP_REASONS) + i, metrics[name]) for i, name in enumerate(method_reasons)]
     return checks
 
 
-def verdict(metrics: Mapping[str, Tensor], limits: GuardLimits) -> Tensor:
+def verdict(metrics: Mapping[str, Tensor], limits: GuardLimits, method_reasons: Sequence[str] = ()) -> Tensor:
     """0 if no guard trips, else 1 + the index of the first tripped reason (an int64 tensor)."""
     code = torch.zeros_like(metrics["loss"], dtype=torch.int64)
-    for index, tripped in reversed(trips(metrics, limits)):
+    for index, tripped in reversed(trips(metrics, limits, method_reasons)):
         code = torch.where(tripped, torch.full_like(code, index + 1), code)
     return code
 
 
-def reason(code: int) -> str | None:
-    """The stop reason of a verdict code, or None for 0."""
-    return None if code == 0 else STOP_REASONS[code - 1]
+def reason(code: int, method_reasons: Sequence[str] = ()) -> str | None:
+    """The stop reason of a verdict code (``STOP_REASONS``, then the method's own), or None for 0."""
+    return None if code == 0 else (*STOP_REASONS, *method_reasons)[code - 1]

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from yolozu.functional import cotta, mim, tent
+from yolozu.functional import cotta, eata, mim, sar, tent
 
 
 class MethodEntry(NamedTuple):
-    """How to build one method: its constructor, its settings class and the prefix of its config fields."""
+    """How to build one method: its constructor, its settings class, the prefix of its config fields and the
+    setting (if any) naming the in-distribution data its ``calibrate`` reads."""
 
     build: Callable[..., object]
     settings: type
     prefix: str
+    calibration: str | None = None
 
 
 METHODS: dict[str, MethodEntry] = {
     "tent": MethodEntry(tent.tent_method, tent.TentSettings, ""),
     "mim": MethodEntry(mim.mim_method, mim.MIMSettings, ""),
     "cotta": MethodEntry(cotta.cotta_method, cotta.CoTTASettings, "cotta_"),
+    "eata": MethodEntry(eata.eata_method, eata.EATASettings, "eata_", calibration="fisher_data"),
+    "sar": MethodEntry(sar.sar_method, sar.SARSettings, "sar_"),
 }
 
 

@@ -54,6 +54,19 @@ class Readout:
         return logits, self.sample_kind or self.score_kind
 
 
+    def class_rows(self, output: Any) -> Tensor:
+        """Tent's class samples as rows ``(N, C)`` of softmax logits, one distribution per sample (a classifier's
+        image, a detector's peak): what EATA and SAR select and weigh sample by sample."""
+        logits, kind = self.class_samples(output)
+        if kind != "softmax":
+            raise ValueError(
+                "this method selects samples by the entropy of their class distribution, but the readout's samples "
+                "are independent sigmoid scores; use a readout with softmax samples (e.g. the detector's "
+                "tent_loss='peak_softmax')"
+            )
+        return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
 DEFAULT_READOUT = Readout()
 
 

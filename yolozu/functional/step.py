@@ -115,6 +115,12 @@ def no_method_state(trainable: Params) -> tuple:
     return ()
 
 
+def no_calibration(state: TTTState, batches: Any) -> TTTState:
+    """The default ``calibrate``: a method that needs no in-distribution data."""
+    del batches
+    return state
+
+
 def adapted_params(state: TTTState) -> Params:
     """The default ``predict_params``: predictions use the adapted (trainable) parameters."""
     return state.trainable
@@ -128,8 +134,11 @@ class Method(NamedTuple):
     ``draw(key, source, batch)`` makes the update's randomness (``noise``) from a key and the shapes of the
     source params and the batch, outside any transform. ``init(trainable)`` makes the method's own state,
     ``predict_params(state)`` the parameters its predictions use. ``metric_names`` are the metrics it adds to
-    a step row and ``row_fields`` constants every row of it carries; ``clean_forward`` says the loss runs one
-    plain forward of the unaltered batch, so its output is a prediction of that batch.
+    a step row and ``row_fields`` constants every row of it carries; ``stop_reasons`` name bool metrics that
+    stop the run like a guard (after ``guards.STOP_REASONS``). ``clean_forward`` says the loss runs one plain
+    forward of the unaltered batch, so its output is a prediction of that batch. ``calibrate(state, batches)``
+    returns the state after a look at in-distribution data (EATA's Fisher information; the registry names the
+    setting that says which data).
     """
 
     loss_fn: LossFn
@@ -141,7 +150,9 @@ class Method(NamedTuple):
     predict_params: Callable[[TTTState], Params] = adapted_params
     metric_names: tuple[str, ...] = ()
     row_fields: Mapping[str, Any] = {}
+    stop_reasons: tuple[str, ...] = ()
     clean_forward: bool = False
+    calibrate: Callable[[TTTState, Any], TTTState] = no_calibration
 
     def init_state(self, model: nn.Module, selected: Sequence[str]) -> TTTState:
         """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters."""

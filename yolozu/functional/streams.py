@@ -69,9 +69,12 @@ def unstack_states(state: TTTState, k: int) -> list[TTTState]:
 
 
 def where(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
-    """Per stream, the new state where ``keep`` (a bool vector of length K) holds, else the old one."""
+    """Per stream, the new state where ``keep`` (a bool vector of length K) holds, else the old one. An old
+    leaf with fewer dims than the new one (a state whose shape a first step fixes, as EATA's moving average)
+    broadcasts over the new dims."""
 
     def pick(a: Tensor, b: Tensor) -> Tensor:
+        b = b.reshape(b.shape + (1,) * (a.dim() - b.dim()))
         return torch.where(keep.reshape(keep.shape + (1,) * (a.dim() - 1)), a, b)
 
     return _single(old, tree_map(pick, _per_stream(new), _per_stream(old)))

@@ -29,7 +29,9 @@ ONLINE_PREDICT = ("after_update", "adapt_forward")
 
 COMMON = {
     "enabled": setting(False, "adapt the model before/while predicting"),
-    "preset": setting(None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str),
+    "preset": setting(
+        None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str
+    ),
     "method": None,  # its choices come from the method registry (``_fields``)
     "reset": setting(
         "stream",
@@ -77,9 +79,8 @@ def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:
     fields["method"] = setting("tent", "the test-time training method", one_of(*methods))
     fields.update({f.name: copy_field(f) for f in attrs.fields(GuardLimits)})
     for name, method in methods.items():
-        fields.update(
-            {method.prefix + f.name: copy_field(f, group=name, prefix=method.prefix) for f in attrs.fields(method.settings)}
-        )
+        for field in attrs.fields(method.settings):
+            fields[method.prefix + field.name] = copy_field(field, group=name, prefix=method.prefix)
     return fields
 
 
@@ -107,6 +108,11 @@ class _Config:
         """The settings object of ``method`` (its class from the method registry) built from this config."""
         method = entry(self.method)
         return method.settings(**{f.name: getattr(self, method.prefix + f.name) for f in attrs.fields(method.settings)})
+
+    def calibration_split(self) -> str | None:
+        """The split of in-distribution data ``method`` calibrates on (EATA's Fisher data), if it asks for one."""
+        method = entry(self.method)
+        return getattr(self, method.prefix + method.calibration) if method.calibration else None
 
     def guard_limits(self) -> GuardLimits:
         """The guard thresholds this config sets."""

@@ -8,7 +8,7 @@ the module untouched. Every step of every entry point runs through ``functional.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -48,13 +48,21 @@ class Adaptation:
     """
 
     def __init__(
-        self, model: nn.Module, config: TTTConfig, readout: Readout = DEFAULT_READOUT, *, keep_output: bool = False
+        self,
+        model: nn.Module,
+        config: TTTConfig,
+        readout: Readout = DEFAULT_READOUT,
+        *,
+        keep_output: bool = False,
+        calibration: Iterable[torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.method, names = build_method(model, config, readout)
         self.device = _device_of(model)
         self.source = self.method.init_state(model, names)
+        if calibration is not None:  # in-distribution batches the method looks at once (EATA's Fisher)
+            self.source = self.method.calibrate(self.source, (x.to(self.device) for x in calibration))
         self.carry = start(self.source)
         self.root = rng.key(config.seed)
         self._drive = make_driver(
@@ -74,7 +82,7 @@ class Adaptation:
     @property
     def stop_reason(self) -> str | None:
         """Why a guard stopped the carried stream (None while it runs)."""
-        return guards.reason(int(self.carry.stop_code[0]))
+        return guards.reason(int(self.carry.stop_code[0]), self.method.stop_reasons)
 
     @property
     def stopped(self) -> bool:
@@ -113,7 +121,7 @@ class Adaptation:
         ):
             if not taken:
                 continue
-            reason = guards.reason(code)
+            reason = guards.reason(code, self.method.stop_reasons)
             row = {"step": len(self.rows) + 1, "batch": batch, **dict(zip(names, values)), **self.method.row_fields}
             row.update(rolled_back=not kept, stop_reason=reason)
             if kept:

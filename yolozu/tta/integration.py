@@ -35,13 +35,32 @@ def disabled_report(config: TTTConfig) -> TTTReport:
     return TTTReport(enabled=False, method=config.method, reset=config.reset)
 
 
+def adaptation_for(
+    adapter: object,
+    config: TTTConfig,
+    *,
+    calibration: Sequence[Record] | None = None,
+    keep_output: bool = False,
+) -> Adaptation:
+    """The adaptation of ``adapter``'s model under ``config``. ``calibration``: in-distribution records the method
+    looks at once before adapting when it asks for them (EATA's Fisher information), read through
+    ``build_loader`` in batches of ``config.batch_size``."""
+    batches = None if calibration is None else adapter.build_loader(list(calibration), batch_size=config.batch_size)
+    return Adaptation(adapter.get_model(), config, readout_of(adapter), keep_output=keep_output, calibration=batches)
+
+
 def adapt_stream(
-    adapter: object, records: Sequence[Record], config: TTTConfig, *, progress=None
+    adapter: object,
+    records: Sequence[Record],
+    config: TTTConfig,
+    *,
+    progress=None,
+    calibration: Sequence[Record] | None = None,
 ) -> tuple[Adaptation, int]:
     """Adapt one stream on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``,
     ``steps`` steps per batch, until a guard stops it; the module is not written. Returns the adaptation and the
     number of batches used. ``progress`` (e.g. a tqdm bar) is advanced by each adapted batch's images."""
-    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
+    adaptation = adaptation_for(adapter, config, calibration=calibration)
     loader = adapter.build_loader(list(records), batch_size=config.batch_size)
     batches_used = 0
     for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
@@ -54,9 +73,16 @@ def adapt_stream(
     return adaptation, batches_used
 
 
-def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTConfig(), *, progress=None) -> TTTReport:
-    """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``) and write the adapted
-    tensors into it; returns the run's ``TTTReport``.
+def run_ttt(
+    adapter: object,
+    records: Sequence[Record],
+    config: TTTConfig = TTTConfig(),
+    *,
+    progress=None,
+    calibration: Sequence[Record] | None = None,
+) -> TTTReport:
+    """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``; ``calibration`` as in
+    ``adaptation_for``) and write the adapted tensors into it; returns the run's ``TTTReport``.
 
     Raises:
       RuntimeError: the adapter lacks a TTT hook.
@@ -71,7 +97,7 @@ def run_ttt(adapter: object, records: Sequence[Record], config: TTTConfig = TTTC
             f"the source weights and belongs to the export flow (yolozu.export), not to run_ttt"
         )
     start = time.perf_counter()
-    adaptation, batches_used = adapt_stream(adapter, records, config, progress=progress)
+    adaptation, batches_used = adapt_stream(adapter, records, config, progress=progress, calibration=calibration)
     adaptation.write_back()
     return adaptation.report(
         seconds=time.perf_counter() - start,

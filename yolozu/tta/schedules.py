@@ -22,11 +22,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
-from yolozu.functional.readout import readout_of
 from yolozu.predict import Predictor, chunks
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import adapt_stream, require_ttt_hooks
+from yolozu.tta.integration import adapt_stream, adaptation_for, require_ttt_hooks
 from yolozu.tta.report import TTTReport
 
 
@@ -55,9 +54,9 @@ def _batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tup
     return zip(chunks(records, size), adapter.build_loader(records, batch_size=size))
 
 
-def _predict_online(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
+def _predict_online(adapter, records, config, predictor, progress, calibration) -> tuple[list, Adaptation, int]:
     reuse = config.online_predict == "adapt_forward"
-    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter), keep_output=reuse)
+    adaptation = adaptation_for(adapter, config, calibration=calibration, keep_output=reuse)
     _check_reuse(config, adaptation)
     predictions: list[Prediction] = []
     adapted = 0
@@ -75,8 +74,8 @@ def _predict_online(adapter, records, config, predictor, progress) -> tuple[list
     return predictions, adaptation, adapted
 
 
-def _predict_episodic(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
-    adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
+def _predict_episodic(adapter, records, config, predictor, progress, calibration) -> tuple[list, Adaptation, int]:
+    adaptation = adaptation_for(adapter, config, calibration=calibration)
     limit = len(records) if config.max_batches is None else min(config.max_batches, len(records))
     bn = config.prediction_bn
     predictions: list[Prediction] = []
@@ -98,12 +97,12 @@ def _predict_episodic(adapter, records, config, predictor, progress) -> tuple[li
     return predictions, adaptation, limit
 
 
-def _predict_pre(adapter, records, config, predictor, progress, batch_size) -> tuple[list[Prediction], TTTReport]:
+def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size) -> tuple[list, TTTReport]:
     limit = len(records) if config.max_batches is None else config.max_batches * config.batch_size
     bar = progress("adapt", min(limit, len(records)))
     start = time.perf_counter()
     try:
-        adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar)
+        adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar, calibration=calibration)
     finally:
         bar.close()
     report = adaptation.report(
@@ -142,25 +141,27 @@ def adapt_and_predict(
     tta: FlipTTAConfig | None = None,
     batch_size: int = 32,
     progress: Callable[[str, int], Any] = no_bars,
+    calibration: Sequence[Record] | None = None,
 ) -> tuple[list[Prediction], TTTReport]:
     """Predictions for ``records`` under test-time training ``config``, and the run's report. The adapter's
     module is left as it was.
 
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
     batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
-    for adaptation and one for prediction in ``pre``, one for both in the other schedules.
+    for adaptation and one for prediction in ``pre``, one for both in the other schedules. ``calibration``:
+    in-distribution records for a method that asks for them (``integration.adaptation_for``).
     """
     require_ttt_hooks(adapter)
     _check(config, tta)
     predictor = Predictor(adapter, tta=tta)
     records = list(records)
     if config.reset == "stream" and config.schedule == "pre":
-        return _predict_pre(adapter, records, config, predictor, progress, batch_size)
+        return _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size)
     start = time.perf_counter()
     run = _predict_online if config.reset == "stream" else _predict_episodic
     bar = progress("adapt+predict", len(records))
     try:
-        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar)
+        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration)
     finally:
         bar.close()
     report = adaptation.report(
