@@ -18,7 +18,7 @@ def run(method, factory, seed):
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 16, 16, generator=g) for _ in range(4)]
     config = TTTConfig(enabled=True, method=method, lr=1e-2, steps=2, batch_size=2, seed=seed,
-                       patch_size=4, mask_prob=0.5)
+                       mim_patch_size=4, mim_mask_prob=0.5)
     report = run_ttt(TensorAdapter(model), images, config)
     digest = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -59,7 +59,7 @@ def test_a_different_seed_changes_the_mim_masks():
     def losses(seed):
         model = seeded(TinyAutoencoder)
         images = [torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-        config = TTTConfig(enabled=True, method="mim", lr=1e-2, batch_size=2, seed=seed, patch_size=4, mask_prob=0.5)
+        config = TTTConfig(enabled=True, method="mim", lr=1e-2, batch_size=2, seed=seed, mim_patch_size=4, mim_mask_prob=0.5)
         return run_ttt(TensorAdapter(model), images, config).losses
 
     assert losses(1) == losses(1)

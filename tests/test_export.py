@@ -102,7 +102,7 @@ def test_help_lists_every_flag():
     for flag in SPEC_FLAGS + ISSUE_FLAGS:
         assert flag in text, flag
     for choices in (
-        "tent,mim,cotta",
+        "tent,mim,cotta,eata,sar",
         "all,norm_only,adapter_only,lora_only,lora_norm_only",
         "stream,sample",
         "pre,online",
@@ -214,7 +214,8 @@ def test_ttt_schedules_give_the_schema_report_and_change_predictions(
     assert report["updated_param_count"] > 0 and report["steps_run"] > 0 and report["losses"]
     assert (report["mask_ratio"] is not None) == (method == "mim")
     assert doc["predictions"] != plain_predictions
-    assert json.loads(log.read_text()) == {"output": str(out), "ttt": ttt}
+    logged = json.loads(log.read_text())
+    assert logged.pop("timestamp").endswith("+00:00") and logged == {"output": str(out), "ttt": ttt}
 
 
 def test_same_seed_gives_byte_identical_predictions(tmp_path, dataset):
@@ -363,7 +364,8 @@ def test_errors_are_clear_nonzero_and_leave_no_output(tmp_path, dataset, capsys,
 
 def test_eata_reads_its_fisher_data_split_and_sar_runs_online(tmp_path, dataset):
     fisher = ["--ttt-method", "eata", "--ttt-eata-fisher-data", "val", "--ttt-eata-e-margin", "2.0"]
-    flags = ["--wrap", "--ttt", "--ttt-update-filter", "norm_only", "--ttt-lr", "1e-3", "--ttt-batch-size", "2"]
+    flags = ["--wrap", "--ttt", "--ttt-update-filter", "norm_only", "--ttt-lr", "1e-3", "--ttt-batch-size", "2",
+             "--ttt-max-batches", "none"]
     code, out = _export(tmp_path, dataset, *flags, *fisher, "--ttt-schedule", "online")
     assert code == 0
     ttt = json.loads(out.read_text())["meta"]["ttt"]

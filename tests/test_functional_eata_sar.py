@@ -98,13 +98,13 @@ def test_eata_skips_steps_without_samples_and_stops_after_the_streak():
     before = {n: p.clone() for n, p in model.named_parameters()}
     config = TTTConfig(
         enabled=True, method="eata", lr=1e-2, batch_size=2, update_filter="norm_only", eata_min_valid_dets=100,
-        eata_max_skip_streak=2,
+        eata_max_skip_streak=2, steps=6, max_batches=None,
     )
     report = run_ttt(TensorAdapter(model), images, config)
     assert [row["skipped"] for row in report.step_metrics] == [1.0, 1.0, 1.0]
     assert report.stop_reason == "eata_max_skip_streak_exceeded" and report.step_metrics[-1]["rolled_back"]
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no step was taken
-    ratio = TTTConfig(enabled=True, method="eata", batch_size=2, eata_selected_ratio_min=0.9, eata_e_margin=1e-6)
+    ratio = TTTConfig(enabled=True, method="eata", batch_size=2, eata_selected_ratio_min=0.9, eata_e_margin=1e-6, steps=2)
     assert run_ttt(TensorAdapter(seeded(TinyClassifier)), images, ratio).stop_reason == "eata_selected_ratio_below_min"
 
 

@@ -62,7 +62,7 @@ def test_a_new_method_gets_fields_flags_meta_and_runs(registered):
         registered(sharp_temperature=0.0)
     model = seeded(TinyClassifier)
     images = [torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    report = run_ttt(TensorAdapter(model), images, config.replace(lr=1e-2, batch_size=2, max_batches=None))
+    report = run_ttt(TensorAdapter(model), images, config.replace(lr=1e-2, batch_size=2, max_batches=None, steps=2))
     assert report.steps_run == 2
     assert [row["temperature"] for row in report.step_metrics] == [3.0, 3.0]
     assert {row["kind"] for row in report.step_metrics} == {"sharp"}

@@ -24,10 +24,12 @@ def test_vmapped_streams_equal_the_loop(records, method):
         enabled=True,
         method=method,
         reset="sample",
+        max_batches=None,
+        seed=0,
         steps=2,
         lr=1e-3,
         update_filter="lora_norm_only",
-        patch_size=16,
+        mim_patch_size=16,
         cotta_restore_prob=0.1,
         eata_e_margin=2.0,
         sar_e_margin=2.0,
@@ -53,6 +55,7 @@ def test_a_stream_stopped_by_a_guard_keeps_its_last_good_state(records):
         enabled=True,
         method="tent",
         reset="sample",
+        max_batches=None,
         steps=2,
         lr=1e-3,
         update_filter="norm_only",
@@ -75,7 +78,7 @@ def test_a_stream_stopped_by_a_guard_keeps_its_last_good_state(records):
 def test_the_export_schedules_leave_the_module_as_it_was(records, schedule):
     adapter = DetectorAdapter()
     before = {k: v.clone() for k, v in adapter.get_model().state_dict().items()}
-    config = TTTConfig(enabled=True, method="cotta", lr=1e-2, update_filter="norm_only", **schedule)
+    config = TTTConfig(enabled=True, method="cotta", lr=1e-2, update_filter="norm_only", seed=0, **schedule)
     _, report = adapt_and_predict(adapter, records, config)
     assert report.steps_run > 0
     after = adapter.get_model().state_dict()

@@ -15,13 +15,13 @@ from yolozu.tta.presets import PRESETS, preset_values
         ("steps", 1.5, "integer"),
         ("batch_size", -2, ">= 1"),
         ("max_batches", 0, ">= 1 or None"),
-        ("mask_prob", 1.2, "<= 1"),
-        ("patch_size", 0, ">= 1"),
+        ("mim_mask_prob", 1.2, "<= 1"),
+        ("mim_patch_size", 0, ">= 1"),
         ("method", "sgd", "one of tent, mim, cotta, eata, sar"),
         ("update_filter", "bias", "one of all, norm_only"),
         ("reset", "never", "one of stream, sample"),
         ("schedule", "later", "one of pre, online"),
-        ("max_update_norm", -1.0, "> 0 or None"),
+        ("max_update_norm", -1.0, ">= 0 or None"),
         ("max_loss_increase", -0.1, ">= 0 or None"),
         ("cotta_ema_momentum", 1.5, "<= 1"),
         ("cotta_augmentations", ("identity", "rotate"), "drawn from identity, hflip"),
@@ -43,9 +43,10 @@ def test_defaults_follow_the_spec():
         1,
         1e-4,
         1,
-        None,
+        1,
         "all",
     )
+    assert (c.seed, c.include, c.exclude, c.log_out) == (None, None, None, None)
     assert (c.reset, c.schedule, c.stop_on_non_finite, c.rollback_on_stop) == ("stream", "pre", True, True)
 
 
@@ -88,17 +89,18 @@ def test_to_dict_is_json_ready():
 def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
     import attrs
 
-    from yolozu.export import build_parser
+    from yolozu.export import build_parser, flag_of
 
     actions = {a.dest: a for a in build_parser()._actions}
     flags = [f for f in attrs.fields(TTTConfig) if f.name not in ("enabled", "preset")]
     assert len(flags) > 30
     for field in flags:
         action = actions.pop(f"ttt_{field.name}")
-        assert action.option_strings[0] == "--ttt-" + field.name.replace("_", "-")
+        assert action.option_strings[0] == flag_of(field)
         assert field.metadata["help"] in action.help and action.default is None
         assert (tuple(action.choices) if action.choices else None) == getattr(field.validator, "choices", None)
-    assert {dest for dest in actions if dest.startswith("ttt_")} == {"ttt_preset", "ttt_log_out"}
+    assert {dest for dest in actions if dest.startswith("ttt_")} == {"ttt_preset"}
+    assert flag_of(attrs.fields_dict(TTTConfig)["mim_mask_prob"]) == "--ttt-mask-prob"  # the spec's MIM flags
 
 
 def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
@@ -110,13 +112,13 @@ def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
             "--no-ttt-rollback-on-stop", "--ttt-mask-prob", "0.25", "--ttt-cotta-restore-prob", "0.5"]
     config = ttt_config(build_parser().parse_args(argv))
     assert config.cotta_augmentations == ("identity", "hflip") and config.include == ("bn", "lora")
-    assert (config.max_batches, config.rollback_on_stop, config.mask_prob) == (3, False, 0.25)
+    assert (config.max_batches, config.rollback_on_stop, config.mim_mask_prob) == (3, False, 0.25)
     assert config.method_settings() == CoTTASettings(restore_prob=0.5)
     meta = ttt_meta(config, None)
     assert meta["cotta"]["restore_prob"] == 0.5 and meta["cotta"]["augmentations"] == ["identity", "hflip"]
     assert meta["mim"] == {"mask_prob": 0.25, "patch_size": 16, "mask_value": 0.0}
     assert (meta["max_batches"], meta["prediction_bn"], meta["report"]) == (3, "batch", None)
-    assert "cotta_restore_prob" not in meta and "mask_prob" not in meta
+    assert "cotta_restore_prob" not in meta and "mim_mask_prob" not in meta
 
 
 def test_enabled_and_switches_accept_only_booleans():

@@ -50,12 +50,13 @@ def test_disabled_config_does_nothing():
 def test_run_ttt_tent_reports_and_adapts(filt):
     model = seeded(TinyClassifier)
     before = snapshot(model)
-    config = _tent(steps=2, batch_size=2, max_batches=2, update_filter=filt)
+    config = _tent(steps=5, batch_size=2, max_batches=2, update_filter=filt)
     report = run_ttt(TensorAdapter(model), _images(6), config)
     assert isinstance(report, TTTReport)
     assert (report.enabled, report.method, report.reset) == (True, "tent", "stream")
-    assert (report.steps_requested, report.steps_run, report.batches_used) == (4, 4, 2)
-    assert len(report.losses) == 4 and all(math.isfinite(v) for v in report.losses)
+    assert (report.steps_requested, report.steps_run, report.batches_used) == (5, 5, 2)  # steps in all, cycling
+    assert [row["batch"] for row in report.step_metrics] == [0, 1, 0, 1, 0]
+    assert len(report.losses) == 5 and all(math.isfinite(v) for v in report.losses)
     selected = filters.select(model, filt)
     assert report.updated_param_count == sum(dict(model.named_parameters())[n].numel() for n in selected)
     assert report.mask_ratio is None and not report.stopped_early and report.stop_reason is None
@@ -73,7 +74,8 @@ def test_run_ttt_tent_reports_and_adapts(filt):
 def test_run_ttt_mim_updated_param_count_and_mask_ratio(filt):
     model = seeded(TinyAutoencoder)
     config = TTTConfig(
-        enabled=True, method="mim", lr=1e-2, update_filter=filt, patch_size=4, mask_prob=0.5, batch_size=2
+        enabled=True, method="mim", lr=1e-2, update_filter=filt, mim_patch_size=4, mim_mask_prob=0.5, batch_size=2,
+        max_batches=None, steps=2,
     )
     report = run_ttt(TensorAdapter(model), [x.sigmoid() for x in _images(4)], config)
     expected = sum(p.numel() for n, p in model.named_parameters() if n in filters.select(model, filt))
@@ -115,10 +117,10 @@ GUARD_CASES = [
 def test_each_guard_trips_rolls_back_bitwise_and_reports(limits, reason, trip_step):
     model, records = _confident_then_uniform()
     reference, _ = _confident_then_uniform()
-    base = dict(batch_size=2, max_batches=2, update_filter="all", bn_mode="running")
+    base = dict(batch_size=2, max_batches=2, steps=2, update_filter="all", bn_mode="running")
     kept_steps = trip_step - 1
     if kept_steps:
-        run_ttt(TensorAdapter(reference), records[:2], _tent(**base))  # what the kept step leaves
+        run_ttt(TensorAdapter(reference), records[:2], _tent(**{**base, "steps": 1}))  # what the kept step leaves
     expected = snapshot(reference)
     report = run_ttt(TensorAdapter(model), records, _tent(**base, **limits))
     assert report.stopped_early and report.stop_reason == reason
@@ -157,7 +159,7 @@ def test_an_error_mid_run_leaves_the_model_untouched():
             raise OSError("image 3 unreadable")
 
     with pytest.raises(OSError):
-        run_ttt(Breaking(model), [], _tent(steps=3))
+        run_ttt(Breaking(model), [], _tent(steps=3, max_batches=None))
     assert same_tensors(snapshot(model), before)
 
 

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         lr=1e-3,
         update_filter="lora_norm_only",
-        patch_size=16,
+        mim_patch_size=16,
+        max_batches=None,
+        seed=0,
     )
     ks = [1] + args.streams
     print(

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         records = build_manifest(args.dataset, split)
         bn = evaluate(runner.predict(Recipe("bn", "bn", bn_stats=True), records)[0], records)["map50"]
         for lr in args.lrs:
-            extra = {"mask_prob": 0.5} if args.method == "mim" else {}
+            extra = {"mim_mask_prob": 0.5} if args.method == "mim" else {}
             recipe = Recipe("probe", "probe", {"method": args.method, **ONLINE, "lr": lr, **extra})
             predictions, report = runner.predict(recipe, records)
             losses = report["losses"]

@@ -34,14 +34,14 @@ CANDIDATES = {
         {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2},
     ],
     "mim": [
-        *({"method": "mim", **ONLINE, "lr": lr, "mask_prob": 0.5} for lr in (1e-4, 3e-4, 3e-3, 1e-2, 3e-2)),
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "bn_mode": "batch"},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "mask_value": 0.5},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.3, "patch_size": 8},
-        {"method": "mim", **ONLINE, "lr": 1e-4, "mask_prob": 0.5, "update_filter": "all"},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mask_prob": 0.5, "update_filter": "lora_only"},
-        {"method": "mim", **ONLINE, "lr": 1e-2, "mask_prob": 0.5, "update_filter": "lora_norm_only"},
-        {"method": "mim", **EPISODIC, "lr": 1e-3, "mask_prob": 0.5},
+        *({"method": "mim", **ONLINE, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4, 3e-4, 3e-3, 1e-2, 3e-2)),
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "bn_mode": "batch"},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "mim_mask_value": 0.5},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.3, "mim_patch_size": 8},
+        {"method": "mim", **ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5, "update_filter": "all"},
+        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "update_filter": "lora_only"},
+        {"method": "mim", **ONLINE, "lr": 1e-2, "mim_mask_prob": 0.5, "update_filter": "lora_norm_only"},
+        {"method": "mim", **EPISODIC, "lr": 1e-3, "mim_mask_prob": 0.5},
     ],
     "cotta": [
         *({"method": "cotta", **ONLINE, "lr": lr, "cotta_ema_momentum": m} for lr, m in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,9 +34,31 @@ NOT_FLAGS = ("enabled", "preset")
 """``TTTConfig`` fields with a flag of their own shape (``--ttt``, ``--ttt-preset``)."""
 
 
+class ExplicitNone:
+    """The value of an optional setting's flag given as ``none`` (e.g. ``--ttt-max-batches none``: no cap), as
+    opposed to an absent flag (the preset's or the default value)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = ExplicitNone()
+
+
+def optional(kind: type):
+    """argparse type of an optional setting: ``none`` (any case) or a value of ``kind``."""
+
+    def parse(text: str):
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def flag_of(field: attrs.Attribute) -> str:
-    """The command-line flag of a ``TTTConfig`` field: ``--ttt-`` + its name with dashes."""
-    return "--ttt-" + field.name.replace("_", "-")
+    """The command-line flag of a ``TTTConfig`` field: the one its method's registry entry gives it, else
+    ``--ttt-`` + its name with dashes."""
+    return field.metadata.get("flag") or "--ttt-" + field.name.replace("_", "-")
 
 
 def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
@@ -53,7 +76,8 @@ def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
     elif kind is tuple:
         kwargs.update(action="extend", nargs="+", metavar="VALUE" if choices is None else None)
     else:
-        kwargs["type"] = kind
+        kwargs["type"] = optional(kind) if getattr(field.validator, "optional", False) else kind
+        kwargs["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT") if choices is None else None
     if choices is not None:
         kwargs["choices"] = choices
     return {k: v for k, v in kwargs.items() if v is not None or k == "default"}
@@ -98,14 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     ttt.add_argument("--ttt-preset", choices=sorted(PRESETS), help="tested settings; explicit flags win")
     for field in ttt_fields():
         ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
-    ttt.add_argument("--ttt-log-out", help="write a JSON log {output, ttt}")
     return parser
 
 
 def ttt_config(args: argparse.Namespace) -> TTTConfig:
     """The TTT config the flags ask for: preset values, then every explicitly given flag."""
-    explicit = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
-    explicit = {name: value for name, value in explicit.items() if value is not None}
+    given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
+    explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
     explicit.setdefault("seed", args.seed)
     if not args.ttt:
         return TTTConfig(**explicit)
@@ -154,6 +177,15 @@ def _adapter(args: argparse.Namespace):
     return build_adapter(args.adapter, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
 
 
+def _check_usage(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.ttt_preset and not args.ttt:
+        raise UsageError("--ttt-preset needs --ttt")
+    if args.ttt_log_out and not args.ttt:
+        raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
+
+
 def run_export(args: argparse.Namespace) -> dict:
     """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
     torch.manual_seed(args.seed)
@@ -161,10 +193,7 @@ def run_export(args: argparse.Namespace) -> dict:
     for path in (output, args.ttt_log_out, args.tta_log_out):
         if path:
             _check_output(Path(path))
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.ttt_preset and not args.ttt:
-        raise UsageError("--ttt-preset needs --ttt")
+    _check_usage(args)
     try:
         config = ttt_config(args)
     except ValueError as e:
@@ -209,7 +238,8 @@ def run_export(args: argparse.Namespace) -> dict:
     }
     write_json_atomic(output, wrap(predictions, meta) if args.wrap else predictions)
     if args.ttt_log_out:
-        write_json_atomic(args.ttt_log_out, {"output": str(output), "ttt": meta["ttt"]}, indent=2)
+        log = {"output": str(output), "timestamp": datetime.now(timezone.utc).isoformat(), "ttt": meta["ttt"]}
+        write_json_atomic(args.ttt_log_out, log, indent=2)
     if args.tta_log_out:
         write_json_atomic(args.tta_log_out, {"output": str(output), "tta": meta["tta"]}, indent=2)
     return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}

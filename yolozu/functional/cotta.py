@@ -120,13 +120,13 @@ class CoTTAState(NamedTuple):
 class CoTTASettings:
     """CoTTA's settings; defaults from the paper's CIFAR setting."""
 
-    ema_momentum: float = setting(0.999, "CoTTA: teacher EMA momentum m", number(0, 1))
+    ema_momentum: float = setting(0.999, "CoTTA: teacher EMA momentum m", number(0, 1), yolozu=True)
     augmentations: tuple[str, ...] = setting(
-        AUGMENTATIONS, "CoTTA: teacher branches", many_of(*AUGMENTATIONS), type=tuple, converter=str_tuple
+        AUGMENTATIONS, "CoTTA: teacher branches", many_of(*AUGMENTATIONS), type=tuple, converter=str_tuple, yolozu=True
     )
-    aggregation: str = setting("confidence_weighted_mean", "CoTTA: branch averaging", one_of(*AGGREGATIONS))
-    restore_prob: float = setting(0.01, "CoTTA: stochastic restore probability", number(0, 1))
-    restore_interval: int = setting(1, "CoTTA: restore every N steps", number(1, integer=True))
+    aggregation: str = setting("confidence_weighted_mean", "CoTTA: branch averaging", one_of(*AGGREGATIONS), yolozu=True)
+    restore_prob: float = setting(0.01, "CoTTA: stochastic restore probability", number(0, 1), yolozu=True)
+    restore_interval: int = setting(1, "CoTTA: restore every N steps", number(1, integer=True), yolozu=True)
     confidence_threshold: float = setting(
         0.92, "CoTTA: average the branches where the source confidence is below this", number(0, 1)
     )

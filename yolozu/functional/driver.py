@@ -82,7 +82,8 @@ def _choose(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
 def make_driver(
     method: Method, limits: guards.GuardLimits, *, rollback: bool = True, keep_output: bool = False
 ) -> Callable[[Carry, Any, Sequence[int], int, rng.Key], tuple[Carry, list[StepRecord]]]:
-    """``drive(carry, xs, batches, steps, root) -> (carry, records)`` for ``method`` under the guard ``limits``.
+    """``drive(carry, xs, batches, steps, root, first_step=0) -> (carry, records)`` for ``method`` under the guard
+    ``limits``; the steps on each batch are numbered from ``first_step`` (a batch met again when cycling).
 
     ``rollback``: a stopped step's state is dropped (default) or kept; the stream stops either way.
     ``keep_output`` adds each step's forward output to its metrics as ``output``.
@@ -91,11 +92,11 @@ def make_driver(
     stacked = streams.streams_update(method, keep_output=keep_output)
 
     def drive(
-        carry: Carry, xs: Any, batches: Sequence[int], steps: int, root: rng.Key
+        carry: Carry, xs: Any, batches: Sequence[int], steps: int, root: rng.Key, first_step: int = 0
     ) -> tuple[Carry, list[StepRecord]]:
         update = single if len(batches) == 1 else stacked
         records = []
-        for s in range(steps):
+        for s in range(first_step, first_step + steps):
             running = carry.stop_code == 0
             if not bool(running.any()):
                 break

@@ -55,6 +55,21 @@ def _optional_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None
 class EATASettings:
     """EATA's margins and regulariser (the paper's defaults) and YOLOZU's selection knobs."""
 
+    conf_min: float = setting(0.2, "EATA: a sample needs at least this top probability", number(0, 1), yolozu=True)
+    entropy_min: float = setting(0.05, "EATA: a sample needs at least this entropy", number(0), yolozu=True)
+    entropy_max: float = setting(3.0, "EATA: a sample needs at most this entropy", number(0), yolozu=True)
+    min_valid_dets: int = setting(
+        1, "EATA: a step with fewer kept samples is skipped", number(0, integer=True), yolozu=True
+    )
+    anchor_lambda: float = setting(
+        1e-3, "EATA: L2 anchor to the source weights without Fisher data", number(0), yolozu=True
+    )
+    selected_ratio_min: float = setting(
+        0.0, "EATA: stop when the kept fraction falls below this", number(0, 1), yolozu=True
+    )
+    max_skip_streak: int = setting(
+        3, "EATA: stop after more skipped steps in a row than this", number(0, integer=True), yolozu=True
+    )
     e_margin: float | None = setting(
         None, "EATA: entropy margin E0 (none: 0.4 ln C)", number(0, low_open=True, optional=True), type=float
     )
@@ -63,13 +78,6 @@ class EATASettings:
     fisher_data: str | None = setting(
         None, "EATA: split of in-distribution data for the Fisher information", _optional_str, type=str
     )
-    conf_min: float = setting(0.2, "EATA: a sample needs at least this top probability", number(0, 1))
-    entropy_min: float = setting(0.05, "EATA: a sample needs at least this entropy", number(0))
-    entropy_max: float = setting(3.0, "EATA: a sample needs at most this entropy", number(0))
-    min_valid_dets: int = setting(1, "EATA: a step with fewer kept samples is skipped", number(0, integer=True))
-    anchor_lambda: float = setting(1e-3, "EATA: L2 anchor to the source weights without Fisher data", number(0))
-    selected_ratio_min: float = setting(0.0, "EATA: stop when the kept fraction falls below this", number(0, 1))
-    max_skip_streak: int = setting(3, "EATA: stop after more skipped steps in a row than this", number(0, integer=True))
 
 
 def selection(probs: Tensor, entropy: Tensor, moving: Tensor, e0: float, s: EATASettings) -> Tensor:

@@ -27,16 +27,16 @@ STOP_REASONS = (
 
 @attrs.frozen(kw_only=True)
 class GuardLimits:
-    """Thresholds of the guards; None disables a guard."""
+    """Thresholds of the guards; None disables a guard, and a cap of 0 stops every step that moves."""
 
     max_update_norm: float | None = setting(
-        None, "stop if one update's norm exceeds this", number(0, low_open=True, optional=True)
+        None, "stop if one update's norm exceeds this", number(0, optional=True)
     )
     max_total_update_norm: float | None = setting(
-        None, "stop if the drift from the source weights exceeds this", number(0, low_open=True, optional=True)
+        None, "stop if the drift from the source weights exceeds this", number(0, optional=True)
     )
     max_loss_ratio: float | None = setting(
-        None, "stop if the loss exceeds the first step's loss times this", number(0, low_open=True, optional=True)
+        None, "stop if the loss exceeds the first step's loss times this", number(0, optional=True)
     )
     max_loss_increase: float | None = setting(
         None, "stop if the loss exceeds the first step's loss plus this", number(0, optional=True)

@@ -15,18 +15,20 @@ from yolozu.functional import cotta, eata, mim, sar, tent
 
 
 class MethodEntry(NamedTuple):
-    """How to build one method: its constructor, its settings class, the prefix of its config fields and the
-    setting (if any) naming the in-distribution data its ``calibrate`` reads."""
+    """How to build one method: its constructor, its settings class, the prefix of its config fields (and of its
+    ``--ttt-*`` flags, unless ``flag_prefix`` says otherwise) and the setting (if any) naming the
+    in-distribution data its ``calibrate`` reads."""
 
     build: Callable[..., object]
     settings: type
     prefix: str
     calibration: str | None = None
+    flag_prefix: str | None = None
 
 
 METHODS: dict[str, MethodEntry] = {
     "tent": MethodEntry(tent.tent_method, tent.TentSettings, ""),
-    "mim": MethodEntry(mim.mim_method, mim.MIMSettings, ""),
+    "mim": MethodEntry(mim.mim_method, mim.MIMSettings, "mim_", flag_prefix=""),  # --ttt-mask-prob, as specified
     "cotta": MethodEntry(cotta.cotta_method, cotta.CoTTASettings, "cotta_"),
     "eata": MethodEntry(eata.eata_method, eata.EATASettings, "eata_", calibration="fisher_data"),
     "sar": MethodEntry(sar.sar_method, sar.SARSettings, "sar_"),

@@ -23,9 +23,9 @@ from yolozu.functional.step import Apply, LossOutput, Method, make_step, make_up
 class MIMSettings:
     """The block mask of MIM's reconstruction task."""
 
-    mask_prob: float = setting(0.6, "MIM: probability that a mask cell is masked", number(0, 1))
-    patch_size: int = setting(16, "MIM: side of a mask cell in pixels", number(1, integer=True))
-    mask_value: float = setting(0.0, "MIM: value written into masked pixels", number())
+    mask_prob: float = setting(0.6, "MIM: probability that a mask cell is masked", number(0, 1), yolozu=True)
+    patch_size: int = setting(16, "MIM: side of a mask cell in pixels", number(1, integer=True), yolozu=True)
+    mask_value: float = setting(0.0, "MIM: value written into masked pixels", number(), yolozu=True)
 
 
 def mim_method(

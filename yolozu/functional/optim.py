@@ -130,7 +130,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update_fn(updates: Params, state: EmptyState, params: Params | None = None) -> tuple[Params, EmptyState]:
         del params
-        factor = torch.clamp(max_norm / global_norm(updates), max=1.0)
+        norm = global_norm(updates)
+        factor = torch.where(norm <= max_norm, torch.ones_like(norm), max_norm / norm)
         return scale(updates, factor), state
 
     return GradientTransformation(init_fn, update_fn)

@@ -43,9 +43,9 @@ class SARState(NamedTuple):
 class SARSettings:
     """SAM's radius, ASAM, the reliable-entropy margin and the recovery threshold (the paper's defaults)."""
 
-    rho: float = setting(0.05, "SAR: SAM radius rho", number(0))
-    adaptive: bool = setting(False, "SAR: adaptive SAM (ASAM), the perturbation scaled by theta^2")
-    first_step_scale: float = setting(1.0, "SAR: scale of the first (perturbation) step", number(0))
+    rho: float = setting(0.05, "SAR: SAM radius rho", number(0), yolozu=True)
+    adaptive: bool = setting(False, "SAR: adaptive SAM (ASAM), the perturbation scaled by theta^2", yolozu=True)
+    first_step_scale: float = setting(1.0, "SAR: scale of the first (perturbation) step", number(0), yolozu=True)
     e_margin: float | None = setting(
         None, "SAR: entropy margin E0 (none: 0.4 ln C)", number(0, low_open=True, optional=True), type=float
     )

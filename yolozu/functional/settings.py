@@ -104,10 +104,10 @@ def is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         _fail(instance, attribute, "True or False", value)
 
 
-def str_tuple(value: Any) -> tuple[str, ...]:
-    """Converter: None -> (), a string -> (string,), any other iterable -> a tuple."""
+def str_tuple(value: Any) -> tuple[str, ...] | None:
+    """Converter: None stays None, a string -> (string,), any other iterable -> a tuple."""
     if value is None:
-        return ()
+        return None
     if isinstance(value, str):
         return (value,)
     return tuple(value)
@@ -120,13 +120,16 @@ def setting(
     *,
     type: type | None = None,
     converter: Callable[[Any], Any] | None = None,
+    yolozu: bool = False,
 ) -> Any:
     """An attrs field with its ``help`` text and ``kind`` in the metadata: ``type``, the value's Python type (what
-    a command line parses a flag with), inferred from the default when not given."""
+    a command line parses a flag with), inferred from the default when not given. ``yolozu`` marks a method
+    setting that YOLOZU's ``TTTConfig`` has too (it comes in YOLOZU's positional order)."""
     kind = type if type is not None else (default.__class__ if default is not None else float)
     if validator is None and kind is bool:
         validator = is_bool
-    return attrs.field(default=default, validator=validator, converter=converter, metadata={"help": help, "kind": kind})
+    metadata = {"help": help, "kind": kind, **({"yolozu": True} if yolozu else {})}
+    return attrs.field(default=default, validator=validator, converter=converter, metadata=metadata)
 
 
 def copy_field(field: attrs.Attribute, *, default: Any = attrs.NOTHING, **metadata: Any) -> Any:

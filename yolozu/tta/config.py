@@ -29,40 +29,50 @@ ONLINE_PREDICT = ("after_update", "adapt_forward")
 
 COMMON = {
     "enabled": setting(False, "adapt the model before/while predicting"),
-    "preset": setting(
-        None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str
-    ),
     "method": None,  # its choices come from the method registry (``_fields``)
     "reset": setting(
         "stream",
         "stream: one adapted model for the whole run; sample: every image adapts from the source weights",
         one_of(*RESETS),
     ),
+    "steps": setting(
+        1,
+        "optimiser steps: in all, cycling over the max_batches batches (pre schedule); per batch (online); "
+        "per image (reset sample)",
+        number(1, integer=True),
+    ),
+    "batch_size": setting(1, "images per adaptation batch", number(1, integer=True)),
+    "lr": setting(1e-4, "learning rate", number(0, low_open=True)),
+    "rollback_on_stop": setting(True, "undo the step a guard stops"),
+    "max_grad_norm": setting(None, "clip gradients to this global norm", number(0, optional=True), type=float),
+    "update_filter": setting("all", "the parameters to adapt", one_of(*FILTERS)),
+    "include": setting(None, "only parameters whose name contains one of these", type=tuple, converter=str_tuple),
+    "exclude": setting(None, "no parameter whose name contains one of these", type=tuple, converter=str_tuple),
+    "max_batches": setting(
+        1, "adapt on at most this many batches (none: every one)", number(1, integer=True, optional=True), type=int
+    ),
+    "seed": setting(
+        None,
+        "seed of the TTT random keys (none: drawn from torch's global generator)",
+        number(0, integer=True, optional=True),
+        type=int,
+    ),
+    "log_out": setting(None, "write a JSON log of the run here", type=str, converter=attrs.converters.optional(str)),
+    # our additions, after YOLOZU's fields
+    "preset": setting(
+        None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str
+    ),
     "schedule": setting(
         "pre", "pre: adapt, then predict all; online: adapt on batch t, then predict batch t", one_of(*SCHEDULES)
     ),
-    "steps": setting(1, "optimiser steps per batch", number(1, integer=True)),
-    "lr": setting(1e-4, "learning rate", number(0, low_open=True)),
-    "batch_size": setting(1, "images per adaptation batch", number(1, integer=True)),
-    "max_batches": setting(
-        None, "adapt on at most this many batches (none: every one)", number(1, integer=True, optional=True), type=int
-    ),
-    "update_filter": setting("all", "the parameters to adapt", one_of(*FILTERS)),
-    "include": setting((), "only parameters whose name contains one of these", type=tuple, converter=str_tuple),
-    "exclude": setting((), "no parameter whose name contains one of these", type=tuple, converter=str_tuple),
-    "seed": setting(0, "seed of the TTT random keys", number(0, integer=True)),
     "optimizer": setting("adam", "the optimiser", one_of(*OPTIMIZERS)),
     "momentum": setting(0.9, "SGD momentum", number(0, 1)),
-    "max_grad_norm": setting(
-        None, "clip gradients to this global norm", number(0, low_open=True, optional=True), type=float
-    ),
     "bn_mode": setting(
         "running",
         "BatchNorm while adapting: running (batch statistics, running stats updated), batch (batch statistics "
         "only), eval (stored stats)",
         one_of(*BN_MODES),
     ),
-    "rollback_on_stop": setting(True, "undo the step a guard stops"),
     "streams": setting(1, "sample reset: images adapted at once, vmapped", number(1, integer=True)),
     "online_predict": setting(
         "after_update",
@@ -70,18 +80,29 @@ COMMON = {
         one_of(*ONLINE_PREDICT),
     ),
 }
+POSITIONAL = (
+    "enabled", "method", "reset", "steps", "batch_size", "lr", "stop_on_non_finite", "rollback_on_stop",
+    "max_grad_norm", "max_update_norm", "max_total_update_norm", "max_loss_ratio", "max_loss_increase",
+    "update_filter", "include", "exclude", "max_batches", "seed", "log_out",
+)  # fmt: skip
+"""YOLOZU's order of the fields every method shares (positional use); each method's YOLOZU fields follow."""
 
 
 def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:
-    """The common fields, then the guards' (flat), then each method's (``prefix + name``, grouped under the
-    method's name in ``grouped()``)."""
-    fields = dict(COMMON)
-    fields["method"] = setting("tent", "the test-time training method", one_of(*methods))
-    fields.update({f.name: copy_field(f) for f in attrs.fields(GuardLimits)})
+    """Every field, in YOLOZU's positional order first: the shared ones (``POSITIONAL``), the methods' YOLOZU
+    fields (``yolozu`` in their metadata), then the rest. A method's fields are named ``prefix + name`` and
+    grouped under the method's name in ``grouped()``; each field's flag is in its metadata."""
+    shared = {**COMMON, **{f.name: copy_field(f) for f in attrs.fields(GuardLimits)}}
+    shared["method"] = setting("tent", "the test-time training method", one_of(*methods))
+    per_method = {}
     for name, method in methods.items():
+        flag_prefix = method.prefix if method.flag_prefix is None else method.flag_prefix
         for field in attrs.fields(method.settings):
-            fields[method.prefix + field.name] = copy_field(field, group=name, prefix=method.prefix)
-    return fields
+            flag = "--ttt-" + (flag_prefix + field.name).replace("_", "-")
+            per_method[method.prefix + field.name] = copy_field(field, group=name, prefix=method.prefix, flag=flag)
+    first = [*POSITIONAL, *(n for n, f in per_method.items() if f.metadata.get("yolozu"))]
+    fields = {**shared, **per_method}
+    return {**{n: fields[n] for n in first}, **{n: f for n, f in fields.items() if n not in first}}
 
 
 class _Config:
@@ -141,7 +162,7 @@ class _Config:
 def config_class(methods: Mapping[str, MethodEntry] = METHODS) -> type:
     """The config class of a method registry: the common, guard and method fields as a frozen attrs class."""
     namespace = {"__doc__": _DOC, "__module__": __name__, "__qualname__": "TTTConfig"}
-    return attrs.frozen(type("TTTConfig", (_Config,), namespace), these=_fields(methods), kw_only=True)
+    return attrs.frozen(type("TTTConfig", (_Config,), namespace), these=_fields(methods))
 
 
 _DOC = """Test-time training settings (field names follow the ``--ttt-*`` CLI flags; ``attrs.fields(TTTConfig)`` lists

@@ -64,7 +64,8 @@ class Adaptation:
         if calibration is not None:  # in-distribution batches the method looks at once (EATA's Fisher)
             self.source = self.method.calibrate(self.source, (x.to(self.device) for x in calibration))
         self.carry = start(self.source)
-        self.root = rng.key(config.seed)
+        # unseeded (None), the keys follow torch's global generator, as YOLOZU's unseeded runs do
+        self.root = rng.key(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,))))
         self._drive = make_driver(
             self.method, config.guard_limits(), rollback=config.rollback_on_stop, keep_output=keep_output
         )
@@ -89,10 +90,10 @@ class Adaptation:
         """True once a guard has stopped the carried stream (until ``restart``)."""
         return self.stop_reason is not None
 
-    def adapt(self, x: torch.Tensor, batch: int, steps: int) -> list[dict]:
-        """Up to ``steps`` guarded steps of the carried stream on the batch ``x`` (batch index ``batch``, which
-        with the step picks the random key); returns the rows it logged."""
-        self.carry, rows = self._run(self.carry, x[None], [batch], steps)
+    def adapt(self, x: torch.Tensor, batch: int, steps: int, first_step: int = 0) -> list[dict]:
+        """Up to ``steps`` guarded steps of the carried stream on the batch ``x`` (batch index ``batch``; with the
+        step on that batch, from ``first_step``, it picks the random key); returns the rows it logged."""
+        self.carry, rows = self._run(self.carry, x[None], [batch], steps, first_step)
         return rows
 
     def adapt_episodes(self, xs: torch.Tensor, batches: Sequence[int], steps: int) -> Carry:
@@ -105,8 +106,10 @@ class Adaptation:
         carry, _ = self._run(start(self.source, len(batches)), xs, batches, steps)
         return carry
 
-    def _run(self, carry: Carry, xs: torch.Tensor, batches: Sequence[int], steps: int) -> tuple[Carry, list[dict]]:
-        carry, records = self._drive(carry, xs.to(self.device), batches, steps, self.root)
+    def _run(
+        self, carry: Carry, xs: torch.Tensor, batches: Sequence[int], steps: int, first_step: int = 0
+    ) -> tuple[Carry, list[dict]]:
+        carry, records = self._drive(carry, xs.to(self.device), batches, steps, self.root, first_step)
         if records and "output" in records[-1].metrics:
             self.last_output = records[-1].metrics["output"]
         return carry, [row for record in records for row in self._log(record, batches)]

@@ -57,20 +57,27 @@ def adapt_stream(
     progress=None,
     calibration: Sequence[Record] | None = None,
 ) -> tuple[Adaptation, int]:
-    """Adapt one stream on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``,
-    ``steps`` steps per batch, until a guard stops it; the module is not written. Returns the adaptation and the
-    number of batches used. ``progress`` (e.g. a tqdm bar) is advanced by each adapted batch's images."""
+    """Adapt one stream for ``steps`` steps in all, cycling over the first ``max_batches`` batches of
+    ``adapter.build_loader(records, ...)`` (YOLOZU's flow: step i adapts on batch i mod n), until a guard stops
+    it; the module is not written. Returns the adaptation and the number of batches used. ``progress`` (e.g. a
+    tqdm bar) is advanced by each step's images."""
     adaptation = adaptation_for(adapter, config, calibration=calibration)
-    loader = adapter.build_loader(list(records), batch_size=config.batch_size)
-    batches_used = 0
-    for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
-        batches_used += 1
-        adaptation.adapt(batch, index, config.steps)
+    loader = itertools.islice(adapter.build_loader(list(records), batch_size=config.batch_size), config.max_batches)
+    seen: list = []  # the batches read so far, kept for the next pass over them
+    for step in range(config.steps):
+        if step == len(seen):
+            batch = next(loader, None)
+            if batch is None and not seen:
+                break
+            if batch is not None:
+                seen.append(batch)
+        index = step % len(seen)
+        adaptation.adapt(seen[index], index, 1, first_step=step // len(seen))
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(len(seen[index]))
         if adaptation.stopped:
             break
-    return adaptation, batches_used
+    return adaptation, len(seen)
 
 
 def run_ttt(
@@ -101,7 +108,7 @@ def run_ttt(
     adaptation.write_back()
     return adaptation.report(
         seconds=time.perf_counter() - start,
-        steps_requested=config.steps * batches_used,
+        steps_requested=config.steps,
         batches_used=batches_used,
         warnings=[] if batches_used else ["the loader yielded no batch; nothing was adapted"],
     )

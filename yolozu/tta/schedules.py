@@ -98,15 +98,14 @@ def _predict_episodic(adapter, records, config, predictor, progress, calibration
 
 
 def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size) -> tuple[list, TTTReport]:
-    limit = len(records) if config.max_batches is None else config.max_batches * config.batch_size
-    bar = progress("adapt", min(limit, len(records)))
+    bar = progress("adapt", config.steps * min(config.batch_size, len(records)))
     start = time.perf_counter()
     try:
         adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar, calibration=calibration)
     finally:
         bar.close()
     report = adaptation.report(
-        seconds=time.perf_counter() - start, steps_requested=config.steps * batches_used, batches_used=batches_used
+        seconds=time.perf_counter() - start, steps_requested=config.steps, batches_used=batches_used
     )
     params, buffers = adaptation.prediction_tensors()
     bar = progress("predict", len(records))

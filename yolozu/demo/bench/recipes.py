@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from yolozu.export import flag_of
 from yolozu.tta.config import TTTConfig
 
 
@@ -35,8 +36,8 @@ class Recipe:
         return TTTConfig(enabled=True, **self.ttt) if self.ttt is not None else TTTConfig()
 
 
-ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only"}
-EPISODIC = {"reset": "sample", "streams": 8, "update_filter": "norm_only"}
+ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only", "max_batches": None, "seed": 0}
+EPISODIC = {"reset": "sample", "streams": 8, "update_filter": "norm_only", "max_batches": None, "seed": 0}
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -44,11 +45,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("source", "source (no adaptation)"),
         Recipe("bn", "BatchNorm statistics only (batches of 32)", bn_stats=True),
         Recipe("tent", "Tent, online", {"method": "tent", **ONLINE, "lr": 3e-3}),
-        Recipe("mim", "MIM, online", {"method": "mim", **ONLINE, "lr": 1e-4, "mask_prob": 0.5}),
+        Recipe("mim", "MIM, online", {"method": "mim", **ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5}),
         Recipe("cotta", "CoTTA, online", {"method": "cotta", **ONLINE, "lr": 3e-2, "cotta_ema_momentum": 0.8}),
         Recipe("bn-sample", "BatchNorm statistics only (per image)", bn_stats=True, bn_batch=1),
         Recipe("tent-sample", "Tent, episodic", {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2}),
-        Recipe("mim-sample", "MIM, episodic", {"method": "mim", **EPISODIC, "lr": 1e-3, "mask_prob": 0.5}),
+        Recipe("mim-sample", "MIM, episodic", {"method": "mim", **EPISODIC, "lr": 1e-3, "mim_mask_prob": 0.5}),
         Recipe(
             "cotta-sample", "CoTTA, episodic", {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8}
         ),
@@ -70,8 +71,9 @@ def export_flags(name: str) -> list[str]:
     if recipe.ttt is None:
         return ["--bn-stats", "batch", "--batch-size", str(recipe.bn_batch)] if recipe.bn_stats else []
     flags = ["--ttt"]
+    fields = attrs.fields_dict(TTTConfig)
     for field, value in recipe.ttt.items():
-        flags += [f"--ttt-{field.replace('_', '-')}", str(value)]
+        flags += [flag_of(fields[field]), str(value)]
     return flags
 
 
