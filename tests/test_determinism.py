@@ -59,7 +59,9 @@ def test_a_different_seed_changes_the_mim_masks():
     def losses(seed):
         model = seeded(TinyAutoencoder)
         images = [torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-        config = TTTConfig(enabled=True, method="mim", lr=1e-2, batch_size=2, seed=seed, mim_patch_size=4, mim_mask_prob=0.5)
+        config = TTTConfig(
+            enabled=True, method="mim", lr=1e-2, batch_size=2, seed=seed, mim_patch_size=4, mim_mask_prob=0.5
+        )
         return run_ttt(TensorAdapter(model), images, config).losses
 
     assert losses(1) == losses(1)

@@ -82,7 +82,7 @@ def test_k_streams_equal_k_single_drives_with_one_stream_stopped():
     carry, records = drive(start(source, 3), xs, [0, 1, 2], 2, rng.key(0))
     assert records[0].kept.tolist() == [True, False, True]
     assert records[1].taken.tolist() == [True, False, True]
-    assert carry.stop_code.tolist()[1] == 1 + guards.STOP_REASONS.index("non_finite")
+    assert carry.stop_code.tolist()[1] == 1 + guards.STOP_REASONS.index("non_finite_metrics")
     for k, streamed in enumerate(streams.unstack_states(carry.state, 3)):
         alone, _ = drive(start(source), xs[k : k + 1], [k], 2, rng.key(0))
         (single,) = streams.unstack_states(alone.state, 1)

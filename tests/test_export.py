@@ -106,7 +106,7 @@ def test_help_lists_every_flag():
         "all,norm_only,adapter_only,lora_only,lora_norm_only",
         "stream,sample",
         "pre,online",
-        "adapter_only,cotta_safe,mim_safe,safe",
+        "adapter_only,cotta_safe,eata_safe,mim_safe,safe,sar_safe",
         "detector,dummy",
     ):
         assert "{" + choices + "}" in text, choices

@@ -104,7 +104,9 @@ def test_eata_skips_steps_without_samples_and_stops_after_the_streak():
     assert [row["skipped"] for row in report.step_metrics] == [1.0, 1.0, 1.0]
     assert report.stop_reason == "eata_max_skip_streak_exceeded" and report.step_metrics[-1]["rolled_back"]
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no step was taken
-    ratio = TTTConfig(enabled=True, method="eata", batch_size=2, eata_selected_ratio_min=0.9, eata_e_margin=1e-6, steps=2)
+    ratio = TTTConfig(
+        enabled=True, method="eata", batch_size=2, eata_selected_ratio_min=0.9, eata_e_margin=1e-6, steps=2
+    )
     assert run_ttt(TensorAdapter(seeded(TinyClassifier)), images, ratio).stop_reason == "eata_selected_ratio_below_min"
 
 

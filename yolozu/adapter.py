@@ -24,20 +24,40 @@ TTT_HOOKS = ("get_model", "build_loader")
 
 
 def missing_ttt_hooks(adapter: object) -> list[str]:
-    """Names of the TTT hooks ``adapter`` does not implement, in contract order."""
-    return [name for name in TTT_HOOKS if not callable(getattr(adapter, name, None))]
+    """Names of the TTT hooks ``adapter`` does not implement, in contract order: a hook that is absent, the base
+    class's ``build_loader``, or a ``get_model()`` that returns None."""
+    missing = []
+    for name in TTT_HOOKS:
+        hook = getattr(adapter, name, None)
+        inherited = getattr(type(adapter), name, None) is getattr(ModelAdapter, name)
+        if not callable(hook) or (name == "build_loader" and inherited):
+            missing.append(name)
+        elif name == "get_model" and hook() is None:
+            missing.append(name)
+    return missing
 
 
 class ModelAdapter:
-    """Base class: ``predict(records)`` returns one prediction per record, in order."""
+    """Base class: ``predict(records)`` returns one prediction per record, in order. ``get_model()`` (default
+    None) and ``build_loader(records, *, batch_size)`` (default: an error) are the TTT hooks to override."""
 
     name = "base"
 
     def predict(self, records: Sequence[Record]) -> list[Prediction]:
         raise NotImplementedError(f"{type(self).__name__} must implement predict(records)")
 
+    def get_model(self) -> Any:
+        """The ``torch.nn.Module`` test-time training adapts; None: this adapter does not support TTT."""
+        return None
+
+    def build_loader(self, records: Sequence[Record], *, batch_size: int) -> Any:
+        """Preprocessed input batches of ``records``, in order, ``batch_size`` images each."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no build_loader(records, *, batch_size): implement it to support TTT"
+        )
+
     def supports_ttt(self) -> bool:
-        """True when the adapter implements both ``get_model()`` and ``build_loader()``."""
+        """True when the adapter implements both ``get_model()`` (not None) and ``build_loader()``."""
         return not missing_ttt_hooks(self)
 
 

@@ -9,7 +9,7 @@ copied back into a module.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,15 +71,18 @@ def _swapped(slots: dict[str, tuple[dict, str]], *tensor_dicts: Params) -> Itera
             table[leaf] = original
 
 
-def make_apply(model: nn.Module) -> Apply:
+def make_apply(model: nn.Module, forward: Callable[..., Any] | None = None) -> Apply:
     """``model`` as a pure forward over explicit tensors: ``apply(params, buffers, x, *, bn_mode="running",
     **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
+    ``forward(model, x, **forward_kwargs)`` replaces ``model(x, ...)`` (e.g. a user's ``recon_fn``); it sees
+    the module holding the given tensors.
 
     The buffers passed in are never modified: in the modes that normalise with batch statistics the module
     updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
     """
     modules = list(model.modules())
     slots = _slots(model)
+    call = forward if forward is not None else (lambda module, x, **kwargs: module(x, **kwargs))
 
     def apply(params: Params, buffers: Params, x: Any, *, bn_mode: str = "running", **kwargs: Any) -> tuple:
         if bn_mode not in BN_MODES:
@@ -87,11 +90,14 @@ def make_apply(model: nn.Module) -> Apply:
         training = bn_mode != "eval"
         work = {name: b.clone() for name, b in buffers.items()} if training else buffers
         with training_mode(modules, training):
-            if slots is None:
+            if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)
+            elif slots is None:
+                with torch.nn.utils.stateless._reparametrize_module(model, {**params, **work}, tie_weights=True):
+                    output = call(model, x, **kwargs)
             else:
                 with _swapped(slots, params, work):
-                    output = model(x, **kwargs)
+                    output = call(model, x, **kwargs)
         return output, (work if bn_mode == "running" else buffers)
 
     return apply

@@ -25,7 +25,7 @@ from yolozu.predict import Predictor
 from yolozu.predictions import wrap, write_json_atomic
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
-from yolozu.tta.presets import PRESETS
+from yolozu.tta.presets import PRESETS, apply_ttt_preset_args
 from yolozu.tta.schedules import adapt_and_predict
 
 SCHEMA_VERSION = 1
@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
     ttt = parser.add_argument_group("test-time training")
     ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
-    ttt.add_argument("--ttt-preset", choices=sorted(PRESETS), help="tested settings; explicit flags win")
+    ttt.add_argument(
+        "--ttt-preset",
+        choices=sorted(PRESETS),
+        help="tested settings; explicit flags win (a plain --ttt gets its method's safe preset)",
+    )
     for field in ttt_fields():
         ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
     return parser
@@ -194,6 +198,7 @@ def run_export(args: argparse.Namespace) -> dict:
         if path:
             _check_output(Path(path))
     _check_usage(args)
+    apply_ttt_preset_args(args)
     try:
         config = ttt_config(args)
     except ValueError as e:

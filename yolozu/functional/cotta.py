@@ -124,7 +124,9 @@ class CoTTASettings:
     augmentations: tuple[str, ...] = setting(
         AUGMENTATIONS, "CoTTA: teacher branches", many_of(*AUGMENTATIONS), type=tuple, converter=str_tuple, yolozu=True
     )
-    aggregation: str = setting("confidence_weighted_mean", "CoTTA: branch averaging", one_of(*AGGREGATIONS), yolozu=True)
+    aggregation: str = setting(
+        "confidence_weighted_mean", "CoTTA: branch averaging", one_of(*AGGREGATIONS), yolozu=True
+    )
     restore_prob: float = setting(0.01, "CoTTA: stochastic restore probability", number(0, 1), yolozu=True)
     restore_interval: int = setting(1, "CoTTA: restore every N steps", number(1, integer=True), yolozu=True)
     confidence_threshold: float = setting(
@@ -218,7 +220,12 @@ def cotta_method(
         init=lambda trainable: CoTTAState(dict(trainable)),
         predict_params=predict_params,
         metric_names=("consistency_loss", "restored_count"),
-        row_fields={"ema_momentum": settings.ema_momentum, "aug": aug},
+        row_fields={
+            "ema_momentum": settings.ema_momentum,
+            "restore_prob": settings.restore_prob,
+            "restore_interval": settings.restore_interval,
+            "aug": aug,
+        },
     )
 
 

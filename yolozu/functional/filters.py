@@ -5,7 +5,8 @@ names narrow it (intersection with "contains any include", minus "contains any e
 
 - ``all``: every parameter;
 - ``norm_only``: direct parameters of BatchNorm1/2/3d, LayerNorm, GroupNorm, InstanceNorm1/2/3d (Tent);
-- ``adapter_only``: parameters of modules whose dotted name or class name contains "adapter" or "lora";
+- ``adapter_only``: parameters of modules whose name or class name contains "adapter" or "lora", never
+  those of the layer such a module wraps (a child named in ``WRAPPED``);
 - ``lora_only``: likewise for "lora";
 - ``lora_norm_only``: ``lora_only`` | ``norm_only``.
 """
@@ -47,12 +48,21 @@ def _norm_params(model: nn.Module) -> set[str]:
     }
 
 
+WRAPPED = ("base", "base_layer", "original_module")
+"""Names of the layer an adapter module wraps (``LoRALinear.base``, PEFT's ``base_layer``): its weights are the
+base model's, never the adapter's own."""
+
+
 def _named_module_params(model: nn.Module, tokens: Sequence[str]) -> set[str]:
     chosen: set[str] = set()
     for prefix, module in model.named_modules():
-        labels = (prefix.lower(), type(module).__name__.lower())
+        labels = (prefix.rsplit(".", 1)[-1].lower(), type(module).__name__.lower())
         if any(token in label for token in tokens for label in labels):
-            chosen.update(_joined(prefix, name) for name, _ in module.named_parameters())
+            chosen.update(
+                _joined(prefix, name)
+                for name, _ in module.named_parameters()
+                if not any(part in WRAPPED for part in name.split(".")[:-1])
+            )
     return chosen
 
 

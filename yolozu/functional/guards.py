@@ -1,10 +1,9 @@
 """Guards: pure verdicts on a step's metrics that say whether the step must be stopped.
 
-The verdict is a 0-d int64 tensor: 0 when the step is fine, else 1 + the index in ``STOP_REASONS`` of the
-first check that tripped. It is computed with tensor selects, not Python branches on tensor values, so a
-vmapped step gets one verdict per stream; the shell decides what to do (roll back params and buffers).
-The loss guards compare a step's loss with the first step's loss measured before its update.
-"""
+Stop reasons carry YOLOZU's names. The verdict is a 0-d int64 tensor: 0 when the step is fine, else 1 + the index in
+``STOP_REASONS`` of the first check that tripped. It is computed with tensor selects, not Python branches on tensor
+values, so a vmapped step gets one verdict per stream; the shell decides what to do (roll back params and buffers).
+The loss guards compare a step's loss with the first step's loss measured before its update."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from torch import Tensor
 from yolozu.functional.settings import number, setting
 
 STOP_REASONS = (
-    "non_finite",
+    "non_finite_metrics",
     "max_update_norm_exceeded",
     "max_total_update_norm_exceeded",
     "max_loss_ratio_exceeded",

@@ -6,6 +6,8 @@ self-supervised test-time task, as in TTT-MAE, Gandelsman, Sun, Chen & Efros, Ne
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 from torch import Tensor
 
@@ -35,8 +37,10 @@ def mim_method(
     *,
     readout: Readout = DEFAULT_READOUT,
     bn: str = "running",
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor] = masked_reconstruction_loss,
 ) -> Method:
-    """MIM as a ``Method``: the randomness is the block mask, the loss the masked reconstruction error.
+    """MIM as a ``Method``: the randomness is the block mask, the loss ``loss(reconstruction, image, mask)``
+    (default: the masked mean squared error).
 
     Metrics add ``mask_ratio`` (the masked fraction of pixels).
     """
@@ -44,8 +48,8 @@ def mim_method(
     def reconstruction_loss(params, buffers, batch, mask):
         masked = apply_mask(batch, mask, settings.mask_value)
         output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
-        loss = masked_reconstruction_loss(readout.recon(output), batch, mask)
-        return loss, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
+        error = loss(readout.recon(output), batch, mask)
+        return error, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
 
     def draw_mask(k: Key, source: Params, batch: Tensor) -> Tensor:
         del source

@@ -1,11 +1,11 @@
 """Readout: how test-time training reads a model's outputs as class distributions and reconstructions.
 
-A classifier returns logits ``(B, C)``: each row is one class distribution. A dense detector returns maps
-``(B, C, H, W)`` that are mostly confident background; the objects' class distributions sit at the heatmap's
-peaks, which ``peak_class_logits`` gathers. The methods never look inside an output: they call the readout,
-which each adapter supplies (``adapter.ttt_readout()``) and which defaults to "the output is class logits over
-dim 1".
-"""
+A classifier returns logits ``(B, C)``: each row is one class distribution; a set predictor (DETR) returns ``(B, Q,
+C)`` or a dict with ``logits``/``pred_logits``/``pred`` (YOLOZU's convention: classes on the last dim). A dense
+detector returns maps ``(B, C, H, W)`` that are mostly confident background; the objects' class distributions sit at
+the heatmap's peaks, which ``peak_class_logits`` gathers. The methods never look inside an output: they call the
+readout, which each adapter supplies (``adapter.ttt_readout()``) and which defaults to YOLOZU's reading
+(``output_logits``, ``output_reconstruction``)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,27 @@ from yolozu.functional.settings import one_of
 SCORE_KINDS = ("softmax", "sigmoid")
 
 
-def _identity(output: Any) -> Tensor:
-    return output
+LOGIT_KEYS = ("logits", "pred_logits", "pred")
+RECON_KEYS = ("recon", "reconstruction")
+
+
+def _first(output: Mapping[str, Any], keys: tuple[str, ...], what: str) -> Tensor:
+    for key in keys:
+        if key in output:
+            return output[key]
+    raise KeyError(f"the model's output has none of the {what} keys {', '.join(keys)}; got {', '.join(output)}")
+
+
+def output_logits(output: Any) -> Tensor:
+    """YOLOZU's reading of a model's output as class logits, classes moved to dim 1: a tensor with classes on
+    its last dim, or a dict holding one under ``logits``, ``pred_logits`` or ``pred``."""
+    logits = _first(output, LOGIT_KEYS, "class-logit") if isinstance(output, Mapping) else output
+    return logits.movedim(-1, 1) if logits.dim() > 2 else logits
+
+
+def output_reconstruction(output: Any) -> Tensor:
+    """A reconstruction: the output itself, or its ``recon``/``reconstruction`` entry."""
+    return _first(output, RECON_KEYS, "reconstruction") if isinstance(output, Mapping) else output
 
 
 @attrs.frozen
@@ -30,7 +49,8 @@ class Readout:
     """Pure functions from a model's forward output to what each TTT method needs.
 
     Attributes:
-      scores: output -> class logits ``(B, C, ...)``, classes on dim 1 (CoTTA's pseudo-labels).
+      scores: output -> class logits ``(B, C, ...)``, classes on dim 1 (CoTTA's pseudo-labels); the default
+        reads YOLOZU's outputs (``output_logits``).
       score_kind: ``"softmax"`` (one class per sample/position) or ``"sigmoid"`` (independent class scores).
       spatial: True when ``scores`` are dense maps ``(B, C, H, W)`` aligned with the image, so a horizontal
         flip of the input flips them along W.
@@ -40,13 +60,13 @@ class Readout:
       recon: output of that forward -> reconstruction, shaped like the input.
     """
 
-    scores: Callable[[Any], Tensor] = _identity
+    scores: Callable[[Any], Tensor] = output_logits
     score_kind: str = attrs.field(default="softmax", validator=one_of(*SCORE_KINDS))
     spatial: bool = False
     samples: Callable[[Any], Tensor] | None = None
     sample_kind: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*SCORE_KINDS)))
     recon_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
-    recon: Callable[[Any], Tensor] = _identity
+    recon: Callable[[Any], Tensor] = output_reconstruction
 
     def class_samples(self, output: Any) -> tuple[Tensor, str]:
         """The class logits Tent reads from ``output`` and how they become probabilities."""

@@ -114,8 +114,8 @@ def sar_method(
 ) -> Method:
     """SAR as a ``Method``: ``prepare`` runs the first pass and returns the perturbation and the first pass's
     reliable samples; the loss is the second pass at the perturbed weights; ``finish`` keeps the loss average
-    and recovers (``recover_or_keep``). Metrics add ``reliable`` (first-pass reliable samples), ``selected`` (reliable in both passes; none:
-    no step), ``ema_loss`` and ``recovered``."""
+    and recovers (``recover_or_keep``). Metrics add ``reliable`` (first-pass reliable samples), ``selected``
+    (reliable in both passes; none: no step), ``ema_loss`` and ``recovered``."""
     s = settings
     rho = s.rho * s.first_step_scale
 

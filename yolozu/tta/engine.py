@@ -8,7 +8,8 @@ the module untouched. Every step of every entry point runs through ``functional.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -25,12 +26,25 @@ from yolozu.tta.config import TTTConfig
 from yolozu.tta.report import TTTReport
 
 
-def build_method(model: nn.Module, config: TTTConfig, readout: Readout = DEFAULT_READOUT) -> tuple[Method, list[str]]:
-    """The ``Method`` ``config`` names over ``model`` and the names of the parameters it adapts."""
+def build_method(
+    model: nn.Module,
+    config: TTTConfig,
+    readout: Readout = DEFAULT_READOUT,
+    *,
+    optimizer: optim.GradientTransformation | None = None,
+    forward: Callable[..., Any] | None = None,
+    **method_options: Any,
+) -> tuple[Method, list[str]]:
+    """The ``Method`` ``config`` names over ``model`` and the names of the parameters it adapts. ``optimizer``
+    replaces the one the config names, ``forward`` the module's own forward (``bridge.make_apply``), and
+    ``method_options`` go to the method's constructor (e.g. MIM's ``loss``)."""
     names = select(model, config.update_filter, include=config.include, exclude=config.exclude)
-    optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=config.max_grad_norm)
+    if optimizer is None:
+        clip = config.max_grad_norm
+        optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
     build = entry(config.method).build
-    method = build(make_apply(model), optimizer, config.method_settings(), readout=readout, bn=config.bn_mode)
+    apply = make_apply(model, forward)
+    method = build(apply, optimizer, config.method_settings(), readout=readout, bn=config.bn_mode, **method_options)
     return method, names
 
 
@@ -55,10 +69,11 @@ class Adaptation:
         *,
         keep_output: bool = False,
         calibration: Iterable[torch.Tensor] | None = None,
+        **build_options: Any,
     ) -> None:
         self.model = model
         self.config = config
-        self.method, names = build_method(model, config, readout)
+        self.method, names = build_method(model, config, readout, **build_options)
         self.device = _device_of(model)
         self.source = self.method.init_state(model, names)
         if calibration is not None:  # in-distribution batches the method looks at once (EATA's Fisher)
@@ -70,6 +85,7 @@ class Adaptation:
             self.method, config.guard_limits(), rollback=config.rollback_on_stop, keep_output=keep_output
         )
         self._metric_names = ROW_METRICS + self.method.metric_names
+        self._clip = config.max_grad_norm
         self.rows: list[dict] = []
         self.losses: list[float] = []
         self.stops: list[str] = []
@@ -125,8 +141,13 @@ class Adaptation:
             if not taken:
                 continue
             reason = guards.reason(code, self.method.stop_reasons)
-            row = {"step": len(self.rows) + 1, "batch": batch, **dict(zip(names, values)), **self.method.row_fields}
-            row.update(rolled_back=not kept, stop_reason=reason)
+            row = {"step": len(self.rows), "batch": batch, **dict(zip(names, values)), **self.method.row_fields}
+            row.update(
+                grad_norm_clipped=min(row["grad_norm"], self._clip) if self._clip is not None else row["grad_norm"],
+                non_finite_fields=[k for k in names if not math.isfinite(row[k])],
+                rolled_back=not kept,
+                stop_reason=reason,
+            )
             if kept:
                 self.losses.append(row["loss"])
             if reason is not None:
@@ -167,5 +188,5 @@ class Adaptation:
             stopped_early=bool(self.stops),
             stop_reason=self.stops[0] if self.stops else None,
             step_metrics=list(self.rows),
-            warnings=list(warnings),
+            warnings=[*warnings, *self.stops],
         )

@@ -26,7 +26,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "adapter_only": {"method": "tent", "update_filter": "adapter_only", **_guards(5.0, 3.0)},
     "mim_safe": {"method": "mim", "update_filter": "adapter_only", **_guards(5.0, 3.0)},
     "cotta_safe": {"method": "cotta", "update_filter": "lora_norm_only", **_guards(1.0, 3.0)},
+    "eata_safe": {"method": "eata", "update_filter": "norm_only", **_guards(1.0, 3.0)},
+    "sar_safe": {"method": "sar", "update_filter": "norm_only", **_guards(1.0, 3.0)},
 }
+AUTO = {values["method"]: name for name, values in PRESETS.items() if name.endswith("safe")}
+"""The preset a plain ``--ttt`` gets for each method (YOLOZU's auto-preset): its ``*safe`` preset."""
 
 
 def preset_values(name: str) -> dict[str, Any]:
@@ -34,3 +38,16 @@ def preset_values(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown TTT preset {name!r}; choose one of {', '.join(PRESETS)}")
     return {**_COMMON, **PRESETS[name]}
+
+
+def apply_ttt_preset_args(args: Any) -> Any:
+    """YOLOZU's auto-preset on parsed export arguments: a plain ``--ttt`` (no ``--ttt-preset``, and none of the
+    settings a preset sets given explicitly) gets its method's safe preset (``AUTO``). Returns ``args``, with
+    ``ttt_preset`` set when the preset applies."""
+    if not getattr(args, "ttt", False) or getattr(args, "ttt_preset", None):
+        return args
+    preset_keys = {key for values in PRESETS.values() for key in values} | set(_COMMON)
+    explicit = {key for key in preset_keys - {"method", "enabled"} if getattr(args, f"ttt_{key}", None) is not None}
+    if not explicit:
+        args.ttt_preset = AUTO.get(getattr(args, "ttt_method", None) or "tent")
+    return args

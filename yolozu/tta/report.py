@@ -20,16 +20,21 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+CAPPED = 50
+"""``to_dict`` keeps the first this many ``losses`` and ``step_metrics`` (YOLOZU's log size)."""
+
+
 def loss_summary(losses: list[float]) -> dict | None:
-    """first, last, mean, min and max of the step losses (None when no step ran)."""
+    """count, min, mean, max and last of the step losses (YOLOZU's), and first (None when no step ran)."""
     if not losses:
         return None
     return {
-        "first": losses[0],
-        "last": losses[-1],
-        "mean": statistics.fmean(losses),
+        "count": len(losses),
         "min": min(losses),
+        "mean": statistics.fmean(losses),
         "max": max(losses),
+        "last": losses[-1],
+        "first": losses[0],
     }
 
 
@@ -58,7 +63,13 @@ class TTTReport:
     warnings: list[str] = attrs.field(factory=list)
 
     def to_dict(self) -> dict:
-        """JSON-ready fields plus ``loss_summary``; non-finite numbers (a rolled-back NaN step) become None."""
+        """JSON-ready fields in YOLOZU's shape: ``loss_summary``, and ``losses`` and ``step_metrics`` capped at
+        ``CAPPED`` entries with ``*_total`` and ``*_truncated``; non-finite numbers (a rolled-back NaN step)
+        become None."""
         out = attrs.asdict(self)
         out["loss_summary"] = loss_summary(self.losses)
+        for key in ("losses", "step_metrics"):
+            out[f"{key}_total"] = len(out[key])
+            out[f"{key}_truncated"] = len(out[key]) > CAPPED
+            out[key] = out[key][:CAPPED]
         return json_safe(out)

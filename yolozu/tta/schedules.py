@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
-from yolozu.predict import Predictor, chunks
+from yolozu.predict import Predictor, chunks, missing_predict_hooks
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import adapt_stream, adaptation_for, require_ttt_hooks
+from yolozu.tta.integration import adapt_stream, adaptation_for, require_ttt_hooks, run_ttt
 from yolozu.tta.report import TTTReport
 
 
@@ -118,6 +118,23 @@ def _predict_pre(adapter, records, config, predictor, progress, calibration, bat
     return predictions, report
 
 
+def _predict_with_own_predict(adapter, records, config, progress, calibration, tta) -> tuple[list, TTTReport]:
+    """YOLOZU's flow for an adapter with only ``predict``, ``get_model`` and ``build_loader``: adapt (``run_ttt``,
+    which writes the module), then the adapter's own ``predict``. The module stays adapted."""
+    missing = ", ".join(f"{hook}()" for hook in missing_predict_hooks(adapter))
+    if config.schedule != "pre" or config.reset != "stream" or tta is not None:
+        raise ValueError(
+            f"adapter {type(adapter).__name__} has no {missing}: it supports the pre schedule (adapt, then its own "
+            f"predict), not schedule={config.schedule!r}, reset={config.reset!r} or flip TTA; implement {missing}"
+        )
+    bar = progress("adapt", config.steps * min(config.batch_size, len(records)))
+    try:
+        report = run_ttt(adapter, records, config, progress=bar, calibration=calibration)
+    finally:
+        bar.close()
+    return adapter.predict(records), report
+
+
 class _NoProgress:
     def update(self, n: int) -> None:
         del n
@@ -143,7 +160,8 @@ def adapt_and_predict(
     calibration: Sequence[Record] | None = None,
 ) -> tuple[list[Prediction], TTTReport]:
     """Predictions for ``records`` under test-time training ``config``, and the run's report. The adapter's
-    module is left as it was.
+    module is left as it was, unless the adapter lacks ``load_batch``/``decode`` and predicts with its own
+    ``predict`` after a ``pre`` adaptation written into the module (YOLOZU's flow).
 
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
     batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
@@ -152,8 +170,10 @@ def adapt_and_predict(
     """
     require_ttt_hooks(adapter)
     _check(config, tta)
-    predictor = Predictor(adapter, tta=tta)
     records = list(records)
+    if missing_predict_hooks(adapter):
+        return _predict_with_own_predict(adapter, records, config, progress, calibration, tta)
+    predictor = Predictor(adapter, tta=tta)
     if config.reset == "stream" and config.schedule == "pre":
         return _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size)
     start = time.perf_counter()

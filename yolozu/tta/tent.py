@@ -1,6 +1,6 @@
 """``TentRunner``: YOLOZU's stateful Tent API over the functional core.
 
-runner = TentRunner(model, config=TentConfig(lr=1e-3))
+runner = TentRunner(model, config=TentConfig(lr=1e-3, update_filter="norm_only"))
 for batch in loader:
     metrics = runner.adapt_step(batch)     # the model holds the adapted weights afterwards
 runner.maybe_log()                          # {"updated_param_count", ...}, logged every log_every steps
@@ -15,6 +15,7 @@ import attrs
 import torch
 from torch import nn
 
+from yolozu.functional.optim import GradientTransformation
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import copy_field, number, one_of, setting
 from yolozu.tta.config import TTTConfig
@@ -26,13 +27,12 @@ _FIELDS = attrs.fields_dict(TTTConfig)
 
 @attrs.frozen(kw_only=True)
 class TentConfig(TTTConfig):
-    """A ``TTTConfig`` for Tent, with the Tent paper's defaults (BatchNorm affine params, Adam at lr 1e-3) and
-    ``log_every`` (``maybe_log`` logs every that many steps; 0: never)."""
+    """A ``TTTConfig`` for Tent with YOLOZU's ``TentConfig`` defaults (every parameter, lr 1e-4; the Tent paper
+    adapts BatchNorm's affine parameters: ``update_filter="norm_only"``) and ``log_every`` (``maybe_log`` logs
+    every that many steps; 0: never)."""
 
     enabled: bool = copy_field(_FIELDS["enabled"], default=True)
     method: str = attrs.field(default="tent", validator=one_of("tent"))
-    lr: float = copy_field(_FIELDS["lr"], default=1e-3)
-    update_filter: str = copy_field(_FIELDS["update_filter"], default="norm_only")
     log_every: int = setting(0, "log the counters every this many steps (0: never)", number(0, integer=True))
 
     def to_ttt_config(self) -> TTTConfig:
@@ -51,6 +51,18 @@ class TentRunner:
     @property
     def updated_param_count(self) -> int:
         return self._adaptation.updated_param_count
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The module's parameters Tent adapts (the update filter's selection)."""
+        named = dict(self.model.named_parameters())
+        return [named[name] for name in self._adaptation.source.trainable]
+
+    @property
+    def optimizer(self) -> GradientTransformation:
+        """The optimiser: a pure ``init``/``update`` pair (``yolozu.functional.optim``); its state lives in the
+        runner and is reset with the weights."""
+        return self._adaptation.method.optimizer
 
     def adapt_step(self, batch: torch.Tensor) -> dict:
         """One guarded entropy step; returns ``loss_entropy``, ``grad_norm``, ``update_norm``, ... of the step.

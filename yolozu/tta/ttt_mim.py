@@ -5,14 +5,14 @@ Thin wrappers over the functional core (``yolozu.functional.masking``, ``losses`
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-from yolozu.functional import masking
-from yolozu.functional.filters import include_exclude
+from yolozu.functional import masking, optim
+from yolozu.functional.filters import include_exclude, select
 from yolozu.functional.losses import masked_reconstruction_loss
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.tta.config import TTTConfig
@@ -45,8 +45,10 @@ def generate_block_mask(
 
 
 def apply_mask(x: Tensor, mask: Tensor, *, mask_value: float = 0.0) -> Tensor:
-    """``x`` with masked pixels set to ``mask_value``; ``mask`` broadcasts over batch and channels."""
-    return masking.apply_mask(x, mask.to(torch.bool), mask_value)
+    """``x`` with masked pixels set to ``mask_value``; ``mask`` is ``(H, W)`` (every image) or ``(B, H, W)``
+    (one per image), broadcast over channels."""
+    mask = mask.to(torch.bool)
+    return masking.apply_mask(x, mask.unsqueeze(-3) if mask.dim() == 3 else mask, mask_value)
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -70,14 +72,26 @@ def filter_parameters(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     allowed: Iterable[str] | None = None,
-) -> list[tuple[str, Tensor]]:
-    """The ``(name, param)`` pairs whose name is in ``allowed`` (all when None), contains an ``include``
-    substring (any, when given) and no ``exclude`` substring."""
-    pairs = list(named_params)
+) -> list[Tensor]:
+    """The parameters (tensors) whose name is in ``allowed`` (all when None), contains an ``include`` substring
+    (any, when given) and no ``exclude`` substring, skipping those with ``requires_grad=False``."""
+    pairs = [(name, p) for name, p in named_params if getattr(p, "requires_grad", True)]
     allowed_set = None if allowed is None else set(allowed)
     names = [name for name, _ in pairs if allowed_set is None or name in allowed_set]
     kept = set(include_exclude(names, include, exclude))
-    return [(name, param) for name, param in pairs if name in kept]
+    return [param for name, param in pairs if name in kept]
+
+
+def select_parameters(
+    model: nn.Module,
+    update_filter: str = "all",
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[Tensor]:
+    """The model's parameters an update filter selects (``yolozu.functional.filters``), as tensors."""
+    named = dict(model.named_parameters())
+    return [named[name] for name in select(model, update_filter, include=include, exclude=exclude)]
 
 
 _MIM = TTTConfig(method="mim")  # the defaults run_ttt_mim's keywords take
@@ -95,13 +109,24 @@ def run_ttt_mim(
     update_filter: str = _MIM.update_filter,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    seed: int = _MIM.seed,
+    optimizer: optim.GradientTransformation | str | None = None,
+    recon_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
     readout: Readout = DEFAULT_READOUT,
 ) -> TTTMIMResult:
     """``steps`` MIM steps on the batch ``x`` (batch index 0 of the keys): mask blocks, reconstruct, update
-    the filtered params; the adapted weights are written into ``model`` at the end. ``readout`` says how to get
-    the reconstruction from the model's output (default: the output is the reconstruction).
+    the filtered params; the adapted weights are written into ``model`` at the end.
+
+    ``optimizer``: an optimiser name (``adam``, ``sgd``) or a ``yolozu.functional.optim`` transformation
+    (default Adam at ``lr``). ``recon_fn(model, masked)`` gives the reconstruction (default: the output, or the
+    readout's reconstruction of it), ``loss_fn(reconstruction, image, mask)`` the loss (default: the masked mean
+    squared error). The masks come from ``seed``, else from a seed drawn from ``generator``, else from torch's
+    global generator.
     """
+    if seed is None and generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     config = TTTConfig(
         enabled=True,
         method="mim",
@@ -114,8 +139,16 @@ def run_ttt_mim(
         include=include,
         exclude=exclude,
         seed=seed,
+        **({"optimizer": optimizer} if isinstance(optimizer, str) else {}),
     )
-    adaptation = Adaptation(model, config, readout)
+    options: dict = {"forward": None if recon_fn is None else (lambda module, masked, **_: recon_fn(module, masked))}
+    if isinstance(optimizer, optim.GradientTransformation):
+        options["optimizer"] = optimizer
+    if loss_fn is not None:
+        options["loss"] = loss_fn
+    if recon_fn is not None:
+        readout = attrs.evolve(readout, recon=lambda output: output)
+    adaptation = Adaptation(model, config, readout, **options)
     adaptation.adapt(x, 0, steps)
     adaptation.write_back()
     report = adaptation.report(seconds=0.0, steps_requested=steps, batches_used=1)
@@ -124,3 +157,10 @@ def run_ttt_mim(
         mask_ratio=report.mask_ratio or 0.0,
         updated_param_count=report.updated_param_count,
     )
+
+
+def ttt_mim_step(model: nn.Module, x: Tensor, **options) -> float:
+    """One MIM step on ``x`` (``run_ttt_mim`` with ``steps=1``; same options); returns its loss (NaN when a guard
+    stopped it)."""
+    result = run_ttt_mim(model, x, steps=1, **options)
+    return result.losses[0] if result.losses else float("nan")
