@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 from yolozu.adapter import Record, missing_ttt_hooks
 from yolozu.functional.readout import readout_of
@@ -30,6 +30,18 @@ def require_ttt_hooks(adapter: object) -> None:
         )
 
 
+def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> Iterable[Any]:
+    """``adapter.build_loader(records, batch_size=batch_size)``, checked: anything that is not an iterable of
+    batches (e.g. None, from a hook that forgot to return) is a RuntimeError naming the adapter."""
+    loader = adapter.build_loader(records, batch_size=batch_size)
+    if not isinstance(loader, Iterable):
+        raise RuntimeError(
+            f"adapter {type(adapter).__name__}'s build_loader(records, batch_size={batch_size}) returned "
+            f"{type(loader).__name__}, not an iterable of input batches; it must return (or yield) the batches"
+        )
+    return loader
+
+
 def disabled_report(config: TTTConfig) -> TTTReport:
     """The report of a run with TTT off."""
     return TTTReport(enabled=False, method=config.method, reset=config.reset)
@@ -42,7 +54,7 @@ def adapt_stream(
     ``steps`` steps per batch, until a guard stops it; the module is not written. Returns the adaptation and the
     number of batches used. ``progress`` (e.g. a tqdm bar) is advanced by each adapted batch's images."""
     adaptation = Adaptation(adapter.get_model(), config, readout_of(adapter))
-    loader = adapter.build_loader(list(records), batch_size=config.batch_size)
+    loader = loader_of(adapter, list(records), config.batch_size)
     batches_used = 0
     for index, batch in enumerate(itertools.islice(loader, config.max_batches)):
         batches_used += 1

@@ -26,7 +26,7 @@ from yolozu.functional.readout import readout_of
 from yolozu.predict import Predictor, chunks
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import adapt_stream, require_ttt_hooks
+from yolozu.tta.integration import adapt_stream, loader_of, require_ttt_hooks
 from yolozu.tta.report import TTTReport
 
 
@@ -52,7 +52,7 @@ def _check_reuse(config: TTTConfig, adaptation: Adaptation) -> None:
 
 def _batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
     """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader``."""
-    return zip(chunks(records, size), adapter.build_loader(records, batch_size=size))
+    return zip(chunks(records, size), loader_of(adapter, records, size))
 
 
 def _predict_online(adapter, records, config, predictor, progress) -> tuple[list[Prediction], Adaptation, int]:
