@@ -1,15 +1,16 @@
 """``yolozu export`` / ``tools/export_predictions.py``: manifest -> adapter -> [TTT] -> predict -> [TTA] -> write.
 
 Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(records)``: byte-identical to
-a build without test-time training. Output files are written to a temporary file and renamed, so a failed
-run leaves none behind.
+a build without test-time training. Every output path is checked before any work (``yolozu.output_paths``: no two
+outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
+when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
+line on stderr: exit 2 for a bad command line, 1 for a run that failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
@@ -17,11 +18,14 @@ import torch
 from tqdm import tqdm
 
 from yolozu.adapters import ADAPTERS, build_adapter
-from yolozu.functional.settings import Number
 from yolozu.data import build_manifest
+from yolozu.data.manifest import dataset_files, find_split
 from yolozu.flip_tta import MERGES, FlipTTAConfig
+from yolozu.functional.settings import Number
+from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
+from yolozu.outputs import write_outputs
 from yolozu.predict import Predictor
-from yolozu.predictions import wrap, write_json_atomic
+from yolozu.predictions import wrap
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
 from yolozu.tta.presets import PRESETS
@@ -65,6 +69,7 @@ def ttt_fields() -> list[attrs.Attribute]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``yolozu export`` command line."""
     parser = argparse.ArgumentParser(
         prog="yolozu export",
         description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
@@ -126,22 +131,33 @@ class TTTError(Exception):
     """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
 
 
-def _records(args: argparse.Namespace) -> list[dict]:
-    records = build_manifest(args.dataset, args.split)
-    if args.max_images is not None:
-        if args.max_images < 1:
-            raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-        records = records[: args.max_images]
-    return records
+OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
 
 
-def _check_output(path: Path) -> None:
+def _bar(desc: str, total: int, quiet: bool) -> tqdm:
+    """A progress bar on stderr counting images (none with --quiet)."""
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
+    """The output paths, checked before any work; a symbolic link followed is said on stderr."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in OUTPUT_FLAGS}
+    checkpoint = [("the --checkpoint", args.checkpoint)] if args.checkpoint else []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output folder {path.parent}: {e.strerror}") from None
-    if path.is_dir():
-        raise UsageError(f"--output {path} is a folder; give a file path such as {path / 'predictions.json'}")
+        outputs = check_outputs(given, checkpoint)
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    for note in link_notes(outputs):
+        print(note, file=sys.stderr)
+    return {out.flag: out for out in outputs}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The general flags' ranges (usage errors, before any work)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
 
 
 def _adapter(args: argparse.Namespace):
@@ -154,66 +170,104 @@ def _adapter(args: argparse.Namespace):
     return build_adapter(args.adapter, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
 
 
-def run_export(args: argparse.Namespace) -> dict:
-    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
-    torch.manual_seed(args.seed)
-    output = Path(args.output)
-    for path in (output, args.ttt_log_out, args.tta_log_out):
-        if path:
-            _check_output(Path(path))
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.ttt_preset and not args.ttt:
-        raise UsageError("--ttt-preset needs --ttt")
+def _records(args: argparse.Namespace, outputs: dict[str, OutputPath]) -> list[dict]:
+    """The dataset's records, none of whose files is an output."""
+    split = args.split or find_split(args.dataset)
+    records = build_manifest(args.dataset, split)
     try:
-        config = ttt_config(args)
-    except ValueError as e:
+        check_not_inputs(list(outputs.values()), dataset_files(args.dataset, split, records))
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    return records if args.max_images is None else records[: args.max_images]
+
+
+def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+    """Predictions after test-time training and the report."""
+    try:
+        predictions, report = adapt_and_predict(
+            adapter,
+            records,
+            config,
+            tta=tta,
+            batch_size=args.batch_size,
+            progress=lambda desc, total: _bar(desc, total, args.quiet),
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as e:
         raise TTTError(str(e)) from e
-    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
-    records = _records(args)
-    adapter = _adapter(args)
+    return predictions, report.to_dict()
 
-    def bars(desc: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="img", disable=args.quiet, file=sys.stderr)
 
-    if config.enabled:
-        try:
-            predictions, report = adapt_and_predict(
-                adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bars
-            )
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            raise TTTError(str(e)) from e
-        report_dict = report.to_dict()
-    else:
-        with bars("predict", len(records)) as bar:
-            if tta is None and args.bn_stats == "running":
-                predictions = adapter.predict(records)
-                bar.update(len(records))
-            else:
-                bn = "batch" if args.bn_stats == "batch" else "eval"
-                predictions = Predictor(adapter, tta=tta).predict(
-                    records, bn=bn, batch_size=args.batch_size, progress=bar
-                )
-        report_dict = disabled_report(config).to_dict()
-    meta = {
+def _plain(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+    """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
+    with _bar("predict", len(records), args.quiet) as bar:
+        if tta is None and args.bn_stats == "running":
+            predictions = adapter.predict(records)
+            bar.update(len(records))
+        else:
+            bn = "batch" if args.bn_stats == "batch" else "eval"
+            predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+    return predictions, disabled_report(config).to_dict()
+
+
+def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, report: dict, tta) -> dict:
+    return {
         "adapter": adapter.describe() if callable(getattr(adapter, "describe", None)) else {"adapter": args.adapter},
         "dataset": str(args.dataset),
         "split": args.split,
         "images": len(records),
         "seed": args.seed,
         "bn_stats": args.bn_stats,
-        "ttt": ttt_meta(config, report_dict if config.enabled else None),
+        "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }
-    write_json_atomic(output, wrap(predictions, meta) if args.wrap else predictions)
-    if args.ttt_log_out:
-        write_json_atomic(args.ttt_log_out, {"output": str(output), "ttt": meta["ttt"]}, indent=2)
-    if args.tta_log_out:
-        write_json_atomic(args.tta_log_out, {"output": str(output), "tta": meta["tta"]}, indent=2)
+
+
+def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions: list, meta: dict) -> None:
+    """Every output at once: the logs, then the predictions (so new predictions mean new logs)."""
+    documents = []
+    for flag, key in (("--ttt-log-out", "ttt"), ("--tta-log-out", "tta")):
+        if flag in outputs:
+            documents.append((outputs[flag].target, {"output": str(args.output), key: meta[key]}, 2))
+    documents.append((outputs["--output"].target, wrap(predictions, meta) if args.wrap else predictions, None))
+    write_outputs(documents)
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
+    outputs = _outputs(args)
+    _check_numbers(args)
+    if args.ttt_preset and not args.ttt:
+        raise UsageError("--ttt-preset needs --ttt")
+    torch.manual_seed(args.seed)
+    try:
+        config = ttt_config(args)
+    except ValueError as e:
+        raise TTTError(str(e)) from e
+    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
+    adapter = _adapter(args)
+    records = _records(args, outputs)
+    run = _adapted if config.enabled else _plain
+    predictions, report = run(args, adapter, records, config, tta)
+    meta = _meta(args, adapter, records, config, report, tta)
+    _write(args, outputs, predictions, meta)
     return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
 
 
+def _summary(document: dict, output: str) -> str:
+    """The line a successful run prints: how many predictions, where, and what TTT did."""
+    ttt = document["meta"]["ttt"]
+    summary = f"wrote {len(document['predictions'])} predictions to {output}"
+    if ttt["enabled"]:
+        report = ttt["report"]
+        stopped = f", stopped: {report['stop_reason']}" if report["stopped_early"] else ""
+        summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, "
+        summary += f"{report['updated_param_count']} parameters updated{stopped})"
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``yolozu export``: 0 on success, 2 for a bad command line, 1 for a failed run; every error leaves every
+    output as it was."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -229,17 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        ttt = document["meta"]["ttt"]
-        summary = f"wrote {len(document['predictions'])} predictions to {args.output}"
-        if ttt["enabled"]:
-            report = ttt["report"]
-            summary += (
-                f" (TTT {ttt['method']}: {report['steps_run']} steps, "
-                f"{report['updated_param_count']} parameters updated"
-                + (f", stopped: {report['stop_reason']}" if report["stopped_early"] else "")
-                + ")"
-            )
-        print(summary, file=sys.stderr)
+        print(_summary(document, args.output), file=sys.stderr)
     return 0
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from yolozu.outputs import write_outputs
 
 SCHEMA_VERSION = 1
 BBOX_KEYS = ("cx", "cy", "w", "h")
@@ -100,38 +101,11 @@ def wrap(predictions: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | Non
     return {"schema_version": SCHEMA_VERSION, "predictions": list(predictions), "meta": dict(meta or {})}
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same folder, fsync, then os.replace.
+    """Write ``obj`` as JSON to ``path`` atomically (``yolozu.outputs.write_outputs`` with one document).
 
     Readers see either the old file or the complete new one; if anything fails (serialisation included),
     no file is left behind. A missing or unwritable folder is a clear error.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist (create it first)")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise PermissionError(f"cannot write {path}: folder {folder} is not writable ({e.strerror})") from e
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    write_outputs([(path, obj, indent)], create_folders=False)
+    return Path(path)

@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ManifestError", "build_manifest", "SPLIT_ORDER", "IMAGE_SUFFIXES", "find_split", "parse_label_file"]
+__all__ = [
+    "ManifestError",
+    "build_manifest",
+    "SPLIT_ORDER",
+    "IMAGE_SUFFIXES",
+    "find_split",
+    "label_path",
+    "dataset_files",
+    "parse_label_file",
+]
 
 #: Split names tried, in order, when ``build_manifest`` is given no split.
 SPLIT_ORDER: tuple[str, ...] = ("val2017", "val", "valid", "validation", "train2017", "train")
@@ -63,6 +72,11 @@ def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def label_path(root: str | os.PathLike, split: str, image: str | os.PathLike) -> Path:
+    """The label file of ``<root>/images/<split>/<name>``: ``<root>/labels/<split>/<stem>.txt``."""
+    return Path(root) / "labels" / split / (Path(image).stem + ".txt")
+
+
 def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """Records ``{"image": str, "labels": [...]}`` for every image of a split, sorted by image path.
 
@@ -80,10 +94,19 @@ def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[di
     images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ManifestError(f"no images (.jpg, .jpeg, .png) in {img_dir}; {_HINT}")
-    lbl_dir = root / "labels" / split
     records = []
     for img in images:
-        lbl = lbl_dir / (img.stem + ".txt")
+        lbl = label_path(root, split, img)
         labels = parse_label_file(lbl) if lbl.is_file() else []
         records.append({"image": str(img), "labels": labels})
     return records
+
+
+def dataset_files(root: str | os.PathLike, split: str, records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The files a run reads from a dataset split, images and label files, as ``(what, path)`` pairs (what an
+    output must never replace)."""
+    files = []
+    for record in records:
+        files.append(("an image of the dataset", str(record["image"])))
+        files.append(("a label file of the dataset", str(label_path(root, split, record["image"]))))
+    return files
