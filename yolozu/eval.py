@@ -194,10 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``--predictions P --dataset ROOT [--split S] [--output report.json]``; prints the JSON report.
 
     Exit 0; 2 for bad input (the predictions, the dataset, the output path); 1 when the report cannot be
-    written. Every error is one line on stderr, and a failed run prints no report."""
+    written; 130 on Ctrl-C. Every error is one line on stderr, and a failed run prints no report."""
     args = build_parser().parse_args(argv)
     try:
         report = _report(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

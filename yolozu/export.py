@@ -4,7 +4,7 @@ Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(
 a build without test-time training. Every output path is checked before any work (``yolozu.output_paths``: no two
 outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
 when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
-line on stderr: exit 2 for a bad command line, 1 for a run that failed.
+line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import ADAPTERS, build_adapter
+from yolozu.adapters import ADAPTERS, build_adapter, parse_device
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.flip_tta import MERGES, FlipTTAConfig
@@ -161,13 +161,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _adapter(args: argparse.Namespace):
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build); use cpu")
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     if args.adapter == "dummy":
         if args.checkpoint:
             raise UsageError("--checkpoint applies to --adapter detector only")
         return build_adapter("dummy")
-    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
+    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size)
 
 
 def _records(args: argparse.Namespace, outputs: dict[str, OutputPath]) -> list[dict]:
@@ -266,12 +268,15 @@ def _summary(document: dict, output: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``yolozu export``: 0 on success, 2 for a bad command line, 1 for a failed run; every error leaves every
-    output as it was."""
+    """``yolozu export``: 0 on success, 2 for a bad command line, 1 for a failed run, 130 for Ctrl-C; every
+    error is one line on stderr and leaves every output as it was."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         document = run_export(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except TTTError as e:
         print(f"TTT failed: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,76 @@
+"""Every failure of the export and eval commands is one clear line (two for a usage error: the usage line and the
+error), a non-zero exit, and no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import yolozu.eval
+import yolozu.export
+from yolozu.cli import main as cli
+
+OLD = b'["the previous run"]\n'
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "ds"
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / "a.png")
+    (root / "labels" / "val" / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    return root
+
+
+def _run(capsys, *argv: str) -> tuple[int | str, list[str]]:
+    """Exit code (or "escaped" for an exception main let through) and the stderr lines."""
+    try:
+        code = cli(list(argv))
+    except BaseException as e:  # noqa: B036 - a KeyboardInterrupt must not end the test session
+        code = f"escaped: {type(e).__name__}"
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+# -------------------------------------------------------------------------------- tracebacks -> one line
+def test_a_bad_device_is_a_usage_error(tmp_path, dataset, capsys):
+    code, err = _run(capsys, "export", "--dataset", str(dataset), "--output", str(tmp_path / "p.json"),
+                     "--adapter", "detector", "--device", "bogus")
+    assert code == 2 and err[0].startswith("usage:") and not any("Traceback" in line for line in err)
+    assert err[-1] == "error: --device 'bogus' is not a device; use cpu or cuda[:N]"
+
+
+@pytest.mark.parametrize("content", ["text", "tensor", "wrong_weights"])
+def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, dataset, capsys, content):
+    ckpt = tmp_path / "model.pt"
+    if content == "text":
+        ckpt.write_text("hello")
+    elif content == "tensor":
+        torch.save(torch.zeros(3), ckpt)
+    else:
+        torch.save({"config": {}, "state_dict": {"no.such.weight": torch.zeros(1)}}, ckpt)
+    code, err = _run(capsys, "export", "--dataset", str(dataset), "--output", str(tmp_path / "p.json"),
+                     "--adapter", "detector", "--checkpoint", str(ckpt))
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith(f"error: {ckpt} is not a") and "detector checkpoint" in err[0]
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_ctrl_c_exits_130_with_one_line_and_keeps_the_output(tmp_path, dataset, capsys, monkeypatch, command):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out.json"
+    out.write_bytes(OLD)
+    preds = tmp_path / "p.json"
+    preds.write_text('[{"image": "a.png", "detections": []}]')
+    module = yolozu.export if command == "export" else yolozu.eval
+    monkeypatch.setattr(module, "build_manifest", interrupt)
+    args = ["--output", str(out)] if command == "export" else ["--predictions", str(preds), "--output", str(out)]
+    code, err = _run(capsys, command, "--dataset", str(dataset), *args)
+    assert code == 130 and err == ["interrupted"]
+    assert out.read_bytes() == OLD
