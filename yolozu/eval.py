@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``yolozu eval`` command line."""
     parser = argparse.ArgumentParser(
         prog="yolozu eval",
+        usage="%(prog)s --predictions FILE --dataset ROOT [--split NAME] [--output FILE]",
         description="COCO mAP of a predictions.json on a YOLO-layout dataset.",
     )
     parser.add_argument("--predictions", required=True, help="predictions.json (plain list or wrapped)")

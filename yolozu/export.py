@@ -69,9 +69,10 @@ def ttt_fields() -> list[attrs.Attribute]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``yolozu export`` command line."""
+    """The ``yolozu export`` command line (its usage line is short; ``-h`` lists every flag)."""
     parser = argparse.ArgumentParser(
         prog="yolozu export",
+        usage="%(prog)s --dataset ROOT --output FILE [--adapter NAME] [--ttt ...] [--tta ...] (-h: every option)",
         description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
     )
     general = parser.add_argument_group("general")
@@ -158,6 +159,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
         raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
 def _adapter(args: argparse.Namespace):
@@ -261,9 +264,9 @@ def _summary(document: dict, output: str) -> str:
     summary = f"wrote {len(document['predictions'])} predictions to {output}"
     if ttt["enabled"]:
         report = ttt["report"]
+        changed = report["updated_param_count"] if report["steps_run"] else 0
         stopped = f", stopped: {report['stop_reason']}" if report["stopped_early"] else ""
-        summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, "
-        summary += f"{report['updated_param_count']} parameters updated{stopped})"
+        summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, {changed} parameters changed{stopped})"
     return summary
 
 

@@ -32,20 +32,28 @@ class ManifestError(ValueError):
     """A dataset that cannot be read: missing folders, no images, or a malformed label line."""
 
 
+def _check_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ManifestError(f"dataset root {root} is a file, not a folder; pass the folder that holds images/<split>")
+    if not root.is_dir():
+        raise ManifestError(f"dataset root {root} does not exist; {_HINT}")
+
+
 def find_split(root: str | os.PathLike) -> str:
     """The first split of ``SPLIT_ORDER`` that exists under ``<root>/images/``."""
+    _check_root(Path(root))
     images = Path(root) / "images"
     for name in SPLIT_ORDER:
         if (images / name).is_dir():
             return name
     raise ManifestError(
-        f"no split found under {images}: looked for {', '.join(SPLIT_ORDER)}; pass split=... or {_HINT}"
+        f"no split found under {images}: looked for {', '.join(SPLIT_ORDER)}; pass --split NAME (split= in Python) "
+        f"or {_HINT}"
     )
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+def _parse_line(where: str, line: str) -> dict[str, Any]:
     fields = line.split()
-    where = f"{path}:{lineno}"
     if len(fields) != 5:
         raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
     try:
@@ -62,13 +70,19 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
 
 
 def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Labels of one YOLO label file; blank lines are skipped, anything else malformed raises ManifestError."""
+    """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, text that is
+    not UTF-8) raises ManifestError naming the file and line."""
     path = Path(path)
+    data = path.read_bytes()
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                out.append(_parse_line(path, lineno, line))
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{where}: not UTF-8 text (byte {e.start} of the line); a label file is text") from None
+        if line.strip():
+            out.append(_parse_line(where, line))
     return out
 
 
@@ -81,11 +95,11 @@ def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[di
     """Records ``{"image": str, "labels": [...]}`` for every image of a split, sorted by image path.
 
     With ``split=None`` the first existing of ``SPLIT_ORDER`` is used. An image without a label file has no
-    labels. Raises ManifestError for a missing root or split, a split without images, or a bad label line.
+    labels. Raises ManifestError for a missing root or split, a root that is a file, a split without images, or
+    a bad label line.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"dataset root {root} does not exist; {_HINT}")
+    _check_root(root)
     if split is None:
         split = find_split(root)
     img_dir = root / "images" / split
