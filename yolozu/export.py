@@ -161,6 +161,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 < args.tta_iou <= 1:
+        raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
 
 
 def _adapter(args: argparse.Namespace):
@@ -175,10 +177,11 @@ def _adapter(args: argparse.Namespace):
     return build_adapter(args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size)
 
 
-def _records(args: argparse.Namespace, outputs: dict[str, OutputPath]) -> list[dict]:
-    """The dataset's records, none of whose files is an output."""
+def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
+    """The dataset's records (label class ids checked against the model's classes), none of whose files is an
+    output."""
     split = args.split or find_split(args.dataset)
-    records = build_manifest(args.dataset, split)
+    records = build_manifest(args.dataset, split, num_classes=getattr(adapter, "num_classes", None))
     try:
         check_not_inputs(list(outputs.values()), dataset_files(args.dataset, split, records))
     except OutputPathError as e:
@@ -250,7 +253,7 @@ def run_export(args: argparse.Namespace) -> dict:
         raise TTTError(str(e)) from e
     tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
     adapter = _adapter(args)
-    records = _records(args, outputs)
+    records = _records(args, adapter, outputs)
     run = _adapted if config.enabled else _plain
     predictions, report = run(args, adapter, records, config, tta)
     meta = _meta(args, adapter, records, config, report, tta)

@@ -1,8 +1,14 @@
 """predictions.json: the schema, validation, the wrapped form with metadata, and crash-safe writing.
 
 A predictions file is a list of ``{"image": str, "detections": [{"class_id": int, "score": float,
-"bbox": {"cx", "cy", "w", "h"}}]}`` with boxes normalised to [0, 1], or the wrapped form
+"bbox": {"cx", "cy", "w", "h"}}]}`` with scores and boxes in [0, 1], or the wrapped form
 ``{"schema_version": 1, "predictions": [...], "meta": {...}}``.
+
+Scores are confidences and box fields are normalised to the image, so a value outside [0, 1] (a logit, a pixel
+coordinate) is an error naming the entry: evaluated as is it would give a silently wrong mAP. Values within
+``ROUNDING`` of the range are accepted (float rounding of a clipped box). A box whose edges pass the image border
+while its fields are in range is accepted as COCO does: many detectors do not clip, and pycocotools evaluates
+such boxes as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from yolozu.outputs import write_outputs
 
 SCHEMA_VERSION = 1
 BBOX_KEYS = ("cx", "cy", "w", "h")
+ROUNDING = 1e-6
+"""How far outside [0, 1] a score or box field may be and still count as in range (float rounding)."""
 
 
 class PredictionsError(ValueError):
@@ -27,6 +35,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_unit(value: float, where: str, what: str) -> None:
+    if not -ROUNDING <= value <= 1 + ROUNDING:
+        raise PredictionsError(f"{where}: must be in [0, 1] ({what}), got {value!r}")
+
+
 def _validate_detection(det: Any, where: str) -> None:
     if not isinstance(det, Mapping):
         raise PredictionsError(f"{where}: a detection must be an object, got {type(det).__name__}")
@@ -35,6 +48,7 @@ def _validate_detection(det: Any, where: str) -> None:
         raise PredictionsError(f"{where}.class_id: must be a non-negative int, got {cls!r}")
     if not _is_number(det.get("score")):
         raise PredictionsError(f"{where}.score: must be a finite number, got {det.get('score')!r}")
+    _check_unit(det["score"], f"{where}.score", "a confidence, not a logit")
     bbox = det.get("bbox")
     if not isinstance(bbox, Mapping):
         raise PredictionsError(f"{where}.bbox: must be an object with keys {', '.join(BBOX_KEYS)}, got {bbox!r}")
@@ -43,6 +57,8 @@ def _validate_detection(det: Any, where: str) -> None:
             raise PredictionsError(f"{where}.bbox.{key}: must be a finite number, got {bbox.get(key)!r}")
     if bbox["w"] < 0 or bbox["h"] < 0:
         raise PredictionsError(f"{where}.bbox: width and height must be >= 0, got w={bbox['w']}, h={bbox['h']}")
+    for key in BBOX_KEYS:
+        _check_unit(bbox[key], f"{where}.bbox.{key}", "normalised to the image size, not pixels")
 
 
 def validate_predictions(preds: Any) -> list[dict]:

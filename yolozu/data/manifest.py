@@ -52,7 +52,7 @@ def find_split(root: str | os.PathLike) -> str:
     )
 
 
-def _parse_line(where: str, line: str) -> dict[str, Any]:
+def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any]:
     fields = line.split()
     if len(fields) != 5:
         raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
@@ -63,15 +63,20 @@ def _parse_line(where: str, line: str) -> dict[str, Any]:
     cls = values[0]
     if not math.isfinite(cls) or cls != int(cls) or cls < 0:
         raise ManifestError(f"{where}: class id must be a non-negative integer, got {fields[0]!r}")
+    if num_classes is not None and cls >= num_classes:
+        raise ManifestError(
+            f"{where}: class id {int(cls)} is beyond the model's {num_classes} classes (0 to {num_classes - 1}); "
+            "these labels are for another model or the file is corrupt"
+        )
     for name, text, v in zip(("cx", "cy", "w", "h"), fields[1:], values[1:]):
         if not (0.0 <= v <= 1.0):  # also rejects nan
             raise ManifestError(f"{where}: {name}={text} is outside [0, 1]")
     return {"class_id": int(cls), "cx": values[1], "cy": values[2], "w": values[3], "h": values[4]}
 
 
-def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, text that is
-    not UTF-8) raises ManifestError naming the file and line."""
+def parse_label_file(path: str | os.PathLike, num_classes: int | None = None) -> list[dict[str, Any]]:
+    """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, a class id
+    of ``num_classes`` or more when given, text that is not UTF-8) raises ManifestError naming the file and line."""
     path = Path(path)
     data = path.read_bytes()
     out = []
@@ -82,7 +87,7 @@ def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
         except UnicodeDecodeError as e:
             raise ManifestError(f"{where}: not UTF-8 text (byte {e.start} of the line); a label file is text") from None
         if line.strip():
-            out.append(_parse_line(where, line))
+            out.append(_parse_line(where, line, num_classes))
     return out
 
 
@@ -91,12 +96,14 @@ def label_path(root: str | os.PathLike, split: str, image: str | os.PathLike) ->
     return Path(root) / "labels" / split / (Path(image).stem + ".txt")
 
 
-def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
+def build_manifest(
+    root: str | os.PathLike, split: str | None = None, *, num_classes: int | None = None
+) -> list[dict[str, Any]]:
     """Records ``{"image": str, "labels": [...]}`` for every image of a split, sorted by image path.
 
     With ``split=None`` the first existing of ``SPLIT_ORDER`` is used. An image without a label file has no
-    labels. Raises ManifestError for a missing root or split, a root that is a file, a split without images, or
-    a bad label line.
+    labels; ``num_classes`` (the model's) makes a larger class id an error. Raises ManifestError for a missing
+    root or split, a root that is a file, a split without images, or a bad label line.
     """
     root = Path(root)
     _check_root(root)
@@ -111,7 +118,7 @@ def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[di
     records = []
     for img in images:
         lbl = label_path(root, split, img)
-        labels = parse_label_file(lbl) if lbl.is_file() else []
+        labels = parse_label_file(lbl, num_classes) if lbl.is_file() else []
         records.append({"image": str(img), "labels": labels})
     return records
 
