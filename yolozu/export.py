@@ -24,7 +24,7 @@ from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.functional.settings import Number
 from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
 from yolozu.outputs import write_outputs
-from yolozu.predict import Predictor
+from yolozu.predict import NON_FINITE, Predictor
 from yolozu.predictions import wrap
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ttt_fields():
         ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
     ttt.add_argument("--ttt-log-out", help="write a JSON log {output, ttt}")
+    ttt.add_argument(  # an export policy, not a TTTConfig field: its dest has no ttt_ prefix
+        "--ttt-allow-non-finite",
+        dest="allow_non_finite",
+        action="store_true",
+        help="write the predictions even where the adapted model's outputs are non-finite (those images get no "
+        "detection; the report and stderr warn); without it such a run is an error and writes nothing",
+    )
     return parser
 
 
@@ -130,6 +137,10 @@ class UsageError(Exception):
 
 class TTTError(Exception):
     """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
+
+
+class NonFiniteError(Exception):
+    """The adapted model's outputs were non-finite and ``--ttt-allow-non-finite`` was not given (exit code 1)."""
 
 
 OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
@@ -190,7 +201,8 @@ def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, Outpu
 
 
 def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
-    """Predictions after test-time training and the report."""
+    """Predictions after test-time training and the report; non-finite outputs are an error unless
+    ``--ttt-allow-non-finite``, then a warning on stderr (and in the report)."""
     try:
         predictions, report = adapt_and_predict(
             adapter,
@@ -202,6 +214,14 @@ def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTT
         )
     except (RuntimeError, ValueError, NotImplementedError) as e:
         raise TTTError(str(e)) from e
+    non_finite = [w for w in report.warnings if w.startswith(NON_FINITE)]
+    if non_finite and not args.allow_non_finite:
+        raise NonFiniteError(
+            f"{non_finite[0]}. Nothing was written. Lower --ttt-lr or keep the guards on (--ttt-stop-on-non-finite, "
+            "--ttt-rollback-on-stop); --ttt-allow-non-finite writes these predictions anyway"
+        )
+    for warning in non_finite:
+        print(f"warning: {warning}", file=sys.stderr)
     return predictions, report.to_dict()
 
 
@@ -290,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as e:
+    except (NonFiniteError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
 from yolozu.functional.readout import readout_of
-from yolozu.predict import Predictor, chunks
+from yolozu.predict import Predictor, chunks, non_finite_warning
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 from yolozu.tta.integration import adapt_stream, loader_of, require_ttt_hooks
@@ -66,7 +66,7 @@ def _predict_online(adapter, records, config, predictor, progress) -> tuple[list
             adapted += 1
             rows = adaptation.adapt(x, index, config.steps)
             if reuse and not rows[-1]["rolled_back"]:
-                predictions.extend(adapter.decode(adaptation.last_output, chunk))
+                predictions.extend(predictor.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
                 continue
         params, buffers = adaptation.prediction_tensors()
@@ -134,6 +134,21 @@ def no_bars(desc: str, total: int) -> _NoProgress:
     return _NoProgress()
 
 
+def _adapt_while_predicting(adapter, records, config, predictor, progress) -> tuple[list[Prediction], TTTReport]:
+    """The ``online`` and reset ``sample`` schedules, with one progress bar."""
+    start = time.perf_counter()
+    run = _predict_online if config.reset == "stream" else _predict_episodic
+    bar = progress("adapt+predict", len(records))
+    try:
+        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar)
+    finally:
+        bar.close()
+    report = adaptation.report(
+        seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
+    )
+    return predictions, report
+
+
 def adapt_and_predict(
     adapter: object,
     records: Sequence[Record],
@@ -148,22 +163,17 @@ def adapt_and_predict(
 
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
     batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
-    for adaptation and one for prediction in ``pre``, one for both in the other schedules.
+    for adaptation and one for prediction in ``pre``, one for both in the other schedules. Images predicted from
+    non-finite outputs (weights that diverged) are named in a warning of the report (``predict.NON_FINITE``).
     """
     require_ttt_hooks(adapter)
     _check(config, tta)
     predictor = Predictor(adapter, tta=tta)
     records = list(records)
     if config.reset == "stream" and config.schedule == "pre":
-        return _predict_pre(adapter, records, config, predictor, progress, batch_size)
-    start = time.perf_counter()
-    run = _predict_online if config.reset == "stream" else _predict_episodic
-    bar = progress("adapt+predict", len(records))
-    try:
-        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar)
-    finally:
-        bar.close()
-    report = adaptation.report(
-        seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
-    )
+        predictions, report = _predict_pre(adapter, records, config, predictor, progress, batch_size)
+    else:
+        predictions, report = _adapt_while_predicting(adapter, records, config, predictor, progress)
+    if predictor.non_finite:
+        report.warnings.append(non_finite_warning(predictor.non_finite, len(records)))
     return predictions, report
