@@ -20,6 +20,7 @@ from tqdm import tqdm
 from yolozu.adapters import ADAPTERS, build_adapter, parse_device
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
+from yolozu.faults import kill_point
 from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.functional.settings import Number
 from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
@@ -146,9 +147,25 @@ class NonFiniteError(Exception):
 OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
 
 
-def _bar(desc: str, total: int, quiet: bool) -> tqdm:
-    """A progress bar on stderr counting images (none with --quiet)."""
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+class _Progress:
+    """A tqdm bar on stderr whose every update is also a kill point named after it (``yolozu.faults``)."""
+
+    def __init__(self, desc: str, total: int, quiet: bool) -> None:
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        kill_point(self.desc)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
@@ -210,7 +227,7 @@ def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTT
             config,
             tta=tta,
             batch_size=args.batch_size,
-            progress=lambda desc, total: _bar(desc, total, args.quiet),
+            progress=lambda desc, total: _Progress(desc, total, args.quiet),
         )
     except (RuntimeError, ValueError, NotImplementedError) as e:
         raise TTTError(str(e)) from e
@@ -227,7 +244,7 @@ def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTT
 
 def _plain(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
     """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
-    with _bar("predict", len(records), args.quiet) as bar:
+    with _Progress("predict", len(records), args.quiet) as bar:
         if tta is None and args.bn_stats == "running":
             predictions = adapter.predict(records)
             bar.update(len(records))

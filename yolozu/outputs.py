@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import attrs
 
+from yolozu.faults import kill_point
 from yolozu.output_paths import PathLike, existing_folder
 
 
@@ -116,7 +117,9 @@ def _stage(target: Path, data: bytes) -> _Staged:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        kill_point("output-written")
         os.fsync(fd)
+        kill_point("output-synced")
     except BaseException as e:
         _discard(staged)
         if isinstance(e, OSError):
@@ -191,6 +194,7 @@ def _sync_folder(folder: Path) -> None:
 def _commit(staged: Sequence[_Staged], create_folders: bool) -> None:
     """Create missing folders, give every temporary file a name beside its target, then rename them in order;
     a failure before the renames removes what it made."""
+    kill_point("output-commit")
     created: list[Path] = []
     try:
         for s in staged:
