@@ -32,7 +32,12 @@ class PredictionsError(ValueError):
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_unit(value: float, where: str, what: str) -> None:
@@ -96,15 +101,24 @@ def unwrap(obj: Any) -> list[dict]:
 
 
 def load_predictions(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a predictions file (plain list or wrapped form); returns the prediction list."""
+    """Read and validate a predictions file (plain list or wrapped form); returns the prediction list.
+
+    Anything that is not a valid predictions file (not UTF-8, not JSON, nested too deeply, off the schema) is a
+    PredictionsError naming the file; a missing file is FileNotFoundError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"predictions file not found: {path}") from None
+    except OSError as e:
+        raise type(e)(f"cannot read the predictions file {path}: {e.strerror or e}") from None
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PredictionsError(f"{path} is not UTF-8 text (byte {e.start}); a predictions file is JSON") from None
+    except RecursionError:
+        raise PredictionsError(f"{path}: JSON nested too deeply to be a predictions file") from None
+    except ValueError as e:  # JSONDecodeError, and integers too long to convert
         raise PredictionsError(f"{path} is not valid JSON: {e}") from None
     try:
         return validate_predictions(unwrap(obj))

@@ -52,17 +52,27 @@ def find_split(root: str | os.PathLike) -> str:
     )
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """``text`` for an error message, cut to ``limit`` characters (a corrupt line can be megabytes)."""
+    text = text.strip()
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(text: str) -> str:
+    return repr(_cut(text))
+
+
 def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any]:
     fields = line.split()
     if len(fields) != 5:
-        raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+        raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {_shown(line)}")
     try:
         values = [float(f) for f in fields]
     except ValueError:
-        raise ManifestError(f"{where}: non-numeric field in {line.strip()!r}") from None
+        raise ManifestError(f"{where}: non-numeric field in {_shown(line)}") from None
     cls = values[0]
     if not math.isfinite(cls) or cls != int(cls) or cls < 0:
-        raise ManifestError(f"{where}: class id must be a non-negative integer, got {fields[0]!r}")
+        raise ManifestError(f"{where}: class id must be a non-negative integer, got {_shown(fields[0])}")
     if num_classes is not None and cls >= num_classes:
         raise ManifestError(
             f"{where}: class id {int(cls)} is beyond the model's {num_classes} classes (0 to {num_classes - 1}); "
@@ -70,7 +80,7 @@ def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any
         )
     for name, text, v in zip(("cx", "cy", "w", "h"), fields[1:], values[1:]):
         if not (0.0 <= v <= 1.0):  # also rejects nan
-            raise ManifestError(f"{where}: {name}={text} is outside [0, 1]")
+            raise ManifestError(f"{where}: {name}={_cut(text)} is outside [0, 1]")
     return {"class_id": int(cls), "cx": values[1], "cy": values[2], "w": values[3], "h": values[4]}
 
 
@@ -78,7 +88,10 @@ def parse_label_file(path: str | os.PathLike, num_classes: int | None = None) ->
     """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, a class id
     of ``num_classes`` or more when given, text that is not UTF-8) raises ManifestError naming the file and line."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"cannot read the label file {path}: {e.strerror or e}") from None
     out = []
     for lineno, raw in enumerate(data.splitlines(), start=1):
         where = f"{path}:{lineno}"
