@@ -21,6 +21,8 @@ from yolozu.output_paths import OutputPathError, check_outputs
 from yolozu.outputs import write_outputs
 
 OLD = b'["the previous run"]\n'
+TTA_LOG = ("--adapter", "detector", "--tta", "--tta-log-out")
+"""A run with a log (the detector predicts with flip TTA and logs its settings)."""
 
 
 @pytest.fixture()
@@ -57,8 +59,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_a_log_that_cannot_be_written_leaves_the_predictions_as_they_were(tmp_path, dataset, capsys):
     out = tmp_path / "p.json"
     out.write_bytes(OLD)
-    log = _unwritable_folder(tmp_path) / "yolozu-ttt-log.json"
-    code = _export(dataset, out, "--ttt-log-out", str(log))
+    log = _unwritable_folder(tmp_path) / "yolozu-tta-log.json"
+    code = _export(dataset, out, *TTA_LOG, str(log))
     assert code != 0 and "error:" in capsys.readouterr().err
     assert out.read_bytes() == OLD
     assert not log.exists()
@@ -133,9 +135,9 @@ def test_a_failed_commit_removes_the_folders_it_made(tmp_path, monkeypatch, temp
 def test_two_outputs_on_one_file_are_refused(tmp_path, dataset, capsys):
     out = tmp_path / "p.json"
     out.write_bytes(OLD)
-    code = _export(dataset, out, "--ttt-log-out", str(tmp_path / "." / "p.json"))
+    code = _export(dataset, out, *TTA_LOG, str(tmp_path / "." / "p.json"))
     err = capsys.readouterr().err
-    assert code == 2 and "--output and --ttt-log-out are the same file" in err
+    assert code == 2 and "--output and --tta-log-out are the same file" in err
     assert out.read_bytes() == OLD
 
 
@@ -210,13 +212,13 @@ def test_eval_report_that_cannot_be_written_is_one_line_and_prints_no_report(tmp
 
 
 def test_a_successful_run_replaces_every_output_and_leaves_no_temporary_file(tmp_path, dataset):
-    out, log = tmp_path / "p.json", tmp_path / "logs" / "ttt.json"
+    out, log = tmp_path / "p.json", tmp_path / "logs" / "tta.json"
     out.write_bytes(OLD)
-    assert _export(dataset, out, "--ttt-log-out", str(log)) == 0
+    assert _export(dataset, out, *TTA_LOG, str(log)) == 0
     assert json.loads(log.read_text())["output"] == str(out)
     assert out.read_bytes() != OLD
     assert sorted(_files(tmp_path)) == sorted(
-        ["p.json", "logs/ttt.json"] + [str(p.relative_to(tmp_path)) for p in dataset.rglob("*") if p.is_file()]
+        ["p.json", "logs/tta.json"] + [str(p.relative_to(tmp_path)) for p in dataset.rglob("*") if p.is_file()]
     )
 
 
