@@ -57,7 +57,7 @@ def _perfect(records, shift: float = 0.0):
                 {
                     "class_id": o["class_id"],
                     "score": 0.9,
-                    "bbox": {"cx": o["cx"] + shift, "cy": o["cy"], "w": o["w"], "h": o["h"]},
+                    "bbox": {"cx": (o["cx"] + shift) % 1.0, "cy": o["cy"], "w": o["w"], "h": o["h"]},
                 }
                 for o in r["labels"]
             ],

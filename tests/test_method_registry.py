@@ -38,13 +38,12 @@ def sharp_method(apply, optimizer, settings=SharpSettings(), *, readout, bn="run
 def registered(monkeypatch):
     """The one registry line, and the config class and export flags generated from the registry."""
     monkeypatch.setitem(METHODS, "sharp", MethodEntry(sharp_method, SharpSettings, "sharp_"))
-    from yolozu import export
-    from yolozu.tta import config, engine
+    from yolozu import ttt_flags
+    from yolozu.tta import config
 
     cls = config.config_class(METHODS)
     monkeypatch.setattr(config, "TTTConfig", cls)
-    monkeypatch.setattr(export, "TTTConfig", cls)
-    monkeypatch.setattr(engine, "TTTConfig", cls)
+    monkeypatch.setattr(ttt_flags, "TTTConfig", cls)
     return cls
 
 

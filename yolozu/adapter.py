@@ -6,7 +6,8 @@ Every adapter predicts. Test-time training needs two optional hooks on top (the 
 - ``build_loader(records, *, batch_size) -> Iterable[Tensor]``: preprocessed input batches.
 
 and may say how TTT reads the model's outputs with ``ttt_readout() -> Readout`` (default: the output is
-class logits over dim 1, and a reconstruction when MIM asks for one). Adapters without the two hooks do
+class logits over dim 1, and a reconstruction when MIM asks for one). An adapter with a ``num_classes``
+attribute has the dataset's label class ids checked against it by the export. Adapters without the two hooks do
 not support TTT; ``run_ttt`` says which hook is missing.
 """
 

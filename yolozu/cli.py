@@ -9,14 +9,20 @@ COMMANDS = {
     "export": "export predictions.json, optionally with test-time training (--ttt) and flip TTA (--tta)",
     "eval": "COCO mAP of a predictions.json on a YOLO-layout dataset",
 }
+USAGE = "usage: yolozu {export,eval} [options]   (yolozu COMMAND -h: its options)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv[0]`` names; ``-h`` lists the commands, an unknown one is a usage error (exit 2)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+    if not args or args[0] in ("-h", "--help"):
         lines = [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
-        print("usage: yolozu {export,eval} [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+        print(USAGE + "\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if args else 2
+    if args[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     if args[0] == "export":
         from yolozu.export import main as run
     else:

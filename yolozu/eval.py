@@ -18,7 +18,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from yolozu.predictions import load_predictions, validate_predictions, write_json_atomic
+from yolozu.data import build_manifest
+from yolozu.data.manifest import dataset_files, find_split
+from yolozu.output_paths import check_not_inputs, check_outputs, link_notes
+from yolozu.outputs import write_outputs
+from yolozu.predictions import load_predictions, validate_predictions
 
 
 class EvaluationError(ValueError):
@@ -153,31 +157,56 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], records: Sequence[Mapping
     return {"map50": float(stats[1]), "map": float(stats[0]), "map75": float(stats[2]), **counts}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``--predictions P --dataset ROOT [--split S] [--output report.json]``; prints the JSON report."""
-    parser = argparse.ArgumentParser(description="COCO mAP of a predictions.json on a YOLO-layout dataset.")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``yolozu eval`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="yolozu eval",
+        usage="%(prog)s --predictions FILE --dataset ROOT [--split NAME] [--output FILE]",
+        description="COCO mAP of a predictions.json on a YOLO-layout dataset.",
+    )
     parser.add_argument("--predictions", required=True, help="predictions.json (plain list or wrapped)")
     parser.add_argument("--dataset", required=True, help="dataset root with images/<split> and labels/<split>")
     parser.add_argument("--split", default=None, help="split name (default: auto-detected)")
     parser.add_argument("--output", default=None, help="also write the report to this JSON file")
-    args = parser.parse_args(argv)
-    from yolozu.data import build_manifest
-    from yolozu.data.manifest import find_split
+    return parser
 
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the output path, evaluate, write the report (when asked): the whole command but printing."""
+    outputs = check_outputs({"--output": args.output}, [("the --predictions file", args.predictions)])
+    for note in link_notes(outputs):
+        print(note, file=sys.stderr)
     split = args.split
     try:
         split = split or find_split(args.dataset)
         records = build_manifest(args.dataset, split)
+        check_not_inputs(outputs, dataset_files(args.dataset, split, records))
         report = evaluate(load_predictions(args.predictions), records)
-    except (ValueError, FileNotFoundError) as e:
-        hint = ""
-        if isinstance(e, EvaluationError) and args.split is None:
-            hint = f" (split {split!r} was auto-detected; pass --split to evaluate another)"
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return 2
+    except EvaluationError as e:
+        hint = f" (split {split!r} was auto-detected; pass --split to evaluate another)" if args.split is None else ""
+        raise EvaluationError(f"{e}{hint}") from None
     report = {"predictions": str(args.predictions), "dataset": str(args.dataset), "split": split, **report}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        write_json_atomic(args.output, report, indent=2)
+    if outputs:
+        write_outputs([(outputs[0].target, report, 2)])
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``--predictions P --dataset ROOT [--split S] [--output report.json]``; prints the JSON report.
+
+    Exit 0; 2 for bad input (the predictions, the dataset, the output path); 1 when the report cannot be
+    written; 130 on Ctrl-C. Every error is one line on stderr, and a failed run prints no report."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = _report(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
     return 0

@@ -1,8 +1,10 @@
 """``yolozu export`` / ``tools/export_predictions.py``: manifest -> adapter -> [TTT] -> predict -> [TTA] -> write.
 
 Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(records)``: byte-identical to
-a build without test-time training. Output files are written to a temporary file and renamed, so a failed
-run leaves none behind.
+a build without test-time training. Every output path is checked before any work (``yolozu.output_paths``: no two
+outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
+when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
+line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,87 +12,33 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import attrs
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import ADAPTERS, build_adapter
-from yolozu.functional.settings import Number
+from yolozu.adapters import ADAPTERS, build_adapter, parse_device
 from yolozu.data import build_manifest
+from yolozu.data.manifest import dataset_files, find_split
+from yolozu.faults import kill_point
 from yolozu.flip_tta import MERGES, FlipTTAConfig
-from yolozu.predict import Predictor
-from yolozu.predictions import wrap, write_json_atomic
+from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
+from yolozu.outputs import write_outputs
+from yolozu.predict import NON_FINITE, Predictor
+from yolozu.predictions import wrap
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
 from yolozu.tta.presets import PRESETS, apply_ttt_preset_args
 from yolozu.tta.schedules import adapt_and_predict
+from yolozu.ttt_flags import flag_kwargs, flag_of, ttt_config, ttt_fields, ttt_meta  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
 
-NOT_FLAGS = ("enabled", "preset")
-"""``TTTConfig`` fields with a flag of their own shape (``--ttt``, ``--ttt-preset``)."""
-
-
-class ExplicitNone:
-    """The value of an optional setting's flag given as ``none`` (e.g. ``--ttt-max-batches none``: no cap), as
-    opposed to an absent flag (the preset's or the default value)."""
-
-    def __repr__(self) -> str:
-        return "none"
-
-
-EXPLICIT_NONE = ExplicitNone()
-
-
-def optional(kind: type):
-    """argparse type of an optional setting: ``none`` (any case) or a value of ``kind``."""
-
-    def parse(text: str):
-        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def flag_of(field: attrs.Attribute) -> str:
-    """The command-line flag of a ``TTTConfig`` field: the one its method's registry entry gives it, else
-    ``--ttt-`` + its name with dashes."""
-    return field.metadata.get("flag") or "--ttt-" + field.name.replace("_", "-")
-
-
-def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
-    """argparse keyword arguments of a ``TTTConfig`` field, from its type, validator and help. Every default is
-    None, so that an explicit value can be told from an absent one (an explicit value wins over its preset)."""
-    default = field.default
-    shown = " ".join(default) if isinstance(default, tuple) else default
-    expected = getattr(field.validator, "expected", None) if isinstance(field.validator, Number) else None
-    text = field.metadata["help"] + (f": {expected}" if expected else "")
-    kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default {shown or 'none'})"}
-    choices = getattr(field.validator, "choices", None)
-    kind = field.metadata["kind"]
-    if kind is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-    elif kind is tuple:
-        kwargs.update(action="extend", nargs="+", metavar="VALUE" if choices is None else None)
-    else:
-        kwargs["type"] = optional(kind) if getattr(field.validator, "optional", False) else kind
-        kwargs["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT") if choices is None else None
-    if choices is not None:
-        kwargs["choices"] = choices
-    return {k: v for k, v in kwargs.items() if v is not None or k == "default"}
-
-
-def ttt_fields() -> list[attrs.Attribute]:
-    """The ``TTTConfig`` fields that are ``--ttt-*`` flags."""
-    return [f for f in attrs.fields(TTTConfig) if f.name not in NOT_FLAGS]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The ``yolozu export`` command line (its usage line is short; ``-h`` lists every flag)."""
     parser = argparse.ArgumentParser(
         prog="yolozu export",
+        usage="%(prog)s --dataset ROOT --output FILE [--adapter NAME] [--ttt ...] [--tta ...] (-h: every option)",
         description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
     )
     general = parser.add_argument_group("general")
@@ -126,23 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for field in ttt_fields():
         ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
+    ttt.add_argument(  # an export policy, not a TTTConfig field: its dest has no ttt_ prefix
+        "--ttt-allow-non-finite",
+        dest="allow_non_finite",
+        action="store_true",
+        help="write the predictions even where the adapted model's outputs are non-finite (those images get no "
+        "detection; the report and stderr warn); without it such a run is an error and writes nothing",
+    )
     return parser
-
-
-def ttt_config(args: argparse.Namespace) -> TTTConfig:
-    """The TTT config the flags ask for: preset values, then every explicitly given flag."""
-    given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
-    explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
-    explicit.setdefault("seed", args.seed)
-    if not args.ttt:
-        return TTTConfig(**explicit)
-    return TTTConfig.from_preset(args.ttt_preset, **{"enabled": True, **explicit})
-
-
-def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
-    """``meta.ttt``: the settings as applied (after presets; each method's under its name), the normalisation
-    predictions used and the run's report."""
-    return {**config.grouped(), "prediction_bn": config.prediction_bn, "report": report}
 
 
 class UsageError(Exception):
@@ -153,108 +92,195 @@ class TTTError(Exception):
     """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
 
 
-def _records(args: argparse.Namespace) -> list[dict]:
-    records = build_manifest(args.dataset, args.split)
-    if args.max_images is not None:
-        if args.max_images < 1:
-            raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-        records = records[: args.max_images]
-    return records
+class NonFiniteError(Exception):
+    """The adapted model's outputs were non-finite and ``--ttt-allow-non-finite`` was not given (exit code 1)."""
 
 
-def _check_output(path: Path) -> None:
+OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
+
+
+class _Progress:
+    """A tqdm bar on stderr whose every update is also a kill point named after it (``yolozu.faults``)."""
+
+    def __init__(self, desc: str, total: int, quiet: bool) -> None:
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        kill_point(self.desc)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
+    """The output paths, checked before any work; a symbolic link followed is said on stderr."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in OUTPUT_FLAGS}
+    checkpoint = [("the --checkpoint", args.checkpoint)] if args.checkpoint else []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output folder {path.parent}: {e.strerror}") from None
-    if path.is_dir():
-        raise UsageError(f"--output {path} is a folder; give a file path such as {path / 'predictions.json'}")
+        outputs = check_outputs(given, checkpoint)
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    for note in link_notes(outputs):
+        print(note, file=sys.stderr)
+    return {out.flag: out for out in outputs}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The general flags' ranges (usage errors, before any work)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 < args.tta_iou <= 1:
+        raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
 
 
 def _adapter(args: argparse.Namespace):
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build); use cpu")
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     if args.adapter == "dummy":
         if args.checkpoint:
             raise UsageError("--checkpoint applies to --adapter detector only")
         return build_adapter("dummy")
-    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size)
+    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size)
 
 
-def _check_usage(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.ttt_preset and not args.ttt:
-        raise UsageError("--ttt-preset needs --ttt")
-    if args.ttt_log_out and not args.ttt:
-        raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
-
-
-def run_export(args: argparse.Namespace) -> dict:
-    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
-    torch.manual_seed(args.seed)
-    output = Path(args.output)
-    for path in (output, args.ttt_log_out, args.tta_log_out):
-        if path:
-            _check_output(Path(path))
-    _check_usage(args)
-    apply_ttt_preset_args(args)
+def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
+    """The dataset's records (label class ids checked against the model's classes), none of whose files is an
+    output."""
+    split = args.split or find_split(args.dataset)
+    records = build_manifest(args.dataset, split, num_classes=getattr(adapter, "num_classes", None))
     try:
-        config = ttt_config(args)
-    except ValueError as e:
+        check_not_inputs(list(outputs.values()), dataset_files(args.dataset, split, records))
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    return records if args.max_images is None else records[: args.max_images]
+
+
+def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+    """Predictions after test-time training and the report; non-finite outputs are an error unless
+    ``--ttt-allow-non-finite``, then a warning on stderr (and in the report). A method that calibrates on
+    in-distribution data (EATA's ``--ttt-eata-fisher-data``) reads that split of the dataset."""
+    try:
+        split = config.calibration_split()
+        predictions, report = adapt_and_predict(
+            adapter,
+            records,
+            config,
+            tta=tta,
+            batch_size=args.batch_size,
+            progress=lambda desc, total: _Progress(desc, total, args.quiet),
+            calibration=build_manifest(args.dataset, split) if split else None,
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as e:
         raise TTTError(str(e)) from e
-    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
-    records = _records(args)
-    adapter = _adapter(args)
+    non_finite = [w for w in report.warnings if w.startswith(NON_FINITE)]
+    if non_finite and not args.allow_non_finite:
+        raise NonFiniteError(
+            f"{non_finite[0]}. Nothing was written. Lower --ttt-lr or keep the guards on (--ttt-stop-on-non-finite, "
+            "--ttt-rollback-on-stop); --ttt-allow-non-finite writes these predictions anyway"
+        )
+    for warning in non_finite:
+        print(f"warning: {warning}", file=sys.stderr)
+    return predictions, report.to_dict()
 
-    def bars(desc: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="img", disable=args.quiet, file=sys.stderr)
 
-    if config.enabled:
-        try:
-            split = config.calibration_split()
-            calibration = build_manifest(args.dataset, split) if split else None
-            predictions, report = adapt_and_predict(
-                adapter, records, config, tta=tta, batch_size=args.batch_size, progress=bars, calibration=calibration
-            )
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            raise TTTError(str(e)) from e
-        report_dict = report.to_dict()
-    else:
-        with bars("predict", len(records)) as bar:
-            if tta is None and args.bn_stats == "running":
-                predictions = adapter.predict(records)
-                bar.update(len(records))
-            else:
-                bn = "batch" if args.bn_stats == "batch" else "eval"
-                predictions = Predictor(adapter, tta=tta).predict(
-                    records, bn=bn, batch_size=args.batch_size, progress=bar
-                )
-        report_dict = disabled_report(config).to_dict()
-    meta = {
+def _plain(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+    """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
+    with _Progress("predict", len(records), args.quiet) as bar:
+        if tta is None and args.bn_stats == "running":
+            predictions = adapter.predict(records)
+            bar.update(len(records))
+        else:
+            bn = "batch" if args.bn_stats == "batch" else "eval"
+            predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+    return predictions, disabled_report(config).to_dict()
+
+
+def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, report: dict, tta) -> dict:
+    return {
         "adapter": adapter.describe() if callable(getattr(adapter, "describe", None)) else {"adapter": args.adapter},
         "dataset": str(args.dataset),
         "split": args.split,
         "images": len(records),
         "seed": args.seed,
         "bn_stats": args.bn_stats,
-        "ttt": ttt_meta(config, report_dict if config.enabled else None),
+        "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }
-    write_json_atomic(output, wrap(predictions, meta) if args.wrap else predictions)
-    if args.ttt_log_out:
-        log = {"output": str(output), "timestamp": datetime.now(timezone.utc).isoformat(), "ttt": meta["ttt"]}
-        write_json_atomic(args.ttt_log_out, log, indent=2)
-    if args.tta_log_out:
-        write_json_atomic(args.tta_log_out, {"output": str(output), "tta": meta["tta"]}, indent=2)
+
+
+def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions: list, meta: dict) -> None:
+    """Every output at once: the logs, then the predictions (so new predictions mean new logs)."""
+    documents = []
+    for flag, key in (("--ttt-log-out", "ttt"), ("--tta-log-out", "tta")):
+        if flag in outputs:
+            log = {"output": str(args.output), key: meta[key]}
+            if key == "ttt":  # YOLOZU's TTT log carries when it was written
+                log = {"output": log["output"], "timestamp": datetime.now(timezone.utc).isoformat(), "ttt": meta[key]}
+            documents.append((outputs[flag].target, log, 2))
+    documents.append((outputs["--output"].target, wrap(predictions, meta) if args.wrap else predictions, None))
+    write_outputs(documents)
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
+    outputs = _outputs(args)
+    _check_numbers(args)
+    if args.ttt_preset and not args.ttt:
+        raise UsageError("--ttt-preset needs --ttt")
+    if args.ttt_log_out and not args.ttt:
+        raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
+    apply_ttt_preset_args(args)
+    torch.manual_seed(args.seed)
+    try:
+        config = ttt_config(args)
+    except ValueError as e:
+        raise TTTError(str(e)) from e
+    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
+    adapter = _adapter(args)
+    records = _records(args, adapter, outputs)
+    run = _adapted if config.enabled else _plain
+    predictions, report = run(args, adapter, records, config, tta)
+    meta = _meta(args, adapter, records, config, report, tta)
+    _write(args, outputs, predictions, meta)
     return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
 
 
+def _summary(document: dict, output: str) -> str:
+    """The line a successful run prints: how many predictions, where, and what TTT did."""
+    ttt = document["meta"]["ttt"]
+    summary = f"wrote {len(document['predictions'])} predictions to {output}"
+    if ttt["enabled"]:
+        report = ttt["report"]
+        changed = report["updated_param_count"] if report["steps_run"] else 0
+        stopped = f", stopped: {report['stop_reason']}" if report["stopped_early"] else ""
+        summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, {changed} parameters changed{stopped})"
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``yolozu export``: 0 on success, 2 for a bad command line, 1 for a failed run, 130 for Ctrl-C; every
+    error is one line on stderr and leaves every output as it was."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         document = run_export(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except TTTError as e:
         print(f"TTT failed: {e}", file=sys.stderr)
         return 1
@@ -262,21 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as e:
+    except (NonFiniteError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        ttt = document["meta"]["ttt"]
-        summary = f"wrote {len(document['predictions'])} predictions to {args.output}"
-        if ttt["enabled"]:
-            report = ttt["report"]
-            summary += (
-                f" (TTT {ttt['method']}: {report['steps_run']} steps, "
-                f"{report['updated_param_count']} parameters updated"
-                + (f", stopped: {report['stop_reason']}" if report["stopped_early"] else "")
-                + ")"
-            )
-        print(summary, file=sys.stderr)
+        print(_summary(document, args.output), file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,12 @@ class FlipTTAConfig:
     """Flip TTA settings: the merge rule and its IoU threshold."""
 
     merge: str = attrs.field(default="wbf", validator=attrs.validators.in_(MERGES))
-    iou: float = 0.55
+    iou: float = attrs.field(default=0.55)
+
+    @iou.validator
+    def _iou_in_range(self, attribute: attrs.Attribute, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"FlipTTAConfig.iou must be in (0, 1] (an IoU threshold), got {value!r}")
     max_detections: int = 100
 
     def to_dict(self) -> dict:

@@ -4,6 +4,11 @@ optional flip TTA.
 Test-time training keeps the adapted weights as plain tensors; predicting with them (and with the
 normalisation the adaptation used) needs the adapter's pieces: ``get_model()``, ``load_batch(records)`` and
 ``decode(output, records)``.
+
+A model whose weights went non-finite (an adaptation that diverged) outputs NaN, which decodes to no detection
+at all: indistinguishable from an empty image. The predictor therefore checks every output it decodes and keeps
+the images whose output was not finite (``non_finite``), so that a caller can say so instead of writing them
+as empty.
 """
 
 from __future__ import annotations
@@ -21,10 +26,38 @@ from yolozu.functional.state import Params, combine, extract, tree_map
 
 PREDICT_HOOKS = ("get_model", "load_batch", "decode")
 
+NON_FINITE = "non-finite model outputs"
+"""How the warning about images whose model output was not finite begins (``non_finite_warning``)."""
+
 
 def missing_predict_hooks(adapter: object) -> list[str]:
     """The hooks of ``PREDICT_HOOKS`` the adapter lacks."""
     return [name for name in PREDICT_HOOKS if not callable(getattr(adapter, name, None))]
+
+
+def finite_per_image(output: Any, n: int) -> list[bool]:
+    """For each of the ``n`` images of a batch, whether every floating value of ``output`` (a tensor, or dicts and
+    sequences of them, batch first) is finite; a tensor without the batch dimension counts for every image."""
+    flags = [True] * n
+    if isinstance(output, Tensor):
+        if output.is_floating_point():
+            per = output.reshape(n, -1) if output.dim() and output.shape[0] == n else output.reshape(1, -1)
+            ok = torch.isfinite(per).all(dim=1).tolist()
+            flags = ok if len(ok) == n else ok * n
+    elif isinstance(output, dict):
+        flags = [all(f) for f in zip(flags, *(finite_per_image(v, n) for v in output.values()))]
+    elif isinstance(output, (list, tuple)):
+        flags = [all(f) for f in zip(flags, *(finite_per_image(v, n) for v in output))]
+    return flags
+
+
+def non_finite_warning(images: Sequence[str], total: int) -> str:
+    """The report's warning for the ``images`` (of ``total``) whose model output was not finite."""
+    shown = ", ".join(images[:3]) + (" ..." if len(images) > 3 else "")
+    return (
+        f"{NON_FINITE} on {len(images)} of {total} images ({shown}): the weights they were predicted with are not "
+        "finite, so their predictions are empty"
+    )
 
 
 def chunks(records: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
@@ -49,17 +82,29 @@ class Predictor:
         self.model = adapter.get_model()
         self.tta = tta
         self._apply = make_apply(self.model)
+        self.non_finite: list[str] = []
+        """Images whose model output had a non-finite value, in prediction order (each once)."""
+        self._non_finite_seen: set[str] = set()
 
     def module_tensors(self) -> tuple[Params, Params]:
         """Copies of the model's current parameters and buffers."""
         return extract(self.model)
 
+    def decode(self, output: Any, records: Sequence[Record]) -> list[Prediction]:
+        """The adapter's decoding of ``output`` for ``records``, noting the images whose output is not finite."""
+        for record, ok in zip(records, finite_per_image(output, len(records))):
+            image = str(record["image"])
+            if not ok and image not in self._non_finite_seen:
+                self._non_finite_seen.add(image)
+                self.non_finite.append(image)
+        return self.adapter.decode(output, records)
+
     def _decoded(self, forward: Callable[[Tensor], Any], x: Tensor, records: Sequence[Record]) -> list[Prediction]:
         with torch.no_grad():
-            preds = self.adapter.decode(forward(x), records)
+            preds = self.decode(forward(x), records)
             if self.tta is None:
                 return preds
-            flipped = self.adapter.decode(forward(torch.flip(x, dims=(-1,))), records)
+            flipped = self.decode(forward(torch.flip(x, dims=(-1,))), records)
         return [
             {"image": p["image"], "detections": merge_flip(p["detections"], f["detections"], self.tta)}
             for p, f in zip(preds, flipped)

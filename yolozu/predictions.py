@@ -1,8 +1,14 @@
 """predictions.json: the schema, validation, the wrapped form with metadata, and crash-safe writing.
 
 A predictions file is a list of ``{"image": str, "detections": [{"class_id": int, "score": float,
-"bbox": {"cx", "cy", "w", "h"}}]}`` with boxes normalised to [0, 1], or the wrapped form
+"bbox": {"cx", "cy", "w", "h"}}]}`` with scores and boxes in [0, 1], or the wrapped form
 ``{"schema_version": 1, "predictions": [...], "meta": {...}}``.
+
+Scores are confidences and box fields are normalised to the image, so a value outside [0, 1] (a logit, a pixel
+coordinate) is an error naming the entry: evaluated as is it would give a silently wrong mAP. Values within
+``ROUNDING`` of the range are accepted (float rounding of a clipped box). A box whose edges pass the image border
+while its fields are in range is accepted as COCO does: many detectors do not clip, and pycocotools evaluates
+such boxes as they are.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from yolozu.outputs import write_outputs
+
 SCHEMA_VERSION = 1
 BBOX_KEYS = ("cx", "cy", "w", "h")
+ROUNDING = 1e-6
+"""How far outside [0, 1] a score or box field may be and still count as in range (float rounding)."""
 
 
 class PredictionsError(ValueError):
@@ -23,7 +32,17 @@ class PredictionsError(ValueError):
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_unit(value: float, where: str, what: str) -> None:
+    if not -ROUNDING <= value <= 1 + ROUNDING:
+        raise PredictionsError(f"{where}: must be in [0, 1] ({what}), got {value!r}")
 
 
 def _validate_detection(det: Any, where: str) -> None:
@@ -34,6 +53,7 @@ def _validate_detection(det: Any, where: str) -> None:
         raise PredictionsError(f"{where}.class_id: must be a non-negative int, got {cls!r}")
     if not _is_number(det.get("score")):
         raise PredictionsError(f"{where}.score: must be a finite number, got {det.get('score')!r}")
+    _check_unit(det["score"], f"{where}.score", "a confidence, not a logit")
     bbox = det.get("bbox")
     if not isinstance(bbox, Mapping):
         raise PredictionsError(f"{where}.bbox: must be an object with keys {', '.join(BBOX_KEYS)}, got {bbox!r}")
@@ -42,6 +62,8 @@ def _validate_detection(det: Any, where: str) -> None:
             raise PredictionsError(f"{where}.bbox.{key}: must be a finite number, got {bbox.get(key)!r}")
     if bbox["w"] < 0 or bbox["h"] < 0:
         raise PredictionsError(f"{where}.bbox: width and height must be >= 0, got w={bbox['w']}, h={bbox['h']}")
+    for key in BBOX_KEYS:
+        _check_unit(bbox[key], f"{where}.bbox.{key}", "normalised to the image size, not pixels")
 
 
 def validate_predictions(preds: Any) -> list[dict]:
@@ -79,15 +101,24 @@ def unwrap(obj: Any) -> list[dict]:
 
 
 def load_predictions(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a predictions file (plain list or wrapped form); returns the prediction list."""
+    """Read and validate a predictions file (plain list or wrapped form); returns the prediction list.
+
+    Anything that is not a valid predictions file (not UTF-8, not JSON, nested too deeply, off the schema) is a
+    PredictionsError naming the file; a missing file is FileNotFoundError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"predictions file not found: {path}") from None
+    except OSError as e:
+        raise type(e)(f"cannot read the predictions file {path}: {e.strerror or e}") from None
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PredictionsError(f"{path} is not UTF-8 text (byte {e.start}); a predictions file is JSON") from None
+    except RecursionError:
+        raise PredictionsError(f"{path}: JSON nested too deeply to be a predictions file") from None
+    except ValueError as e:  # JSONDecodeError, and integers too long to convert
         raise PredictionsError(f"{path} is not valid JSON: {e}") from None
     try:
         return validate_predictions(unwrap(obj))
@@ -100,38 +131,11 @@ def wrap(predictions: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | Non
     return {"schema_version": SCHEMA_VERSION, "predictions": list(predictions), "meta": dict(meta or {})}
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same folder, fsync, then os.replace.
+    """Write ``obj`` as JSON to ``path`` atomically (``yolozu.outputs.write_outputs`` with one document).
 
     Readers see either the old file or the complete new one; if anything fails (serialisation included),
     no file is left behind. A missing or unwritable folder is a clear error.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist (create it first)")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise PermissionError(f"cannot write {path}: folder {folder} is not writable ({e.strerror})") from e
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    write_outputs([(path, obj, indent)], create_folders=False)
+    return Path(path)

@@ -113,6 +113,11 @@ class DetectorAdapter(ModelAdapter):
         """Side of the square model input, in pixels."""
         return int(self.model.image_size)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the detector predicts; a label class id must be below this."""
+        return int(self.model.num_classes)
+
     def get_model(self) -> nn.Module:
         """The detector module (TTT adapts its tensors)."""
         return self.model

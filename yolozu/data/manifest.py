@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ManifestError", "build_manifest", "SPLIT_ORDER", "IMAGE_SUFFIXES", "find_split", "parse_label_file"]
+__all__ = [
+    "ManifestError",
+    "build_manifest",
+    "SPLIT_ORDER",
+    "IMAGE_SUFFIXES",
+    "find_split",
+    "label_path",
+    "dataset_files",
+    "parse_label_file",
+]
 
 #: Split names tried, in order, when ``build_manifest`` is given no split.
 SPLIT_ORDER: tuple[str, ...] = ("val2017", "val", "valid", "validation", "train2017", "train")
@@ -23,55 +32,94 @@ class ManifestError(ValueError):
     """A dataset that cannot be read: missing folders, no images, or a malformed label line."""
 
 
+def _check_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ManifestError(f"dataset root {root} is a file, not a folder; pass the folder that holds images/<split>")
+    if not root.is_dir():
+        raise ManifestError(f"dataset root {root} does not exist; {_HINT}")
+
+
 def find_split(root: str | os.PathLike) -> str:
     """The first split of ``SPLIT_ORDER`` that exists under ``<root>/images/``."""
+    _check_root(Path(root))
     images = Path(root) / "images"
     for name in SPLIT_ORDER:
         if (images / name).is_dir():
             return name
     raise ManifestError(
-        f"no split found under {images}: looked for {', '.join(SPLIT_ORDER)}; pass split=... or {_HINT}"
+        f"no split found under {images}: looked for {', '.join(SPLIT_ORDER)}; pass --split NAME (split= in Python) "
+        f"or {_HINT}"
     )
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+def _cut(text: str, limit: int = 60) -> str:
+    """``text`` for an error message, cut to ``limit`` characters (a corrupt line can be megabytes)."""
+    text = text.strip()
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(text: str) -> str:
+    return repr(_cut(text))
+
+
+def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any]:
     fields = line.split()
-    where = f"{path}:{lineno}"
     if len(fields) != 5:
-        raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+        raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {_shown(line)}")
     try:
         values = [float(f) for f in fields]
     except ValueError:
-        raise ManifestError(f"{where}: non-numeric field in {line.strip()!r}") from None
+        raise ManifestError(f"{where}: non-numeric field in {_shown(line)}") from None
     cls = values[0]
     if not math.isfinite(cls) or cls != int(cls) or cls < 0:
-        raise ManifestError(f"{where}: class id must be a non-negative integer, got {fields[0]!r}")
+        raise ManifestError(f"{where}: class id must be a non-negative integer, got {_shown(fields[0])}")
+    if num_classes is not None and cls >= num_classes:
+        raise ManifestError(
+            f"{where}: class id {int(cls)} is beyond the model's {num_classes} classes (0 to {num_classes - 1}); "
+            "these labels are for another model or the file is corrupt"
+        )
     for name, text, v in zip(("cx", "cy", "w", "h"), fields[1:], values[1:]):
         if not (0.0 <= v <= 1.0):  # also rejects nan
-            raise ManifestError(f"{where}: {name}={text} is outside [0, 1]")
+            raise ManifestError(f"{where}: {name}={_cut(text)} is outside [0, 1]")
     return {"class_id": int(cls), "cx": values[1], "cy": values[2], "w": values[3], "h": values[4]}
 
 
-def parse_label_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Labels of one YOLO label file; blank lines are skipped, anything else malformed raises ManifestError."""
+def parse_label_file(path: str | os.PathLike, num_classes: int | None = None) -> list[dict[str, Any]]:
+    """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, a class id
+    of ``num_classes`` or more when given, text that is not UTF-8) raises ManifestError naming the file and line."""
     path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"cannot read the label file {path}: {e.strerror or e}") from None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                out.append(_parse_line(path, lineno, line))
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{where}: not UTF-8 text (byte {e.start} of the line); a label file is text") from None
+        if line.strip():
+            out.append(_parse_line(where, line, num_classes))
     return out
 
 
-def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
+def label_path(root: str | os.PathLike, split: str, image: str | os.PathLike) -> Path:
+    """The label file of ``<root>/images/<split>/<name>``: ``<root>/labels/<split>/<stem>.txt``."""
+    return Path(root) / "labels" / split / (Path(image).stem + ".txt")
+
+
+def build_manifest(
+    root: str | os.PathLike, split: str | None = None, *, num_classes: int | None = None
+) -> list[dict[str, Any]]:
     """Records ``{"image": str, "labels": [...]}`` for every image of a split, sorted by image path.
 
     With ``split=None`` the first existing of ``SPLIT_ORDER`` is used. An image without a label file has no
-    labels. Raises ManifestError for a missing root or split, a split without images, or a bad label line.
+    labels; ``num_classes`` (the model's) makes a larger class id an error. Raises ManifestError for a missing
+    root or split, a root that is a file, a split without images, or a bad label line.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"dataset root {root} does not exist; {_HINT}")
+    _check_root(root)
     if split is None:
         split = find_split(root)
     img_dir = root / "images" / split
@@ -80,10 +128,19 @@ def build_manifest(root: str | os.PathLike, split: str | None = None) -> list[di
     images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ManifestError(f"no images (.jpg, .jpeg, .png) in {img_dir}; {_HINT}")
-    lbl_dir = root / "labels" / split
     records = []
     for img in images:
-        lbl = lbl_dir / (img.stem + ".txt")
-        labels = parse_label_file(lbl) if lbl.is_file() else []
+        lbl = label_path(root, split, img)
+        labels = parse_label_file(lbl, num_classes) if lbl.is_file() else []
         records.append({"image": str(img), "labels": labels})
     return records
+
+
+def dataset_files(root: str | os.PathLike, split: str, records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The files a run reads from a dataset split, images and label files, as ``(what, path)`` pairs (what an
+    output must never replace)."""
+    files = []
+    for record in records:
+        files.append(("an image of the dataset", str(record["image"])))
+        files.append(("a label file of the dataset", str(label_path(root, split, record["image"]))))
+    return files

@@ -11,6 +11,7 @@ beside the guards); the shell's ``TTTConfig``, the command-line flags, ``--help`
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import attrs
@@ -76,6 +77,17 @@ class Number:
             _fail(instance, attribute, self.expected, value)
 
 
+def plain_number(value: Any) -> Any:
+    """Converter: a numpy (or other ``numbers``) integer or real scalar -> the Python int or float of the same
+    value, so that ``np.float32(1e-3)`` is accepted where ``1e-3`` is and the setting stays JSON-ready; anything
+    else (bools included) unchanged, for the validator to judge."""
+    if type(value) in (int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value)
+
+
 def one_of(*choices: str) -> OneOf:
     """The value is one of ``choices``."""
     return OneOf(tuple(choices))
@@ -128,6 +140,8 @@ def setting(
     kind = type if type is not None else (default.__class__ if default is not None else float)
     if validator is None and kind is bool:
         validator = is_bool
+    if converter is None and isinstance(validator, Number):
+        converter = plain_number
     metadata = {"help": help, "kind": kind, **({"yolozu": True} if yolozu else {})}
     return attrs.field(default=default, validator=validator, converter=converter, metadata=metadata)
 

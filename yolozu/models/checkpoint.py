@@ -30,14 +30,26 @@ def save_detector(model: CenterNetDetector, path: str | Path) -> None:
 
 
 def load_detector(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> CenterNetDetector:
-    """Load a detector checkpoint (the committed default when ``path`` is None), in eval mode."""
+    """Load a detector checkpoint (the committed default when ``path`` is None), in eval mode.
+
+    A file that is not a detector checkpoint (not a torch file, another object, weights of another
+    architecture) is a ValueError naming it; a missing file is FileNotFoundError."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_file():
         hint = " (run `make train` to create the default checkpoint)" if path == DEFAULT_CHECKPOINT else ""
         raise FileNotFoundError(f"detector checkpoint not found: {path}{hint}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # unpickling garbage raises anything: UnpicklingError, KeyError, EOFError, RuntimeError
+        raise ValueError(f"{path} is not a detector checkpoint: torch.load cannot read it ({type(e).__name__})") from e
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path} is not a detector checkpoint: expected a dict with 'config' and 'state_dict'")
-    model = build_detector(blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = build_detector(blob["config"])
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a usable detector checkpoint: {first}") from e
     return model.to(device).eval()

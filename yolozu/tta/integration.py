@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 from yolozu.adapter import Record, missing_ttt_hooks
 from yolozu.functional.readout import readout_of
@@ -28,6 +28,18 @@ def require_ttt_hooks(adapter: object) -> None:
             f"training (it needs get_model() and build_loader(records, *, batch_size)); use an adapter that "
             f"implements them, e.g. --adapter detector, or run without --ttt"
         )
+
+
+def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> Iterable[Any]:
+    """``adapter.build_loader(records, batch_size=batch_size)``, checked: anything that is not an iterable of
+    batches (e.g. None, from a hook that forgot to return) is a RuntimeError naming the adapter."""
+    loader = adapter.build_loader(records, batch_size=batch_size)
+    if not isinstance(loader, Iterable):
+        raise RuntimeError(
+            f"adapter {type(adapter).__name__}'s build_loader(records, batch_size={batch_size}) returned "
+            f"{type(loader).__name__}, not an iterable of input batches; it must return (or yield) the batches"
+        )
+    return loader
 
 
 def disabled_report(config: TTTConfig) -> TTTReport:
@@ -62,7 +74,7 @@ def adapt_stream(
     it; the module is not written. Returns the adaptation and the number of batches used. ``progress`` (e.g. a
     tqdm bar) is advanced by each step's images."""
     adaptation = adaptation_for(adapter, config, calibration=calibration)
-    loader = itertools.islice(adapter.build_loader(list(records), batch_size=config.batch_size), config.max_batches)
+    loader = itertools.islice(loader_of(adapter, list(records), config.batch_size), config.max_batches)
     seen: list = []  # the batches read so far, kept for the next pass over them
     for step in range(config.steps):
         if step == len(seen):

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from yolozu.adapter import Prediction, Record
 from yolozu.flip_tta import FlipTTAConfig
-from yolozu.predict import Predictor, chunks, missing_predict_hooks
+from yolozu.predict import Predictor, chunks, missing_predict_hooks, non_finite_warning
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import adapt_stream, adaptation_for, require_ttt_hooks, run_ttt
+from yolozu.tta.integration import adapt_stream, adaptation_for, loader_of, require_ttt_hooks, run_ttt
 from yolozu.tta.report import TTTReport
 
 
@@ -51,7 +51,7 @@ def _check_reuse(config: TTTConfig, adaptation: Adaptation) -> None:
 
 def _batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
     """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader``."""
-    return zip(chunks(records, size), adapter.build_loader(records, batch_size=size))
+    return zip(chunks(records, size), loader_of(adapter, records, size))
 
 
 def _predict_online(adapter, records, config, predictor, progress, calibration) -> tuple[list, Adaptation, int]:
@@ -65,7 +65,7 @@ def _predict_online(adapter, records, config, predictor, progress, calibration) 
             adapted += 1
             rows = adaptation.adapt(x, index, config.steps)
             if reuse and not rows[-1]["rolled_back"]:
-                predictions.extend(adapter.decode(adaptation.last_output, chunk))
+                predictions.extend(predictor.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
                 continue
         params, buffers = adaptation.prediction_tensors()
@@ -149,6 +149,21 @@ def no_bars(desc: str, total: int) -> _NoProgress:
     return _NoProgress()
 
 
+def _adapt_while_predicting(adapter, records, config, predictor, progress, calibration) -> tuple[list, TTTReport]:
+    """The ``online`` and reset ``sample`` schedules, with one progress bar."""
+    start = time.perf_counter()
+    run = _predict_online if config.reset == "stream" else _predict_episodic
+    bar = progress("adapt+predict", len(records))
+    try:
+        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration)
+    finally:
+        bar.close()
+    report = adaptation.report(
+        seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
+    )
+    return predictions, report
+
+
 def adapt_and_predict(
     adapter: object,
     records: Sequence[Record],
@@ -166,7 +181,8 @@ def adapt_and_predict(
     ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
     batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
     for adaptation and one for prediction in ``pre``, one for both in the other schedules. ``calibration``:
-    in-distribution records for a method that asks for them (``integration.adaptation_for``).
+    in-distribution records for a method that asks for them (``integration.adaptation_for``). Images predicted
+    from non-finite outputs (weights that diverged) are named in a warning of the report (``predict.NON_FINITE``).
     """
     require_ttt_hooks(adapter)
     _check(config, tta)
@@ -175,15 +191,9 @@ def adapt_and_predict(
         return _predict_with_own_predict(adapter, records, config, progress, calibration, tta)
     predictor = Predictor(adapter, tta=tta)
     if config.reset == "stream" and config.schedule == "pre":
-        return _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size)
-    start = time.perf_counter()
-    run = _predict_online if config.reset == "stream" else _predict_episodic
-    bar = progress("adapt+predict", len(records))
-    try:
-        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration)
-    finally:
-        bar.close()
-    report = adaptation.report(
-        seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
-    )
+        predictions, report = _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size)
+    else:
+        predictions, report = _adapt_while_predicting(adapter, records, config, predictor, progress, calibration)
+    if predictor.non_finite:
+        report.warnings.append(non_finite_warning(predictor.non_finite, len(records)))
     return predictions, report

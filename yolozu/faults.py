@@ -1,0 +1,36 @@
+"""Named kill points for fault-injection tests.
+
+The export passes ``kill_point(name)`` at the moments a crash could hurt: after each adapted and each predicted
+batch, after each output file's bytes are written and synced, and just before the outputs are renamed into
+place. With ``YOLOZU_KILL_AT=name:n`` in the environment the process kills itself with SIGKILL the n-th time it
+reaches the point ``name``: a crash at an exact, repeatable moment, with no timing involved. Without the variable
+(every real run) a kill point is one environment lookup.
+
+``YOLOZU_KILL_AT=count`` kills nothing and counts every point reached (``reached()``), which is how a test
+enumerates the kill points of a run.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+
+ENV = "YOLOZU_KILL_AT"
+
+_reached: collections.Counter[str] = collections.Counter()
+
+
+def kill_point(name: str) -> None:
+    """Kill this process with SIGKILL if ``YOLOZU_KILL_AT`` names this point and occurrence (``name:n``)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    _reached[name] += 1
+    if spec == f"{name}:{_reached[name]}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reached() -> dict[str, int]:
+    """How many times each kill point was passed while ``YOLOZU_KILL_AT`` was set."""
+    return dict(_reached)

@@ -1,0 +1,129 @@
+"""Output paths checked before a run does any work: nothing it writes may lose data.
+
+A run (``yolozu export``, ``yolozu eval``) writes several files: predictions, logs, a report. ``check_outputs``
+refuses every path that would lose data: two outputs on one file (hard links included), an output that is one
+of the run's inputs, an output that is not a regular file (a device, a FIFO, a socket, a folder), a symbolic link
+that points nowhere, or a folder that cannot be created or written. A symbolic link to a regular file is
+followed: the file it points to is replaced and the link kept, as the shell's ``>`` does (``OutputPath.link``
+says so; ``link_notes`` words it for the user).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import attrs
+
+PathLike = str | os.PathLike
+
+
+class OutputPathError(ValueError):
+    """An output path that would lose data or cannot be written; the message names the flag and the path."""
+
+
+@attrs.frozen
+class OutputPath:
+    """A checked output: the ``flag`` that named it, the ``path`` as given and the ``target`` file that will be
+    replaced (the file ``path`` links to when ``link``)."""
+
+    flag: str
+    path: Path
+    target: Path
+    link: bool = False
+
+
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def existing_folder(folder: Path) -> Path:
+    """``folder`` or its nearest ancestor that exists (what a missing folder would be created in)."""
+    folder = Path(os.path.abspath(folder))
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output(flag: str, path: PathLike) -> OutputPath:
+    """``path`` checked as the output ``flag`` names; raise OutputPathError for a path that cannot or must not
+    be replaced by a regular file."""
+    path = Path(path)
+    target, link = path, path.is_symlink()
+    if link:
+        if not path.exists():
+            raise OutputPathError(
+                f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; give the path of "
+                "the file to write, or remove the link"
+            )
+        target = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; give a file path such as {path / 'predictions.json'}")
+    if path.exists():
+        mode = os.stat(path).st_mode
+        kind = next((name for test, name in _KINDS if test(mode)), None)
+        if kind is not None:
+            raise OutputPathError(
+                f"{flag} {path} is {kind}, not a regular file; refusing to replace it: give the path of a file"
+            )
+    folder = existing_folder(target.parent)
+    if not folder.is_dir():
+        raise OutputPathError(f"cannot create the folder of {flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {flag} {path}: folder {folder} is not writable")
+    return OutputPath(flag, path, target, link)
+
+
+def link_notes(outputs: Iterable[OutputPath]) -> list[str]:
+    """One line per output given as a symbolic link, saying which file is written (for the user to see)."""
+    return [
+        f"note: {out.flag} {out.path} is a symbolic link; writing the file it points to, {out.target}"
+        for out in outputs
+        if out.link
+    ]
+
+
+def _identity(path: PathLike) -> tuple:
+    """What makes two paths the same file: device and inode when it exists (hard links included), else the
+    resolved path."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.path.normcase(os.path.realpath(path)))
+    return ("file", st.st_dev, st.st_ino)
+
+
+def check_outputs(
+    outputs: Mapping[str, PathLike | None], inputs: Iterable[tuple[str, PathLike]] = ()
+) -> list[OutputPath]:
+    """The outputs ``{flag: path}`` that are given (None: not asked for), each checked (``check_output``),
+    none sharing a file with another or with an input (``check_not_inputs``)."""
+    checked = [check_output(flag, path) for flag, path in outputs.items() if path is not None]
+    seen: dict[tuple, OutputPath] = {}
+    for out in checked:
+        first = seen.setdefault(_identity(out.target), out)
+        if first is not out:
+            raise OutputPathError(
+                f"{first.flag} and {out.flag} are the same file ({out.path}); give each output its own path"
+            )
+    check_not_inputs(checked, inputs)
+    return checked
+
+
+def check_not_inputs(outputs: Sequence[OutputPath], inputs: Iterable[tuple[str, PathLike]]) -> None:
+    """Raise OutputPathError if an output is one of ``inputs`` (``(what it is, path)`` pairs): writing it would
+    replace what the run reads."""
+    by_file = {_identity(out.target): out for out in outputs}
+    for what, path in inputs:
+        out = by_file.get(_identity(path))
+        if out is not None:
+            raise OutputPathError(
+                f"{out.flag} {out.path} is {what} ({path}), an input of this run; writing it would replace the "
+                "input: give another path"
+            )

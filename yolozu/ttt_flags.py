@@ -1,0 +1,85 @@
+"""The ``--ttt-*`` command-line flags, generated from ``TTTConfig``'s fields (their help, type, range and
+choices), and the config and ``meta.ttt`` they give: every setting is declared once, where it lives."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import attrs
+
+from yolozu.functional.settings import Number
+from yolozu.tta.config import TTTConfig
+
+NOT_FLAGS = ("enabled", "preset")
+"""``TTTConfig`` fields with a flag of their own shape (``--ttt``, ``--ttt-preset``)."""
+
+
+class ExplicitNone:
+    """The value of an optional setting's flag given as ``none`` (e.g. ``--ttt-max-batches none``: no cap), as
+    opposed to an absent flag (the preset's or the default value)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = ExplicitNone()
+
+
+def optional(kind: type):
+    """argparse type of an optional setting: ``none`` (any case) or a value of ``kind``."""
+
+    def parse(text: str):
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def flag_of(field: attrs.Attribute) -> str:
+    """The command-line flag of a ``TTTConfig`` field: the one its method's registry entry gives it, else
+    ``--ttt-`` + its name with dashes."""
+    return field.metadata.get("flag") or "--ttt-" + field.name.replace("_", "-")
+
+
+def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
+    """argparse keyword arguments of a ``TTTConfig`` field, from its type, validator and help. Every default is
+    None, so that an explicit value can be told from an absent one (an explicit value wins over its preset)."""
+    default = field.default
+    shown = " ".join(default) if isinstance(default, tuple) else default
+    expected = getattr(field.validator, "expected", None) if isinstance(field.validator, Number) else None
+    text = field.metadata["help"] + (f": {expected}" if expected else "")
+    kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default {shown or 'none'})"}
+    choices = getattr(field.validator, "choices", None)
+    kind = field.metadata["kind"]
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind is tuple:
+        kwargs.update(action="extend", nargs="+", metavar="VALUE" if choices is None else None)
+    else:
+        kwargs["type"] = optional(kind) if getattr(field.validator, "optional", False) else kind
+        kwargs["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT") if choices is None else None
+    if choices is not None:
+        kwargs["choices"] = choices
+    return {k: v for k, v in kwargs.items() if v is not None or k == "default"}
+
+
+def ttt_fields() -> list[attrs.Attribute]:
+    """The ``TTTConfig`` fields that are ``--ttt-*`` flags."""
+    return [f for f in attrs.fields(TTTConfig) if f.name not in NOT_FLAGS]
+
+
+def ttt_config(args: argparse.Namespace) -> TTTConfig:
+    """The TTT config the flags ask for: preset values, then every explicitly given flag."""
+    given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
+    explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
+    explicit.setdefault("seed", args.seed)
+    if not args.ttt:
+        return TTTConfig(**explicit)
+    return TTTConfig.from_preset(args.ttt_preset, **{"enabled": True, **explicit})
+
+
+def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
+    """``meta.ttt``: the settings as applied (after presets; each method's under its name), the normalisation
+    predictions used and the run's report."""
+    return {**config.grouped(), "prediction_bn": config.prediction_bn, "report": report}
