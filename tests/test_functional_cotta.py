@@ -9,7 +9,7 @@ from yolozu.bridge import make_apply
 from yolozu.functional import cotta, filters, optim, rng, streams
 from yolozu.functional.cotta import CoTTASettings
 from yolozu.functional.readout import Readout
-from yolozu.functional.step import make_update
+from yolozu.functional.step import make_step, make_update
 
 
 def _params(seed=0):
@@ -133,7 +133,7 @@ def test_cotta_steps_reduce_the_consistency_loss_on_a_shifted_batch():
     readout = Readout(scores=lambda out: out, score_kind="sigmoid", spatial=True)
     tx = optim.adam(1e-2)
     settings = CoTTASettings(ema_momentum=0.9, restore_prob=0.0, confidence_threshold=1.0)
-    step = cotta.make_cotta_step(make_apply(model), tx, settings, readout=readout)
+    step = make_step(cotta.cotta_method(make_apply(model), tx, settings, readout=readout))
     state = cotta.cotta_method(make_apply(model), tx, settings).init_state(model, filters.select(model, "all"))
     x = 2.0 * torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0)) + 1.0  # shifted inputs
     losses = []

@@ -9,8 +9,8 @@ from toy import TinyAutoencoder, TinyClassifier, seeded
 from yolozu.bridge import make_apply
 from yolozu.functional import filters, optim, rng, streams
 from yolozu.functional.losses import softmax_entropy
-from yolozu.functional.mim import MIMSettings, make_mim_step, make_mim_update
-from yolozu.functional.step import init_state
+from yolozu.functional.mim import MIMSettings, mim_method
+from yolozu.functional.step import init_state, make_step, make_update
 from yolozu.functional.tent import make_tent_step
 
 
@@ -41,7 +41,7 @@ def test_every_step_leaves_its_inputs_bitwise_unchanged(bn, differentiate):
             rng.key(0),
         ),
         (
-            make_mim_step(make_apply(ae), tx, MIMSettings(patch_size=4), bn=bn, differentiate=differentiate),
+            make_step(mim_method(make_apply(ae), tx, MIMSettings(patch_size=4), bn=bn), differentiate=differentiate),
             init_state(ae, filters.select(ae, "all"), tx),
             rng.key(0),
         ),
@@ -130,9 +130,9 @@ def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
     from yolozu.functional.masking import block_mask
 
     masks = torch.stack([block_mask(rng.key(i), 2, 16, 16, patch_size=4, mask_prob=0.5) for i in range(3)])
-    update = make_mim_update(make_apply(model), tx)
+    update = make_update(mim_method(make_apply(model), tx))
     loop = [update(source, x[i], masks[i])[0] for i in range(3)]
-    vmapped, metrics = streams.vmap_step(make_mim_update(make_apply(model), tx, differentiate="func"))(
+    vmapped, metrics = streams.vmap_step(make_update(mim_method(make_apply(model), tx), differentiate="func"))(
         streams.replicate(source, 3), x, masks
     )
     torch.testing.assert_close(metrics["mask_ratio"], masks.float().mean(dim=(1, 2, 3, 4)))
@@ -144,7 +144,7 @@ def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
 def test_mim_loss_falls_over_twenty_steps():
     model = seeded(TinyAutoencoder)
     tx = optim.adam(1e-2)
-    step = make_mim_step(make_apply(model), tx, MIMSettings(patch_size=4, mask_prob=0.5))
+    step = make_step(mim_method(make_apply(model), tx, MIMSettings(patch_size=4, mask_prob=0.5)))
     state = init_state(model, filters.select(model, "all"), tx)
     # a smooth image: the masked blocks are predictable from their surroundings
     ramp = torch.linspace(0, 1, 16)

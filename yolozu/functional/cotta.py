@@ -10,7 +10,7 @@ A student is trained on the test stream towards a mean teacher's pseudo-labels:
   with probability ``restore_prob`` (stochastic restoration), which bounds forgetting on long streams.
 
 Randomness enters as explicit inputs: an update takes the restore draws as a tensor dict (so ``vmap`` can
-batch K streams, each with its own draws); ``make_cotta_step`` draws them from a key.
+batch K streams, each with its own draws); ``step.make_step`` draws them from a key.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key, generator
 from yolozu.functional.settings import many_of, number, one_of, setting, str_tuple
 from yolozu.functional.state import Params, combine
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_step
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState
 
 AUGMENTATIONS = ("identity", "hflip")
 AGGREGATIONS = ("confidence_weighted_mean", "mean")
@@ -227,16 +227,3 @@ def cotta_method(
             "aug": aug,
         },
     )
-
-
-def make_cotta_step(
-    apply: Apply,
-    optimizer: optim.GradientTransformation,
-    settings: CoTTASettings = CoTTASettings(),
-    *,
-    readout: Readout = DEFAULT_READOUT,
-    bn: str = "running",
-    differentiate: str = "autograd",
-):
-    """Build ``cotta_step(state, batch, key)``: draws the restore noise from ``key``, then updates."""
-    return make_step(cotta_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)

@@ -18,7 +18,7 @@ from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params
-from yolozu.functional.step import Apply, LossOutput, Method, make_step, make_update
+from yolozu.functional.step import Apply, LossOutput, Method
 
 
 @attrs.frozen(kw_only=True)
@@ -59,33 +59,3 @@ def mim_method(
         )
 
     return Method(reconstruction_loss, optimizer, draw=draw_mask, metric_names=("mask_ratio",))
-
-
-def make_mim_update(
-    apply: Apply,
-    optimizer: optim.GradientTransformation,
-    settings: MIMSettings = MIMSettings(),
-    *,
-    readout: Readout = DEFAULT_READOUT,
-    bn: str = "running",
-    differentiate: str = "autograd",
-):
-    """Build ``mim_update(state, batch, mask) -> (new_state, metrics)``: one step on a given mask.
-
-    Taking the mask as an input (not a key) is what lets ``vmap`` batch the step over K streams, each with
-    its own mask.
-    """
-    return make_update(mim_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)
-
-
-def make_mim_step(
-    apply: Apply,
-    optimizer: optim.GradientTransformation,
-    settings: MIMSettings = MIMSettings(),
-    *,
-    readout: Readout = DEFAULT_READOUT,
-    bn: str = "running",
-    differentiate: str = "autograd",
-):
-    """Build ``mim_step(state, batch, key)``: draws block masks from ``key``, then updates on them."""
-    return make_step(mim_method(apply, optimizer, settings, readout=readout, bn=bn), differentiate=differentiate)
