@@ -166,7 +166,7 @@ def config_class(methods: Mapping[str, MethodEntry] = METHODS) -> type:
 
 
 _DOC = """Test-time training settings (field names follow the ``--ttt-*`` CLI flags; ``attrs.fields(TTTConfig)`` lists
-them with their help). ``steps`` is the number of optimiser steps per batch; ``max_batches`` caps the adapted
-batches (None: every batch the loader yields)."""
+them with their help). ``steps`` is the total of the ``pre`` flow (per batch online, per image episodic);
+``max_batches`` caps the adapted batches (default 1, YOLOZU's; None: every batch the loader yields)."""
 
 TTTConfig = config_class()

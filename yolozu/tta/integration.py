@@ -1,7 +1,7 @@
 """``run_ttt(adapter, records, config)``: adapt the adapter's model before prediction (the spec's flow).
 
-The model is adapted on the first ``max_batches`` batches of ``adapter.build_loader(records, ...)``, for
-``steps`` steps per batch, and the adapted tensors are written into it once, at the end. If anything fails
+The model is adapted for ``steps`` steps in all, cycling over the first ``max_batches`` batches of
+``adapter.build_loader(records, ...)``, and the adapted tensors are written into it once, at the end. If anything fails
 on the way the module is left exactly as it was. ``adapt_stream`` is the same adaptation without the write
 (the export's ``pre`` schedule predicts from the adapted tensors directly).
 """
