@@ -31,7 +31,7 @@ from torch import Tensor
 from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
-from yolozu.functional.state import Params, combine, tree_map
+from yolozu.functional.state import Params, combine, tree_where
 from yolozu.functional.step import Apply, LossOutput, Method, TTTState
 
 STOP_REASONS = ("eata_max_skip_streak_exceeded", "eata_selected_ratio_below_min")
@@ -142,8 +142,8 @@ def skip_or_keep(s: EATASettings):
         metrics = dict(metrics)
         probs = metrics.pop("moving_probs")
         skipped = metrics["selected"] < s.min_valid_dets
-        trainable = {n: torch.where(skipped, old.trainable[n], t) for n, t in new.trainable.items()}
-        opt_state = tree_map(lambda a, b: torch.where(skipped, a, b), old.opt_state, new.opt_state)
+        trainable = tree_where(skipped, old.trainable, new.trainable)
+        opt_state = tree_where(skipped, old.opt_state, new.opt_state)
         streak = old.method_state.skip_streak
         streak = torch.where(skipped, streak + 1, torch.zeros_like(streak))
         metrics.update(

@@ -29,7 +29,7 @@ from torch import Tensor
 from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
-from yolozu.functional.state import Params, combine, tree_map
+from yolozu.functional.state import Params, combine, tree_where
 from yolozu.functional.step import Apply, LossOutput, Method, TTTState
 
 
@@ -88,10 +88,9 @@ def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
         ema = torch.where(idle, previous, ema)
         recover = ema < s.reset_constant
         back = recover | idle
-        undo = {n: torch.where(recover, old.source[n], old.trainable[n]) for n in new.trainable}
-        trainable = {n: torch.where(back, undo[n], t) for n, t in new.trainable.items()}
-        restart = tree_map(lambda a, b: torch.where(recover, a, b), optimizer.init(old.source), old.opt_state)
-        opt_state = tree_map(lambda a, b: torch.where(back, a, b), restart, new.opt_state)
+        trainable = tree_where(back, tree_where(recover, old.source, old.trainable), new.trainable)
+        restart = tree_where(recover, optimizer.init(old.source), old.opt_state)
+        opt_state = tree_where(back, restart, new.opt_state)
         ema = torch.where(recover, torch.full_like(ema, float("nan")), ema)
         metrics = {
             **metrics,

@@ -58,6 +58,12 @@ def tree_map(fn: Callable[..., Tensor], tree: T, *rest: T) -> T:
     return pytree.tree_map(fn, tree, *rest)
 
 
+def tree_where(condition: Tensor, tree: T, other: T) -> T:
+    """Leaf-wise ``torch.where(condition, tree, other)``: one tree or the other by a tensor verdict (a step a
+    method skips or undoes), without a Python branch, so ``vmap`` batches it."""
+    return pytree.tree_map(lambda a, b: torch.where(condition, a, b), tree, other)
+
+
 def stack(trees: Sequence[T]) -> T:
     """Stack K pytrees of the same structure into one with a leading dim K (for ``torch.func.vmap``)."""
     return pytree.tree_map(lambda *leaves: torch.stack(leaves), *trees)
