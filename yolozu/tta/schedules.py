@@ -97,8 +97,13 @@ def _predict_episodic(adapter, records, config, predictor, progress, calibration
     return predictions, adaptation, limit
 
 
+def _adapt_bar(progress: Callable[[str, int], Any], config: TTTConfig, records: Sequence[Record]) -> Any:
+    """The progress bar of a ``pre`` adaptation: the images of ``steps`` steps."""
+    return progress("adapt", config.steps * min(config.batch_size, len(records)))
+
+
 def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size) -> tuple[list, TTTReport]:
-    bar = progress("adapt", config.steps * min(config.batch_size, len(records)))
+    bar = _adapt_bar(progress, config, records)
     start = time.perf_counter()
     try:
         adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar, calibration=calibration)
@@ -127,7 +132,7 @@ def _predict_with_own_predict(adapter, records, config, progress, calibration, t
             f"adapter {type(adapter).__name__} has no {missing}: it supports the pre schedule (adapt, then its own "
             f"predict), not schedule={config.schedule!r}, reset={config.reset!r} or flip TTA; implement {missing}"
         )
-    bar = progress("adapt", config.steps * min(config.batch_size, len(records)))
+    bar = _adapt_bar(progress, config, records)
     try:
         report = run_ttt(adapter, records, config, progress=bar, calibration=calibration)
     finally:
