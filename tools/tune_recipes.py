@@ -5,7 +5,7 @@ the ImageNet-C validation protocol), never on the 15 test corruptions.
 Every candidate runs on the held-out splits at severities 3 and 5 (300 images each) and is scored by mean mAP50,
 printed against BatchNorm statistics alone on the same images. Each run starts from the source weights.
 
-    python tools/tune_recipes.py [--methods tent mim cotta] [--images 300] [--output runs/bench/tuning.json]
+    python tools/tune_recipes.py [--methods tent mim cotta eata sar] [--images 300] [--output runs/bench/tuning.json]
 """
 
 import argparse
@@ -49,6 +49,17 @@ CANDIDATES = {
         {"method": "cotta", **ONLINE, "lr": 1e-2, "cotta_ema_momentum": 0.9, "cotta_aggregation": "mean"},
         {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8},
     ],
+    "eata": [
+        *({"method": "eata", **ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
+        *({"method": "eata", **ONLINE, "lr": lr, "eata_fisher_data": "train"} for lr in (3e-3, 1e-2)),
+        {"method": "eata", **EPISODIC, "lr": 1e-2, "steps": 2},
+        {"method": "eata", **EPISODIC, "lr": 1e-2, "steps": 2, "eata_fisher_data": "train"},
+    ],
+    "sar": [
+        *({"method": "sar", **ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
+        {"method": "sar", **ONLINE, "lr": 3e-3, "sar_adaptive": True, "sar_rho": 0.5},
+        *({"method": "sar", **EPISODIC, "lr": lr, "steps": 2} for lr in (3e-3, 1e-2)),
+    ],
 }
 ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
     ({"method": "tent", **ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     splits = splits_for(HELDOUT_CORRUPTIONS, (3, 5))[1:]
     records = {s: build_manifest(args.dataset, s)[: args.images] for s in splits}
-    runner = Runner()
+    runner = Runner(dataset=args.dataset)
 
     def score(recipe: Recipe) -> tuple[float, dict]:
         per_split = {s: evaluate(runner.predict(recipe, records[s])[0], records[s])["map50"] for s in splits}

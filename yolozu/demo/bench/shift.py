@@ -31,18 +31,23 @@ from yolozu.demo.data import corrupted_split_name
 from yolozu.eval import evaluate
 from yolozu.predict import Predictor
 from yolozu.predictions import write_json_atomic
+from yolozu.tta.config import TTTConfig
 from yolozu.tta.schedules import adapt_and_predict
 
 PREDICT_BATCH = 32
+CALIBRATION_IMAGES = 512
+"""Images of a method's in-distribution split (EATA's Fisher) the benchmark reads: the first 512 of it."""
 
 
 class Runner:
     """Runs recipes on records, one detector per set of adapter options. Every run starts from the source
     weights: the export's schedules adapt copies of the tensors and leave the module as it was."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", dataset: str = "data/demo") -> None:
         self.device = device
+        self.dataset = dataset
         self._adapters: dict[tuple, DetectorAdapter] = {}
+        self._calibration: dict[str, list[dict]] = {}
 
     def adapter(self, recipe: Recipe) -> DetectorAdapter:
         key = tuple(sorted(recipe.adapter.items()))
@@ -50,11 +55,21 @@ class Runner:
             self._adapters[key] = DetectorAdapter(device=self.device, batch_size=PREDICT_BATCH, **recipe.adapter)
         return self._adapters[key]
 
+    def calibration(self, config: TTTConfig) -> list[dict] | None:
+        """The in-distribution records a method asks for (EATA's Fisher split), read once per split."""
+        split = config.calibration_split()
+        if split and split not in self._calibration:
+            self._calibration[split] = build_manifest(self.dataset, split)[:CALIBRATION_IMAGES]
+        return self._calibration.get(split) if split else None
+
     def predict(self, recipe: Recipe, records: Sequence[dict]) -> tuple[list[dict], dict | None]:
         """The recipe's predictions and, for TTT recipes, its report."""
         adapter = self.adapter(recipe)
         if recipe.ttt is not None:
-            predictions, report = adapt_and_predict(adapter, records, recipe.config(), batch_size=PREDICT_BATCH)
+            config = recipe.config()
+            predictions, report = adapt_and_predict(
+                adapter, records, config, batch_size=PREDICT_BATCH, calibration=self.calibration(config)
+            )
             return predictions, report.to_dict()
         if recipe.bn_stats:
             return Predictor(adapter).predict(records, bn="batch", batch_size=recipe.bn_batch), None
@@ -78,7 +93,7 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Every recipe on every split; returns the JSON-ready results."""
-    runner = Runner(device)
+    runner = Runner(device, dataset)
     chosen = [RECIPES[name] for name in recipes]
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
