@@ -61,6 +61,9 @@ def models(draw):
         if lora or "adapter" in label.lower() or kind == "adapter_class":
             expected["adapter_only"] |= names
     expected["lora_norm_only"] = expected["lora_only"] | expected["norm_only"]
+    top = f"{entries[draw(st.integers(0, len(entries) - 1))][0]}{len(entries) - 1}"
+    model.top_block = top  # the model names its top block: norm_but_top drops that block's norms
+    expected["norm_but_top"] = {n for n in expected["norm_only"] if not n.startswith(top + ".")}
     return model, expected
 
 
@@ -132,3 +135,32 @@ def test_combine_rejects_overlap_and_partition_unknown_names():
         combine(a, a)
     with pytest.raises(KeyError):
         partition(a, ["missing"])
+
+
+def _stages(count: int) -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)) for _ in range(count)])
+
+
+def test_top_block_is_the_last_of_the_first_shallowest_numbered_run():
+    model = nn.Module()
+    model.stem = nn.BatchNorm2d(3)
+    for i in range(1, 5):
+        setattr(model, f"stage{i}", _stages(2))
+    for i in (3, 2, 1):  # a second run at the same depth (a feature pyramid) comes later: not the top block
+        setattr(model, f"lateral{i}", _stages(1))
+    assert filters.top_block(model) == "stage4"
+    chosen = filters.select(model, "norm_but_top")
+    assert set(chosen) == set(filters.select(model, "norm_only")) - {"stage4.0.1.weight", "stage4.0.1.bias",
+                                                                     "stage4.1.1.weight", "stage4.1.1.bias"}
+    vit = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(*[nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+                                                            for _ in range(12)]))
+    assert filters.top_block(vit) == "1.11"  # blocks 0..11 under one parent; the conv holds no norm
+
+
+def test_top_block_named_by_the_model_wins_and_a_model_without_one_is_an_error():
+    model = _stages(3)
+    assert filters.top_block(model) == "2"
+    model.top_block = "0"
+    assert filters.select(model, "norm_but_top") == ["1.1.weight", "1.1.bias", "2.1.weight", "2.1.bias"]
+    with pytest.raises(ValueError, match="cannot tell the top block.*model.top_block"):
+        filters.select(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), "norm_but_top")

@@ -8,16 +8,21 @@ names narrow it (intersection with "contains any include", minus "contains any e
 - ``adapter_only``: parameters of modules whose name or class name contains "adapter" or "lora", never
   those of the layer such a module wraps (a child named in ``WRAPPED``);
 - ``lora_only``: likewise for "lora";
-- ``lora_norm_only``: ``lora_only`` | ``norm_only``.
+- ``lora_norm_only``: ``lora_only`` | ``norm_only``;
+- ``norm_but_top``: ``norm_only`` minus the norm layers of the top block (SAR, Niu et al. 2023: the deepest
+  block's norm layers get the noisiest gradients). The top block is ``model.top_block`` (a module name) when
+  the model says so, else the last member of the model's first numbered run of sibling blocks holding norm
+  layers, at the shallowest depth (``stage1..stage4`` -> ``stage4``, ``layer1..4``, ``blocks.0..11``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 from torch import nn
 
-FILTERS = ("all", "norm_only", "adapter_only", "lora_only", "lora_norm_only")
+FILTERS = ("all", "norm_only", "adapter_only", "lora_only", "lora_norm_only", "norm_but_top")
 NORM_TYPES = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
@@ -48,6 +53,38 @@ def _norm_params(model: nn.Module) -> set[str]:
     }
 
 
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def top_block(model: nn.Module) -> str:
+    """The name of the model's top block (see the module docstring); a ValueError when it has none."""
+    named = getattr(model, "top_block", None)
+    if isinstance(named, str):
+        return named
+    holding = {
+        prefix for prefix, module in model.named_modules() if any(isinstance(m, NORM_TYPES) for m in module.modules())
+    }
+    families: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
+    for name, _ in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        match = _NUMBERED.match(leaf)
+        if name and match and name in holding:
+            families.setdefault((name.count("."), parent, match.group(1)), []).append((int(match.group(2)), name))
+    runs = [(key[0], members) for key, members in families.items() if len(members) > 1]
+    if not runs:
+        raise ValueError(
+            f"cannot tell the top block of {type(model).__name__}: it has no numbered blocks holding norm layers; "
+            "set model.top_block = '<module name>' or use update filter norm_only with exclude"
+        )
+    shallowest = min(depth for depth, _ in runs)
+    return max(next(members for depth, members in runs if depth == shallowest))[1]
+
+
+def _norm_but_top(model: nn.Module) -> set[str]:
+    top = top_block(model) + "."
+    return {name for name in _norm_params(model) if not name.startswith(top)}
+
+
 WRAPPED = ("base", "base_layer", "original_module")
 """Names of the layer an adapter module wraps (``LoRALinear.base``, PEFT's ``base_layer``): its weights are the
 base model's, never the adapter's own."""
@@ -76,6 +113,8 @@ def base_selection(model: nn.Module, update_filter: str) -> set[str]:
         return _named_module_params(model, _NAME_TOKENS[update_filter])
     if update_filter == "lora_norm_only":
         return _norm_params(model) | _named_module_params(model, _NAME_TOKENS["lora_only"])
+    if update_filter == "norm_but_top":
+        return _norm_but_top(model)
     raise ValueError(f"unknown update filter {update_filter!r}; choose one of {', '.join(FILTERS)}")
 
 
