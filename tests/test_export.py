@@ -1,6 +1,7 @@
 """tools/export_predictions.py: flags, the no-TTT path, TTT schedules, TTA, determinism and errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ ISSUE_FLAGS = [
     "--quiet",
     "--tta",
     "--tta-log-out",
+    "--tta-seed",
+    "--tta-flip-prob",
+    "--tta-norm-only",
     "--ttt-preset",
     "--ttt-reset",
     "--ttt-schedule",
@@ -309,8 +313,56 @@ def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
         "merge": "nms",
         "iou": 0.55,
         "max_detections": 100,
+        "flip_prob": 1.0,
+        "seed": 0,
+        "norm_only": False,
     }
     validate_predictions(json.loads(out.read_text()))
+
+
+def test_tta_flip_prob_gives_each_image_the_flip_branch_by_its_seeded_draw(tmp_path, dataset):
+    from yolozu.flip_tta import FlipTTAConfig
+
+    runs = {}
+    for name, extra in (("plain", []), ("all", ["--tta"]), ("none", ["--tta", "--tta-flip-prob", "0"]),
+                        ("half", ["--tta", "--tta-flip-prob", "0.5", "--tta-seed", "3", "--tta-norm-only"])):
+        code, out = _export(tmp_path, dataset, *extra, name=f"{name}.json")
+        assert code == 0
+        runs[name] = {p["image"]: p["detections"] for p in json.loads(out.read_text())}
+    assert runs["none"] == runs["plain"] and runs["all"] != runs["plain"]
+    draw = FlipTTAConfig(flip_prob=0.5, seed=3)
+    chosen = {image: draw.flips(image) for image in runs["half"]}
+    assert set(chosen.values()) == {True, False}  # the four images of the fixture get both outcomes at seed 3
+    for image, detections in runs["half"].items():
+        assert detections == runs["all" if chosen[image] else "plain"][image]
+
+
+def test_flip_draw_is_seeded_per_image_and_near_its_probability():
+    from yolozu.flip_tta import FlipTTAConfig
+
+    images = [f"img{i}.png" for i in range(2000)]
+    half = [FlipTTAConfig(flip_prob=0.3, seed=1).flips(i) for i in images]
+    assert 0.27 < sum(half) / len(images) < 0.33
+    assert half == [FlipTTAConfig(flip_prob=0.3, seed=1).flips(i) for i in images]
+    assert half != [FlipTTAConfig(flip_prob=0.3, seed=2).flips(i) for i in images]
+    assert not any(FlipTTAConfig(flip_prob=0.0).flips(i) for i in images)
+    assert all(FlipTTAConfig(flip_prob=1.0).flips(i) for i in images)
+    with pytest.raises(ValueError, match=r"flip_prob must be in \[0, 1\]"):
+        FlipTTAConfig(flip_prob=1.5)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tta-seed", "0"], "--tta-seed applies to --tta only"),
+        (["--tta-norm-only"], "--tta-norm-only applies to --tta only"),
+        (["--tta", "--tta-flip-prob", "1.5"], r"--tta-flip-prob must be in \[0, 1\]"),
+    ],
+)
+def test_tta_flags_misused_are_usage_errors(tmp_path, dataset, capsys, extra, message):
+    code, out = _export(tmp_path, dataset, *extra)
+    assert code == 2 and not out.exists()
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(

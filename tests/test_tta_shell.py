@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from toy import TensorAdapter, TinyAutoencoder, TinyClassifier, same_tensors, seeded, snapshot
 
 from yolozu.adapter import DummyAdapter, ModelAdapter
@@ -221,6 +222,13 @@ def test_compat_filter_parameters_and_reconstruction_loss():
     assert reconstruction_loss(pred, target, mask=mask).item() == 1.0
     assert reconstruction_loss(pred, target, mask=mask, reduction="sum").item() == 1.0
     assert reconstruction_loss(pred, target).item() == 1.0
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    per_image = torch.rand(2, 1, 4, 4, generator=g) > 0.5
+    none = reconstruction_loss(pred, target, mask=per_image, reduction="none")
+    assert none.shape == pred.shape  # torch's mse_loss(reduction="none") shape, zero outside the mask
+    assert torch.equal(none, F.mse_loss(pred, target, reduction="none") * per_image)
+    assert torch.equal(reconstruction_loss(pred, target, reduction="none"), F.mse_loss(pred, target, reduction="none"))
     with pytest.raises(ValueError, match="reduction"):
         reconstruction_loss(pred, target, reduction="max")
 

@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
     tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
     tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
+    tta.add_argument(
+        "--tta-flip-prob",
+        type=float,
+        help="probability that an image gets the flipped branch (default 1: every image), drawn per image",
+    )
+    tta.add_argument("--tta-seed", type=int, help="seed of the per-image flip draw (default: --seed)")
+    tta.add_argument(
+        "--tta-norm-only",
+        action="store_true",
+        default=None,
+        help="mirror only normalised boxes (YOLOZU's flag; every box here is normalised, so it changes nothing)",
+    )
     ttt = parser.add_argument_group("test-time training")
     ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
     ttt.add_argument(
@@ -143,6 +155,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if not 0 < args.tta_iou <= 1:
         raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
+    if args.tta_flip_prob is not None and not 0 <= args.tta_flip_prob <= 1:
+        raise UsageError(f"--tta-flip-prob must be in [0, 1] (a probability), got {args.tta_flip_prob}")
+    if args.tta_seed is not None and args.tta_seed < 0:
+        raise UsageError(f"--tta-seed must be >= 0, got {args.tta_seed}")
+    flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only")
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given and not args.tta:
+        raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
 
 
 def _adapter(args: argparse.Namespace):
@@ -235,6 +255,19 @@ def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions
     write_outputs(documents)
 
 
+def _flip_tta(args: argparse.Namespace) -> FlipTTAConfig | None:
+    """The flip TTA settings of ``--tta``, None without it."""
+    if not args.tta:
+        return None
+    return FlipTTAConfig(
+        merge=args.tta_merge,
+        iou=args.tta_iou,
+        flip_prob=1.0 if args.tta_flip_prob is None else args.tta_flip_prob,
+        seed=args.seed if args.tta_seed is None else args.tta_seed,
+        norm_only=bool(args.tta_norm_only),
+    )
+
+
 def run_export(args: argparse.Namespace) -> dict:
     """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
     outputs = _outputs(args)
@@ -249,7 +282,7 @@ def run_export(args: argparse.Namespace) -> dict:
         config = ttt_config(args)
     except ValueError as e:
         raise TTTError(str(e)) from e
-    tta = FlipTTAConfig(merge=args.tta_merge, iou=args.tta_iou) if args.tta else None
+    tta = _flip_tta(args)
     adapter = _adapter(args)
     records = _records(args, adapter, outputs)
     run = _adapted if config.enabled else _plain

@@ -1,11 +1,14 @@
 """Test-time augmentation by horizontal flip: predict on the mirrored image, map the boxes back, merge.
 
 Boxes are normalised ``cx, cy, w, h``, so mirroring is ``cx -> 1 - cx``. The two branches are merged per class
-by weighted box fusion (Solovyev, Wang & Gabruseva 2021) or by non-maximum suppression.
+by weighted box fusion (Solovyev, Wang & Gabruseva 2021) or by non-maximum suppression. Each image gets the
+flipped branch with probability ``flip_prob`` (1: every image), drawn from ``seed`` and the image's path, so
+the draw does not depend on batching or order.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import attrs
@@ -25,6 +28,20 @@ class FlipTTAConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"FlipTTAConfig.iou must be in (0, 1] (an IoU threshold), got {value!r}")
     max_detections: int = 100
+    flip_prob: float = attrs.field(default=1.0)
+    seed: int = 0
+    norm_only: bool = False
+    """YOLOZU's: mirror only normalised boxes. Every box here is normalised, so it changes nothing."""
+
+    @flip_prob.validator
+    def _prob_in_range(self, attribute: attrs.Attribute, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"FlipTTAConfig.flip_prob must be in [0, 1] (a probability), got {value!r}")
+
+    def flips(self, image: str) -> bool:
+        """Whether ``image`` gets the flipped branch: a uniform draw from (seed, path) below ``flip_prob``."""
+        digest = hashlib.sha256(f"{self.seed}:{image}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.flip_prob
 
     def to_dict(self) -> dict:
         return {
@@ -33,6 +50,9 @@ class FlipTTAConfig:
             "merge": self.merge,
             "iou": self.iou,
             "max_detections": self.max_detections,
+            "flip_prob": self.flip_prob,
+            "seed": self.seed,
+            "norm_only": self.norm_only,
         }
 
 

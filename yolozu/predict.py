@@ -107,7 +107,9 @@ class Predictor:
             flipped = self.decode(forward(torch.flip(x, dims=(-1,))), records)
         return [
             {"image": p["image"], "detections": merge_flip(p["detections"], f["detections"], self.tta)}
-            for p, f in zip(preds, flipped)
+            if self.tta.flips(str(record["image"]))
+            else p
+            for p, f, record in zip(preds, flipped, records)
         ]
 
     def predict_batch(

@@ -53,7 +53,8 @@ def apply_mask(x: Tensor, mask: Tensor, *, mask_value: float = 0.0) -> Tensor:
 
 def reconstruction_loss(pred: Tensor, target: Tensor, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Squared reconstruction error over the masked pixels: ``mean`` (over masked elements), ``sum`` or
-    ``none`` (the element-wise error, zero outside the mask)."""
+    ``none`` (the element-wise error, shaped like ``pred`` as ``F.mse_loss(reduction="none")``, zero outside
+    the mask, so callers can reduce per image)."""
     if reduction == "mean":
         return masked_reconstruction_loss(pred, target, None if mask is None else mask.to(torch.bool))
     err = (pred - target).square()
