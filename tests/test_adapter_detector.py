@@ -96,6 +96,19 @@ def test_build_loader_yields_ordered_batches(adapter, records):
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 
+def test_loader_processes_give_the_same_batches_predictions_and_errors(adapter, records, tmp_path):
+    workers = DetectorAdapter(batch_size=1, workers=2)  # three batches: the DataLoader path
+    batches = list(workers.build_loader(records, batch_size=1))
+    assert all(torch.equal(a, b) for a, b in zip(batches, adapter.build_loader(records, batch_size=1)))
+    assert workers.predict(records) == DetectorAdapter(batch_size=1).predict(records)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match=r"^cannot read image .*broken.png"):  # its own message, no traceback
+        list(workers.build_loader([records[0], {"image": str(broken)}, records[1]], batch_size=1))
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        list(DetectorAdapter(workers=-1).build_loader(records, batch_size=1))
+
+
 def test_loader_model_decode_pieces_reproduce_predict(adapter, records):
     preds = []
     with torch.no_grad():

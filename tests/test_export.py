@@ -43,6 +43,8 @@ ISSUE_FLAGS = [
     "--max-images",
     "--batch-size",
     "--device",
+    "--workers",
+    "--deterministic",
     "--seed",
     "--quiet",
     "--tta",
@@ -107,7 +109,7 @@ def test_help_lists_every_flag():
         assert flag in text, flag
     for choices in (
         "tent,mim,cotta,eata,sar",
-        "all,norm_only,adapter_only,lora_only,lora_norm_only",
+        "all,norm_only,adapter_only,lora_only,lora_norm_only,norm_but_top",
         "stream,sample",
         "pre,online",
         "adapter_only,cotta_safe,eata_safe,mim_safe,safe,sar_safe",
@@ -335,6 +337,17 @@ def test_tta_flip_prob_gives_each_image_the_flip_branch_by_its_seeded_draw(tmp_p
     assert set(chosen.values()) == {True, False}  # the four images of the fixture get both outcomes at seed 3
     for image, detections in runs["half"].items():
         assert detections == runs["all" if chosen[image] else "plain"][image]
+
+
+def test_workers_change_nothing_in_the_output(tmp_path, dataset, capsys):
+    outputs = []
+    for workers in ("0", "2"):
+        code, out = _export(tmp_path, dataset, "--batch-size", "1", "--workers", workers, name=f"w{workers}.json")
+        assert code == 0
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    code, out = _export(tmp_path, dataset, "--workers", "-1", name="bad.json")
+    assert code == 2 and not out.exists() and "--workers must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_flip_draw_is_seeded_per_image_and_near_its_probability():

@@ -20,7 +20,9 @@ from tqdm import tqdm
 from yolozu.adapters import ADAPTERS, build_adapter, parse_device
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
+from yolozu.determinism import set_deterministic
 from yolozu.faults import kill_point
+from yolozu.image_loader import default_workers
 from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
 from yolozu.outputs import write_outputs
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--max-images", type=int, help="use only the first N images")
     general.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default 32)")
     general.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    general.add_argument(
+        "--workers",
+        type=int,
+        help=f"image-loading processes (default: half the CPUs, at most 4; here {default_workers()}); 0 reads in "
+        "this process. Predictions do not depend on it",
+    )
     general.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     general.add_argument(
         "--bn-stats",
@@ -60,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "test batch's statistics (BatchNorm adaptation, no gradient step)",
     )
     general.add_argument("--quiet", action="store_true", help="no progress bars")
+    general.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deterministic kernels, cuDNN without autotuning and a fixed cuBLAS workspace, so a seed repeats "
+        "bitwise on the same GPU (default on; --no-deterministic lets cuDNN/cuBLAS pick faster kernels)",
+    )
     tta = parser.add_argument_group("test-time augmentation")
     tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
     tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
@@ -153,6 +168,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not 0 < args.tta_iou <= 1:
         raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
     if args.tta_flip_prob is not None and not 0 <= args.tta_flip_prob <= 1:
@@ -174,7 +191,10 @@ def _adapter(args: argparse.Namespace):
         if args.checkpoint:
             raise UsageError("--checkpoint applies to --adapter detector only")
         return build_adapter("dummy")
-    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size)
+    workers = default_workers() if args.workers is None else args.workers
+    return build_adapter(
+        args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size, workers=workers
+    )
 
 
 def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
@@ -236,6 +256,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         "split": args.split,
         "images": len(records),
         "seed": args.seed,
+        "deterministic": args.deterministic,
         "bn_stats": args.bn_stats,
         "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
@@ -277,6 +298,7 @@ def run_export(args: argparse.Namespace) -> dict:
     if args.ttt_log_out and not args.ttt:
         raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
     apply_ttt_preset_args(args)
+    set_deterministic(args.deterministic)
     torch.manual_seed(args.seed)
     try:
         config = ttt_config(args)

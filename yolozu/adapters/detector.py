@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from yolozu.adapter import ModelAdapter, Prediction, Record
+from yolozu.image_loader import ImageLoadError, image_batches
 from yolozu.functional.readout import Readout, peak_class_logits
 from yolozu.models.checkpoint import load_detector
 from yolozu.models.decode import decode as decode_outputs
@@ -41,10 +42,6 @@ def heatmap_peaks(output: Mapping[str, Tensor], k: int = DEFAULT_PEAKS) -> Tenso
 def reconstruction(output: Mapping[str, Tensor]) -> Tensor:
     """The MIM reconstruction ``(B, 3, S, S)`` (present when the forward ran with ``recon=True``)."""
     return output["recon"]
-
-
-class ImageLoadError(OSError):
-    """An input image that is missing or cannot be decoded."""
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -78,6 +75,7 @@ class DetectorAdapter(ModelAdapter):
       tent_loss: ``"peak_softmax"`` (softmax entropy over the classes at the top-k heatmap peaks, default)
         or ``"sigmoid"`` (mean binary entropy of all heatmap scores).
       tent_peaks: k for ``"peak_softmax"``.
+      workers: image-loading processes of ``build_loader`` and ``predict`` (0: in this process).
     """
 
     name = "detector"
@@ -93,6 +91,7 @@ class DetectorAdapter(ModelAdapter):
         nms_iou: float = 0.5,
         tent_loss: str = "peak_softmax",
         tent_peaks: int = DEFAULT_PEAKS,
+        workers: int = 0,
     ) -> None:
         if tent_loss not in TENT_LOSSES:
             raise ValueError(f"unknown tent_loss {tent_loss!r}; choose one of {', '.join(TENT_LOSSES)}")
@@ -107,6 +106,7 @@ class DetectorAdapter(ModelAdapter):
         self.nms_iou = nms_iou
         self.tent_loss = tent_loss
         self.tent_peaks = tent_peaks
+        self.workers = workers
 
     @property
     def image_size(self) -> int:
@@ -130,11 +130,11 @@ class DetectorAdapter(ModelAdapter):
         return to_tensor(images).to(self.device)
 
     def build_loader(self, records: Sequence[Record], *, batch_size: int) -> Iterator[Tensor]:
-        """Preprocessed batches of ``records`` in order (the last one may be smaller); deterministic."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(records), batch_size):
-            yield self.load_batch(records[start : start + batch_size])
+        """Preprocessed batches of ``records`` in order (the last one may be smaller), read by ``workers``
+        processes; the same tensors as ``load_batch`` of the same records."""
+        load = functools.partial(load_image, size=self.image_size)
+        paths = [str(record["image"]) for record in records]
+        return image_batches(paths, load, to_tensor, batch_size=batch_size, workers=self.workers, device=self.device)
 
     def decode(self, output: Mapping[str, Tensor], records: Sequence[Record]) -> list[Prediction]:
         """Model outputs for ``records`` (same order) -> one prediction per record."""
@@ -155,9 +155,9 @@ class DetectorAdapter(ModelAdapter):
         out: list[Prediction] = []
         try:
             with torch.no_grad():
-                for start in range(0, len(records), self.batch_size):
-                    chunk = records[start : start + self.batch_size]
-                    out.extend(self.decode(self.model(self.load_batch(chunk)), chunk))
+                batches = self.build_loader(records, batch_size=self.batch_size)
+                for start, x in zip(range(0, len(records), self.batch_size), batches):
+                    out.extend(self.decode(self.model(x), records[start : start + self.batch_size]))
         finally:
             self.model.train(was_training)
         return out
