@@ -77,3 +77,17 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all
 	$(PY) -m yolozu.demo.bench.shift --full
+
+# make test-gpu: only the CUDA tests (they skip without a GPU; make test runs them too, skipped, and their CPU twins).
+.PHONY: test-gpu
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m cuda
+
+# make gpu-check: CUDA tests, bench-core (ours and torchvision's ResNet-50), bench-streams, the quick shift benchmark
+# on CUDA and a two-run determinism check -> runs/gpu/summary.md and .json (about 6 minutes on one H100). Without
+# CUDA: a CPU dry run of the same steps on a few images. GPU_PY: the interpreter (the GPU machine's own python3
+# when there is no .venv; see docs/gpu.md).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) tools/gpu_check.py

@@ -10,7 +10,7 @@ classic models.
 Peak memory is what one step allocates above what was allocated before it (torch's profiler on CPU, the CUDA
 allocator's statistics on GPU). Ratios are to bare (time) and to classic (memory).
 
-    python tools/bench_core.py [--device cuda] [--rounds 10] [--image-size 96]
+    python tools/bench_core.py [--device cuda] [--rounds 10] [--image-size 96] [--model resnet50 --image-size 224]
 """
 
 from __future__ import annotations
@@ -61,6 +61,21 @@ def resnet(width: int = 32, classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def build_model(args) -> nn.Module:
+    """The benchmarked network: our ResNet-18-shaped net, or torchvision's ResNet-50 (random weights)."""
+    if args.model == "resnet50":
+        try:
+            from torchvision.models import resnet50
+        except ImportError:
+            raise SystemExit("--model resnet50 needs torchvision: pip install 'yolozu[torchvision]'") from None
+        return resnet50(weights=None)
+    return resnet(args.width)
+
+
+def model_label(args) -> str:
+    return "torchvision ResNet-50" if args.model == "resnet50" else f"ResNet-18-shaped BN net, width {args.width}"
+
+
 def _loss(logits: torch.Tensor) -> torch.Tensor:
     return softmax_entropy(logits, dim=1).mean()
 
@@ -69,7 +84,7 @@ def make_variant(name: str, batch: int, args) -> callable:
     """A zero-argument callable running one step of variant ``name`` (set-up done here, not timed)."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = resnet(args.width).to(device)
+    model = build_model(args).to(device)
     names = filters.select(model, "norm_only")
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     if name == "functional":
@@ -92,7 +107,7 @@ def make_variant(name: str, batch: int, args) -> callable:
             holder[0], _ = update(holder[0], xs)
 
         return run
-    models = [model] if name != "classic_loop8" else [resnet(args.width).to(device) for _ in range(8)]
+    models = [model] if name != "classic_loop8" else [build_model(args).to(device) for _ in range(8)]
     xs = [x] if name != "classic_loop8" else [torch.randn_like(x) for _ in range(8)]
     optimizers = []
     for m in models:
@@ -141,6 +156,8 @@ def peak_memory(name: str, batch: int, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18",
+                        help="resnet18: ours, --width/--image-size; resnet50: torchvision's (use --image-size 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=96)
@@ -152,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(
-        f"# bench-core: ResNet-18-shaped BN net, width {args.width}, {args.image_size}px, device {args.device} "
+        f"# bench-core: {model_label(args)}, {args.image_size}px, device {args.device} "
         f"({device_name}), {args.threads} threads, torch {torch.__version__}, best of {args.rounds} rounds"
     )
     results = []
@@ -202,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads,
                     "image_size": args.image_size,
                     "width": args.width,
+                    "model": args.model,
                     "rows": results,
                     "streams": streams_row,
                 },

@@ -169,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scope.add_argument("--heldout", action="store_true", help="the 4 held-out corruptions at severities 3 and 5")
     parser.add_argument("--dataset", default="data/demo")
     parser.add_argument("--images", type=int, default=300, help="images per split (default 300)")
+    parser.add_argument("--memory-images", type=int, default=32, help="images of the peak-memory export (32)")
     parser.add_argument("--recipes", nargs="+", default=list(BENCHMARKED), choices=list(RECIPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help="results JSON (default runs/bench/<scope>.json)")
@@ -190,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.recipes,
         images=args.images,
         device=args.device,
+        memory_images=args.memory_images,
         log_dir=str(output.parent / f"{name}-logs"),
     )
     results["scope"] = name

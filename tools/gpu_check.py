@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""One GPU check (``make gpu-check``): CUDA tests, bench-core (both models), bench-streams, the quick shift
+benchmark on CUDA and a two-run determinism check; writes runs/gpu/summary.md and summary.json with the card,
+torch and CUDA versions. Sized to finish within about 6 minutes on one H100.
+
+Without CUDA it says so and runs the same steps on CPU on a few images (a dry run of the script); the exit
+code is 0 when every step passed and both determinism checks found identical runs.
+
+    python tools/gpu_check.py [--out runs/gpu] [--shift-images 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = "val-fog-5"
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def steps(device: str, out: Path, shift_images: int) -> list[tuple[str, list[str]]]:
+    """The (name, command) of every step; on CPU the same steps on a few images."""
+    py = sys.executable
+    dry = device == "cpu"
+    core = ["--rounds", "1", "--batches", "1", "--image-size", "32", "--width", "8"] if dry else ["--rounds", "30"]
+    r50 = ["--rounds", "1", "--batches", "1", "--image-size", "64"] if dry else ["--rounds", "30"]
+    r50 = r50 if dry else [*r50, "--image-size", "224"]
+    export = [py, "tools/export_predictions.py", "--adapter", "detector", "--dataset", "data/demo", "--split"]
+    export += [SPLIT, "--device", device, "--wrap", "--quiet", "--seed", "0", *(["--max-images", "8"] if dry else [])]
+    tent = ["--ttt", "--ttt-method", "tent", "--ttt-lr", "3e-3", "--ttt-update-filter", "norm_only"]
+    tent += ["--ttt-max-batches", "none"]
+    schedules = {"online": ["--ttt-schedule", "online"], "sample": ["--ttt-reset", "sample", "--ttt-streams", "8"]}
+    listed = [
+        ("cuda tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]),
+        ("bench-core resnet18", [py, "tools/bench_core.py", "--device", device, *core,
+                                 "--json", str(out / "bench_core_resnet18.json")]),
+    ]
+    if _has_torchvision():
+        listed.append(("bench-core resnet50", [py, "tools/bench_core.py", "--device", device, "--model", "resnet50",
+                                               *r50, "--json", str(out / "bench_core_resnet50.json")]))
+    listed += [
+        ("bench-streams", [py, "tools/bench_streams.py", "--device", device, "--split", SPLIT,
+                           *(["--images", "4", "--streams", "2", "--rounds", "1"] if dry else []),
+                           "--json", str(out / "bench_streams.json")]),
+        ("shift benchmark", [py, "-m", "yolozu.demo.bench.shift", "--quick", "--device", device, "--docs", "",
+                             "--images", str(4 if dry else shift_images), "--memory-images", "4" if dry else "32",
+                             "--output", str(out / "shift.json")]),
+    ]
+    for run in ("a", "b"):
+        for schedule, flags in schedules.items():
+            target = str(out / f"det_{schedule}_{run}.json")
+            listed.append((f"determinism {schedule} {run}", [*export, *tent, *flags, "--output", target]))
+    return listed
+
+
+def _same_run(out: Path, schedule: str) -> bool:
+    """Two seeded exports agree bitwise: predictions and report, the report's wall-clock seconds aside."""
+    docs = [json.loads((out / f"det_{schedule}_{run}.json").read_text()) for run in ("a", "b")]
+    reports = [{**d["meta"]["ttt"]["report"], "seconds": None} for d in docs]
+    return docs[0]["predictions"] == docs[1]["predictions"] and reports[0] == reports[1]
+
+
+def _figures(out: Path) -> dict:
+    """The benchmark figures the steps wrote, as far as they got."""
+    figures = {}
+    for name in ("bench_core_resnet18", "bench_core_resnet50", "bench_streams", "shift"):
+        path = out / f"{name}.json"
+        if path.is_file():
+            figures[name] = json.loads(path.read_text())
+    return figures
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# GPU check ({summary['mode']})", "", f"{summary['date']}: {summary['device_name']}, torch "
+             f"{summary['torch']}, CUDA {summary['cuda']}, Python {summary['python']}", "",
+             "| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} |" for s in summary["steps"]]
+    lines += ["", "Determinism (two seeded runs, bitwise): " + ", ".join(
+        f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in summary["determinism"].items())]
+    for key in ("bench_core_resnet18", "bench_core_resnet50"):
+        core = summary["figures"].get(key)
+        if core:
+            lines += ["", f"{key}: batch, functional/bare, classic/bare, functional/classic memory"]
+            lines += [f"- {r['batch']}: {r['functional_over_bare']:.3f}, {r['classic_over_bare']:.3f}, "
+                      f"{r['functional_over_classic_memory']:.3f}" for r in core["rows"]]
+            lines.append(f"- K=8 vmap speed-up over the loop: {core['streams']['vmap_speedup']:.2f}x, memory "
+                         f"{core['streams']['vmap_over_loop_memory']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu")
+    parser.add_argument("--shift-images", type=int, default=100, help="images per split of the shift benchmark")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        print("gpu-check: no CUDA device here; a CPU dry run of the same steps on a few images", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--root", "data/demo", "--corruptions", "all",
+                    "--severities", "5"], cwd=ROOT, env=env, check=True)
+    done = []
+    for name, command in steps(device, out, args.shift_images):
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        (out / f"{name.replace(' ', '_')}.log").write_text(result.stdout + result.stderr)
+        tail = (result.stdout + result.stderr)[-2000:]
+        done.append({"name": name, "status": status, "seconds": seconds, "tail": tail})
+        print(f"gpu-check: {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    determinism = {s: _same_run(out, s) for s in ("online", "sample")
+                   if all((out / f"det_{s}_{r}.json").is_file() for r in ("a", "b"))}
+    summary = {
+        "mode": "cuda" if cuda else "cpu dry run",
+        "date": time.strftime("%Y-%m-%d"),
+        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "steps": done,
+        "determinism": determinism,
+        "figures": _figures(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(markdown(summary))
+    print(f"gpu-check: wrote {out / 'summary.md'} and summary.json", file=sys.stderr)
+    failed = [s["name"] for s in done if s["status"] != "passed"] + [k for k, v in determinism.items() if not v]
+    if failed:
+        print(f"gpu-check: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
