@@ -90,4 +90,4 @@ test-gpu: $(STAMP)
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 .PHONY: gpu-check
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(GPU_PY) tools/gpu_check.py
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) tools/gpu_check.py
