@@ -33,7 +33,7 @@ bench-core: $(STAMP)
 train: $(STAMP)
 	$(PY) tools/train_detector.py
 
-# make export TTT=tent|mim|cotta|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
+# make export TTT=tent|mim|cotta|eata|sar|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
 # corrupted val split without test-time training, with BatchNorm statistics only and with TTT, evaluate them and
 # print mAP50 side by side.
 TTT ?= tent
@@ -47,7 +47,7 @@ TTT_ARGS = $$($(PY) -m yolozu.demo.bench.recipes $(TTT))
 
 .PHONY: export
 export: $(STAMP)
-	@case "$(TTT)" in tent|mim|cotta|none) ;; *) echo "TTT must be tent, mim, cotta or none, got '$(TTT)'" >&2; exit 2;; esac
+	@case "$(TTT)" in tent|mim|cotta|eata|sar|none) ;; *) echo "TTT must be tent, mim, cotta, eata, sar or none, got '$(TTT)'" >&2; exit 2;; esac
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions $(CORRUPTION) --severities $(SEVERITY)
 	$(EXPORT) --output $(EXPORT_DIR)/none/predictions.json
 	$(EXPORT) --output $(EXPORT_DIR)/bn/predictions.json --bn-stats batch

@@ -47,11 +47,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe("tent", "Tent, online", {"method": "tent", **ONLINE, "lr": 3e-3}),
         Recipe("mim", "MIM, online", {"method": "mim", **ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5}),
         Recipe("cotta", "CoTTA, online", {"method": "cotta", **ONLINE, "lr": 3e-2, "cotta_ema_momentum": 0.8}),
+        Recipe("eata", "EATA, online", {"method": "eata", **ONLINE, "lr": 1e-2}),
+        Recipe("sar", "SAR, online", {"method": "sar", **ONLINE, "lr": 3e-3, "update_filter": "norm_but_top"}),
         Recipe("bn-sample", "BatchNorm statistics only (per image)", bn_stats=True, bn_batch=1),
         Recipe("tent-sample", "Tent, episodic", {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2}),
         Recipe("mim-sample", "MIM, episodic", {"method": "mim", **EPISODIC, "lr": 1e-3, "mim_mask_prob": 0.5}),
         Recipe(
             "cotta-sample", "CoTTA, episodic", {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8}
+        ),
+        Recipe("eata-sample", "EATA, episodic", {"method": "eata", **EPISODIC, "lr": 1e-2, "steps": 2}),
+        Recipe(
+            "sar-sample",
+            "SAR, episodic",
+            {"method": "sar", **EPISODIC, "lr": 1e-2, "steps": 2, "update_filter": "norm_but_top"},
         ),
         Recipe(
             "tent-reuse",
@@ -62,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
 }
 BENCHMARKED = tuple(name for name in RECIPES if name != "tent-reuse")
 """The recipes ``make bench`` runs; ``tent-reuse`` (one forward per batch) is measured on its own (README)."""
-GRADIENT_METHODS = ("tent", "mim", "cotta")
+GRADIENT_METHODS = ("tent", "mim", "cotta", "eata", "sar")
 
 
 def export_flags(name: str) -> list[str]:
