@@ -22,7 +22,8 @@ from yolozu.tta.distributed import SharedModel, all_reduce_sum
 from yolozu.tta.engine import Adaptation
 
 SPLITS = [(2, 2), (3, 1), (1, 3), (2, 0), (0, 2)]
-"""How each step's global batch of images is split between the two ranks (uneven and empty parts)."""
+"""How each step's global batch of images is split between the two ranks (uneven parts; a rank without an image
+steps on padding: a copy of the other rank's first image)."""
 
 
 def _tensors(adaptation: Adaptation) -> dict[str, torch.Tensor]:
@@ -35,14 +36,16 @@ def shared_steps() -> dict:
     the concatenated global batch (rank 0 runs the reference itself, with no collective)."""
     rank = dist.get_rank()
     config = TTTConfig(enabled=True, method="tent", optimizer="sgd", lr=0.05, bn_mode="running", seed=0)
-    shared = Adaptation(seeded(TinyClassifier), config, shared=SharedModel())
+    hooks = SharedModel()
+    shared = Adaptation(seeded(TinyClassifier), config, shared=hooks)
     reference = Adaptation(seeded(TinyClassifier), config) if rank == 0 else None
     generator = torch.Generator().manual_seed(7)
     out = {"max_diff_to_reference": [], "ranks_bitwise_equal": [], "loss_diff": []}
     for step, split in enumerate(SPLITS):
         xs = torch.randn(sum(split), 3, 8, 8, generator=generator) * 2 + 0.5
         mine = xs[: split[0]] if rank == 0 else xs[split[0] :]
-        row = shared.adapt(mine, step, 1)[-1]
+        hooks.pad = len(mine) == 0
+        row = shared.adapt(xs[:1] if hooks.pad else mine, step, 1)[-1]
         tensors = {k: v.clone() for k, v in _tensors(shared).items()}
         everyone: list = [None, None]
         dist.all_gather_object(everyone, tensors)

@@ -43,6 +43,7 @@ def _runs(root: Path, bad: Path, out: Path) -> dict[str, list[str]]:
     grads = [*ONLINE, "--ttt-batch-size", "1", "--ttt-dist-sync", "grads"]
     return {
         "grads": [*grads, "--dataset", str(root), "--ttt-log-out", str(out / "g.log")],
+        "grads_mim": [*grads, "--dataset", str(root), "--ttt-method", "mim"],  # its reconstruction head pads too
         "none": [*ONLINE, "--ttt-batch-size", "1", "--dataset", str(root), "--max-images", "3"],
         "bad_episodic": [*EPISODIC, "--dataset", str(bad), "--max-images", "4"],
         "bad_grads": [*grads, "--dataset", str(bad), "--max-images", "4"],
@@ -123,6 +124,14 @@ def test_online_grads_equals_one_process_on_the_global_batch(spawned, dataset, t
     assert log["ttt"]["distributed"] == spread and log["ttt"]["report"]["steps_run"] == 3
 
 
+def test_online_grads_runs_every_method_it_accepts(spawned):
+    out, ranks = spawned
+    assert [rank["exports"]["grads_mim"] for rank in ranks] == [[0, []], [0, []]]
+    two = json.loads((out / "grads_mim.json").read_text())
+    assert two["meta"]["ttt"]["method"] == "mim" and two["meta"]["ttt"]["report"]["steps_run"] == 3
+    assert len(two["predictions"]) == 5
+
+
 def test_online_none_is_one_stream_per_rank(spawned, dataset, tmp_path):
     out, ranks = spawned
     assert [rank["exports"]["none"] for rank in ranks] == [[0, []], [0, []]]
@@ -147,7 +156,8 @@ def test_a_failing_rank_fails_every_rank_and_writes_nothing(spawned):
         assert len(err0) == 1 and err0[0].startswith("error: rank 1 of 2 failed: cannot read image")
         assert "000003.png" in err0[0] and err1 == []
         assert not (out / f"{run}.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["g.log", "grads.json", "none.json", "rank0.json", "rank1.json"]
+    written = ["g.log", "grads.json", "grads_mim.json", "none.json", "rank0.json", "rank1.json"]
+    assert sorted(p.name for p in out.iterdir()) == written
 
 
 def test_torchrun_episodic_export_equals_one_process(dataset, tmp_path):

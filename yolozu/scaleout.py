@@ -14,7 +14,8 @@ Shard rules (``shard_rule``): ``contiguous-batches`` cuts the records into batch
 batches the single process forms) and gives each rank a contiguous run of whole batches, the first ranks one more
 when they do not divide evenly; ``global-batch-parts`` cuts them into global batches of ``shard_unit`` x world
 images and gives rank r the r-th contiguous part of each (``shard_unit`` images; the last global batch split as
-evenly as possible, so a rank's part of it may be empty: that rank steps on an empty batch, which adds nothing).
+evenly as possible, so a rank's part of it may be empty: that rank then steps on a copy of the global batch's
+first image as padding, which adds nothing to the statistics, the loss or the gradient, and is not predicted).
 Random keys and log rows use whole-run indices, so a shard's images get the keys they get in one process.
 """
 
@@ -113,23 +114,27 @@ def plan_for(config: TTTConfig, batch_size: int, n: int, world: int, dist_sync: 
     return Plan(semantics, "contiguous-batches", unit, dist_sync, tuple((shard,) for shard in shards))
 
 
-def _lockstep_batches(lockstep: Lockstep, parts: Sequence[range], pads: Sequence[Record]) -> Batches:
-    """Batches of a shared-model rank: its part of each global batch (an empty part read as the global batch's
-    first image, cut to zero images), each read checked with every rank before the step."""
+def _lockstep_batches(
+    lockstep: Lockstep, shared: SharedModel, parts: Sequence[range], pads: Sequence[Record]
+) -> Batches:
+    """Batches of a shared-model rank: its part of each global batch (an empty one replaced by the global batch's
+    first image, with ``shared.pad`` set while it is stepped on), each read checked with every rank first."""
 
     def batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
         del size
         start = 0
         for part, pad in zip(parts, pads):
-            chunk = records[start : start + len(part)]
+            chunk = list(records[start : start + len(part)]) or [pad]
             start += len(part)
             try:
-                (x,) = loader_of(adapter, list(chunk) or [pad], max(len(chunk), 1))
+                (x,) = loader_of(adapter, chunk, len(chunk))
             except Exception:
                 lockstep.check(failed=True)
                 raise
             lockstep.check()
-            yield chunk, (x if chunk else x[:0])
+            shared.pad = not part
+            yield chunk, x
+        shared.pad = False
 
     return batches
 
@@ -143,16 +148,19 @@ def part_for(plan: Plan, rank: int, records: Sequence[Record], lockstep: Lockste
         return Part(offset=first // plan.unit)
     if plan.semantics == "shared-model":
         pads = [records[part.start - part.start % (plan.unit * len(plan.parts))] for part in plan.parts[rank]]
-        return Part(shared=SharedModel(), batches=_lockstep_batches(lockstep, plan.parts[rank], pads))
+        shared = SharedModel()
+        return Part(shared=shared, batches=_lockstep_batches(lockstep, shared, plan.parts[rank], pads))
     return WHOLE
 
 
 def in_order(plan: Plan, gathered: Sequence[list]) -> list:
-    """The ranks' predictions (``gathered[r]`` in rank r's order) in the whole run's order."""
+    """The ranks' predictions (``gathered[r]`` in rank r's order, a padding batch's last) in the whole run's
+    order, without those of padding."""
     out: dict[int, Any] = {}
     for rank, predictions in enumerate(gathered):
         indices = plan.indices(rank)
-        if len(indices) != len(predictions):
+        pads = sum(1 for part in plan.parts[rank] if not part) if plan.semantics == "shared-model" else 0
+        if len(predictions) != len(indices) + pads:
             raise RuntimeError(f"rank {rank} returned {len(predictions)} predictions for {len(indices)} images")
         out.update(zip(indices, predictions))
     return [out[i] for i in range(len(out))]

@@ -8,17 +8,20 @@ replicas one model, equal to a single process adapting on the whole global batch
 - ``sync_batch_stats()``: a ``bridge.BatchStats`` hook, BatchNorm normalising with the statistics of every
   rank's batch (SyncBatchNorm's maths), differentiable through ``all_reduce_sum``;
 - ``global_mean_loss(loss_fn)``: the loss as the mean over the global batch, each rank weighted by its images,
-  so that ranks with unequal (or empty) parts still give the global batch's gradient, and guards that read the
-  loss decide the same on every rank.
+  so that ranks with unequal parts still give the global batch's gradient, and guards that read the loss decide
+  the same on every rank.
 
-``SharedModel`` bundles them for ``tta.engine.build_method``; a custom loop composes them the same way.
+Every rank must take part in every collective, so a rank with no image of a global batch steps on a padding
+batch (a copy of an image another rank holds) while its ``padding()`` says so: the statistics, the loss and the
+gradient then count nothing of it. ``SharedModel`` bundles the three for ``tta.engine.build_method`` with that
+flag (``pad``); a custom loop composes them the same way.
 ``all_reduce_sum`` is a ``torch.autograd.Function`` with ``setup_context``, so it works under ``torch.func.grad``
 as well as ``torch.autograd`` (not under ``vmap``: vmapped streams are independent by construction).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import attrs
 import torch
@@ -91,10 +94,14 @@ def all_reduce_mean(group: Any = None) -> optim.GradientTransformation:
     return optim.GradientTransformation(init_fn, update_fn)
 
 
-def sync_batch_stats(group: Any = None) -> BatchStats:
+def _never() -> bool:
+    return False
+
+
+def sync_batch_stats(group: Any = None, *, padding: Callable[[], bool] = _never) -> BatchStats:
     """A ``bridge.BatchStats`` hook: per-channel mean and biased variance of every rank's BatchNorm input together.
 
-    Each rank sends its count, mean and sum of squared deviations (an empty batch sends zeros); they are combined
+    Each rank sends its count, mean and sum of squared deviations (zeros while ``padding()``); they are combined
     with Chan et al.'s pairwise formula, so no large sums of squares cancel. One all-reduce per layer forward,
     one per layer backward.
     """
@@ -106,7 +113,7 @@ def sync_batch_stats(group: Any = None) -> BatchStats:
         mean = work.sum(dim=dims) / max(n, 1)
         shape = (1, -1) + (1,) * (work.dim() - 2)
         m2 = ((work - mean.reshape(shape)) ** 2).sum(dim=dims)
-        row = torch.stack([torch.full_like(mean, float(n)), mean, m2])
+        row = torch.stack([torch.full_like(mean, float(n)), mean, m2]) * (0.0 if padding() else 1.0)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         table = all_reduce_sum(torch.stack([row if r == rank else torch.zeros_like(row) for r in range(world)]), group)
         counts, means, m2s = table.unbind(1)
@@ -124,16 +131,17 @@ def _images(batch: Any) -> int:
     return int(first.shape[0])
 
 
-def global_mean_loss(loss_fn: LossFn, group: Any = None) -> LossFn:
+def global_mean_loss(loss_fn: LossFn, group: Any = None, *, padding: Callable[[], bool] = _never) -> LossFn:
     """``loss_fn`` as the mean over the global batch: sum over the ranks of images x local loss, over all images.
 
     With gradients averaged over the ranks (``all_reduce_mean``) each rank's parameters then receive the global
-    batch's gradient of a per-image mean loss, whatever each rank's share of the batch (none included).
+    batch's gradient of a per-image mean loss, whatever each rank's share of the batch (a padding batch, while
+    ``padding()``, counts zero images).
     """
 
     def loss(params: Params, buffers: Params, batch: Any, extra: Any) -> tuple[Tensor, LossOutput]:
         value, aux = loss_fn(params, buffers, batch, extra)
-        n = _images(batch)
+        n = 0 if padding() else _images(batch)
         weighted = value * n if n else torch.where(torch.isfinite(value), value, 0.0) * 0.0
         both = torch.stack([weighted, torch.full_like(value, float(n))])
         total = all_reduce_sum(both, group)
@@ -142,11 +150,19 @@ def global_mean_loss(loss_fn: LossFn, group: Any = None) -> LossFn:
     return loss
 
 
-@attrs.frozen
+@attrs.define
 class SharedModel:
-    """The hooks that make the ranks of ``group`` adapt one model (``tta.engine.build_method`` composes them)."""
+    """The hooks that make the ranks of ``group`` adapt one model (``tta.engine.build_method`` composes them).
+
+    ``pad`` is True while this rank steps on a padding batch (it has no image of the current global batch).
+    """
 
     group: Any = None
+    pad: bool = False
+
+    def padding(self) -> bool:
+        """Whether this rank's current batch is padding."""
+        return self.pad
 
     def gradients(self) -> optim.GradientTransformation:
         """The gradient transformation to chain before the optimiser."""
@@ -154,7 +170,7 @@ class SharedModel:
 
     def batch_stats(self) -> BatchStats:
         """The BatchNorm statistics hook for ``bridge.make_apply``."""
-        return sync_batch_stats(self.group)
+        return sync_batch_stats(self.group, padding=self.padding)
 
     def method(self, method: Method) -> Method:
         """``method`` (whose optimiser chains ``gradients()`` first) with its loss averaged over the global batch
@@ -165,4 +181,5 @@ class SharedModel:
             new, metrics = finish(old, new, metrics, noise)
             return new, {**metrics, "grad_norm": new.opt_state[0].grad_norm}
 
-        return method._replace(loss_fn=global_mean_loss(method.loss_fn, self.group), finish=global_grad_norm)
+        loss_fn = global_mean_loss(method.loss_fn, self.group, padding=self.padding)
+        return method._replace(loss_fn=loss_fn, finish=global_grad_norm)
