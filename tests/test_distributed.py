@@ -43,7 +43,7 @@ def _runs(root: Path, bad: Path, out: Path) -> dict[str, list[str]]:
     grads = [*ONLINE, "--ttt-batch-size", "1", "--ttt-dist-sync", "grads"]
     return {
         "grads": [*grads, "--dataset", str(root), "--ttt-log-out", str(out / "g.log")],
-        "grads_mim": [*grads, "--dataset", str(root), "--ttt-method", "mim"],  # its reconstruction head pads too
+        "grads_mim": [*grads, "--dataset", str(root), "--max-images", "3", "--ttt-method", "mim"],  # pads too
         "none": [*ONLINE, "--ttt-batch-size", "1", "--dataset", str(root), "--max-images", "3"],
         "bad_episodic": [*EPISODIC, "--dataset", str(bad), "--max-images", "4"],
         "bad_grads": [*grads, "--dataset", str(bad), "--max-images", "4"],
@@ -89,7 +89,8 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
         for d, e in zip(p["detections"], q["detections"]):
             assert d["class_id"] == e["class_id"]
             assert d["score"] == pytest.approx(e["score"], abs=1e-5)
-            assert [d["bbox"][k] for k in "cx cy w h".split()] == pytest.approx([e["bbox"][k] for k in "cx cy w h".split()], abs=1e-5)
+            box = [e["bbox"][k] for k in ("cx", "cy", "w", "h")]
+            assert [d["bbox"][k] for k in ("cx", "cy", "w", "h")] == pytest.approx(box, abs=1e-5)
 
 
 def test_shared_model_steps_equal_one_process_on_the_global_batch(spawned):
@@ -128,8 +129,8 @@ def test_online_grads_runs_every_method_it_accepts(spawned):
     out, ranks = spawned
     assert [rank["exports"]["grads_mim"] for rank in ranks] == [[0, []], [0, []]]
     two = json.loads((out / "grads_mim.json").read_text())
-    assert two["meta"]["ttt"]["method"] == "mim" and two["meta"]["ttt"]["report"]["steps_run"] == 3
-    assert len(two["predictions"]) == 5
+    assert two["meta"]["ttt"]["method"] == "mim" and two["meta"]["ttt"]["report"]["steps_run"] == 2
+    assert len(two["predictions"]) == 3 and two["meta"]["distributed"]["images_per_rank"] == [2, 1]
 
 
 def test_online_none_is_one_stream_per_rank(spawned, dataset, tmp_path):
@@ -229,7 +230,7 @@ def test_global_batch_parts_split_each_global_batch_among_the_ranks(n, batch, wo
     "extra,message",
     [
         (["--ttt-dist-sync", "grads"], "needs --ttt-schedule online"),
-        (["--ttt-dist-sync", "grads", "--ttt-schedule", "online", "--ttt-reset", "sample"], "needs --ttt-schedule online"),
+        (["--ttt-dist-sync", "grads", "--ttt-schedule", "online", "--ttt-reset", "sample"], "--ttt-reset stream"),
         (["--ttt-dist-sync", "grads", "--ttt-reset", "sample", "--ttt-streams", "2"], "drop --ttt-streams"),
         (["--ttt-dist-sync", "grads", "--ttt-schedule", "online", "--ttt-method", "eata"], "use --ttt-dist-sync none"),
     ],

@@ -4,8 +4,9 @@
 For each mode it runs the same export command in one process with torch's default threads (one per core), in
 one process with one thread, and under torchrun with two ranks of one thread each (torchrun's default),
 interleaved round by round, and prints the wall time of the whole command (process start included) and the
-adaptation's own time (``meta.ttt.report.seconds``, the slowest rank's), best of the rounds. Modes: ``predict`` (no TTT), ``episodic`` (Tent, reset sample),
-``online-none`` (Tent online, independent streams) and ``online-grads`` (Tent online, one shared model).
+adaptation's own time (``meta.ttt.report.seconds``, the slowest rank's), best of the rounds. Modes: ``predict``
+(no TTT), ``episodic`` (Tent, reset sample), ``online-none`` (Tent online, independent streams) and
+``online-grads`` (Tent online, one shared model).
 
     python tools/bench_distributed.py [--images 32] [--rounds 1] [--dataset data/demo --split val-fog-5]
 
