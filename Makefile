@@ -67,6 +67,11 @@ bench-streams: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions fog --severities 5
 	$(PY) tools/bench_streams.py
 
+# make bench-distributed: the export in 1 process against torchrun --nproc_per_node 2 (gloo), per mode, side by side.
+.PHONY: bench-distributed
+bench-distributed: $(STAMP)
+	$(PY) tools/bench_distributed.py
+
 # make bench: the shift benchmark's quick scope (clean val + 15 corruptions at severity 5, every method, ~10 min on
 # 2 cores); writes runs/bench/quick.json, docs/benchmarks.md and its plots. make bench-full: every severity 1-5.
 .PHONY: bench bench-full

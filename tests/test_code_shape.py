@@ -84,6 +84,36 @@ def test_the_purity_check_finds_each_impurity(snippet, expected):
     assert impurities("y = torch.zeros((), device=x.device)\nz = torch.rand(3, generator=g).to(x.device)") == []
 
 
+def distributed_uses(source: str) -> list[str]:
+    """Where ``source`` imports or names ``torch.distributed`` (the core leaves scale-out to the shell)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"{node.lineno}: imports {a.name}" for a in node.names if a.name.startswith("torch.distributed")]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [f"{module}.{a.name}" for a in node.names]
+            found += [f"{node.lineno}: imports {n}" for n in names if n.startswith("torch.distributed")]
+        elif isinstance(node, ast.Attribute) and node.attr == "distributed":
+            found.append(f"{node.lineno}: names {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+def test_the_core_never_uses_torch_distributed(path):
+    assert distributed_uses(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    ["import torch.distributed as dist", "from torch import distributed", "from torch.distributed.nn import functional",
+     "torch.distributed.all_reduce(x)", "import torch.distributed.nn"],
+)
+def test_the_distributed_check_finds_each_use(snippet):
+    assert distributed_uses(snippet) != []
+    assert distributed_uses("import torch\nfrom yolozu.functional import optim") == []
+
+
 def _long_functions(source: str, limit: int) -> list[str]:
     return [
         f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"

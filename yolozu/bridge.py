@@ -3,7 +3,9 @@
 ``make_apply(model)`` turns a module into ``apply(params, buffers, x, *, bn_mode)``, the only way the
 functional core (``yolozu.functional``) runs a model: the module is a template whose tensor slots are filled
 with the given tensors for the duration of the call. ``write_into`` is the one place adapted tensors are
-copied back into a module.
+copied back into a module. ``make_apply(model, batch_stats=hook)`` normalises every BatchNorm layer with the
+statistics the hook returns instead of the layer's own batch statistics (a hook that sums them over the ranks
+of a process group is synchronised BatchNorm: ``yolozu.tta.distributed``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from torch.func import functional_call
 
 from yolozu.functional.state import Params
 from yolozu.functional.step import BN_MODES, Apply
+
+BatchStats = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+"""``batch_stats(x) -> (mean, var, count)``: the per-channel mean and biased variance a BatchNorm layer normalises
+its input ``x`` (``(N, C, ...)``) with, and the number of values per channel they summarise (a 0-d tensor)."""
+
+
+def local_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The statistics of ``x`` alone (what BatchNorm computes itself), as a ``BatchStats`` hook."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    return mean, var, torch.tensor(x.numel() // x.shape[1], dtype=mean.dtype, device=x.device)
 
 
 @contextlib.contextmanager
@@ -71,16 +84,61 @@ def _swapped(slots: dict[str, tuple[dict, str]], *tensor_dicts: Params) -> Itera
             table[leaf] = original
 
 
-def make_apply(model: nn.Module, forward: Callable[..., Any] | None = None) -> Apply:
+def _update_running(module: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, count: Tensor) -> None:
+    """The running-statistics update BatchNorm makes in training mode (the unbiased variance), in place."""
+    with torch.no_grad():
+        module.num_batches_tracked.add_(1)
+        factor = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+        unbiased = var * (count / (count - 1).clamp_min(1))
+        module.running_mean.copy_(module.running_mean * (1 - factor) + mean * factor)
+        module.running_var.copy_(module.running_var * (1 - factor) + unbiased * factor)
+
+
+def _hooked_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats) -> Callable[[Tensor], Tensor]:
+    """``module``'s training-mode forward, normalising with the statistics ``batch_stats`` returns."""
+
+    def forward(x: Tensor) -> Tensor:
+        mean, var, count = batch_stats(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        if module.affine:
+            y = y * module.weight.reshape(shape) + module.bias.reshape(shape)
+        if module.track_running_stats and module.running_mean is not None:
+            _update_running(module, mean.detach(), var.detach(), count.detach())
+        return y.to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _norms_using(norms: Sequence[nn.Module], batch_stats: BatchStats | None) -> Iterator[None]:
+    """Every BatchNorm layer of ``norms`` normalising with ``batch_stats`` for the duration (nothing without one)."""
+    if batch_stats is None:
+        yield
+        return
+    for module in norms:
+        module.forward = _hooked_norm(module, batch_stats)
+    try:
+        yield
+    finally:
+        for module in norms:
+            del module.forward
+
+
+def make_apply(
+    model: nn.Module, forward: Callable[..., Any] | None = None, *, batch_stats: BatchStats | None = None
+) -> Apply:
     """``model`` as a pure forward over explicit tensors: ``apply(params, buffers, x, *, bn_mode="running",
     **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
     ``forward(model, x, **forward_kwargs)`` replaces ``model(x, ...)`` (e.g. a user's ``recon_fn``); it sees
-    the module holding the given tensors.
+    the module holding the given tensors. ``batch_stats`` (``BatchStats``), in the modes that normalise with
+    batch statistics, gives the statistics every BatchNorm layer uses and updates its running ones with.
 
     The buffers passed in are never modified: in the modes that normalise with batch statistics the module
     updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
     """
     modules = list(model.modules())
+    norms = [module for module in modules if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     slots = _slots(model)
     call = forward if forward is not None else (lambda module, x, **kwargs: module(x, **kwargs))
 
@@ -89,7 +147,7 @@ def make_apply(model: nn.Module, forward: Callable[..., Any] | None = None) -> A
             raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         training = bn_mode != "eval"
         work = {name: b.clone() for name, b in buffers.items()} if training else buffers
-        with training_mode(modules, training):
+        with training_mode(modules, training), _norms_using(norms, batch_stats if training else None):
             if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)
             elif slots is None:

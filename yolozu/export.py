@@ -4,12 +4,14 @@ Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(
 a build without test-time training. Every output path is checked before any work (``yolozu.output_paths``: no two
 outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
 when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
-line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C.
+line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C. Under torchrun the
+ranks share the records (``yolozu.scaleout``) and rank 0 writes the outputs (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Sequence
@@ -17,99 +19,28 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import ADAPTERS, build_adapter, parse_device
+from yolozu.adapters import build_adapter, parse_device
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.determinism import set_deterministic
+from yolozu.distributed import DistributedError, RankFailed, World, commit, gather_to_root, joined, run_everywhere
+from yolozu.export_parser import build_parser, flip_tta_of
 from yolozu.faults import kill_point
 from yolozu.image_loader import default_workers
-from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
 from yolozu.outputs import write_outputs
 from yolozu.predict import NON_FINITE, Predictor
 from yolozu.predictions import wrap
+from yolozu.scaleout import check_dist_sync, in_order, merge_reports, part_for, plan_for
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.integration import disabled_report
-from yolozu.tta.presets import PRESETS, apply_ttt_preset_args
+from yolozu.tta.part import WHOLE, Part
+from yolozu.tta.presets import apply_ttt_preset_args
+from yolozu.tta.report import TTTReport
 from yolozu.tta.schedules import adapt_and_predict
 from yolozu.ttt_flags import flag_kwargs, flag_of, ttt_config, ttt_fields, ttt_meta  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``yolozu export`` command line (its usage line is short; ``-h`` lists every flag)."""
-    parser = argparse.ArgumentParser(
-        prog="yolozu export",
-        usage="%(prog)s --dataset ROOT --output FILE [--adapter NAME] [--ttt ...] [--tta ...] (-h: every option)",
-        description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
-    )
-    general = parser.add_argument_group("general")
-    general.add_argument("--adapter", choices=sorted(ADAPTERS), default="dummy", help="model adapter (default dummy)")
-    general.add_argument("--checkpoint", help="detector checkpoint (default: the committed one)")
-    general.add_argument("--dataset", required=True, help="dataset root in YOLO layout")
-    general.add_argument("--split", help="split under images/ (default: auto-detect val2017, val, ...)")
-    general.add_argument("--output", required=True, help="predictions.json to write")
-    general.add_argument("--wrap", action="store_true", help="write {schema_version, predictions, meta}")
-    general.add_argument("--max-images", type=int, help="use only the first N images")
-    general.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default 32)")
-    general.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    general.add_argument(
-        "--workers",
-        type=int,
-        help=f"image-loading processes (default: half the CPUs, at most 4; here {default_workers()}); 0 reads in "
-        "this process. Predictions do not depend on it",
-    )
-    general.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
-    general.add_argument(
-        "--bn-stats",
-        choices=("running", "batch"),
-        default="running",
-        help="without --ttt: normalise with the stored running statistics (default) or the "
-        "test batch's statistics (BatchNorm adaptation, no gradient step)",
-    )
-    general.add_argument("--quiet", action="store_true", help="no progress bars")
-    general.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="deterministic kernels, cuDNN without autotuning and a fixed cuBLAS workspace, so a seed repeats "
-        "bitwise on the same GPU (default on; --no-deterministic lets cuDNN/cuBLAS pick faster kernels)",
-    )
-    tta = parser.add_argument_group("test-time augmentation")
-    tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
-    tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
-    tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
-    tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
-    tta.add_argument(
-        "--tta-flip-prob",
-        type=float,
-        help="probability that an image gets the flipped branch (default 1: every image), drawn per image",
-    )
-    tta.add_argument("--tta-seed", type=int, help="seed of the per-image flip draw (default: --seed)")
-    tta.add_argument(
-        "--tta-norm-only",
-        action="store_true",
-        default=None,
-        help="mirror only normalised boxes (YOLOZU's flag; every box here is normalised, so it changes nothing)",
-    )
-    ttt = parser.add_argument_group("test-time training")
-    ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
-    ttt.add_argument(
-        "--ttt-preset",
-        choices=sorted(PRESETS),
-        help="tested settings; explicit flags win (a plain --ttt gets its method's safe preset)",
-    )
-    for field in ttt_fields():
-        ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
-    ttt.add_argument(  # an export policy, not a TTTConfig field: its dest has no ttt_ prefix
-        "--ttt-allow-non-finite",
-        dest="allow_non_finite",
-        action="store_true",
-        help="write the predictions even where the adapted model's outputs are non-finite (those images get no "
-        "detection; the report and stderr warn); without it such a run is an error and writes nothing",
-    )
-    return parser
-
 
 class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
@@ -182,9 +113,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
 
 
-def _adapter(args: argparse.Namespace):
+def _adapter(args: argparse.Namespace, rank_device: str | None = None):
     try:
-        device = parse_device(args.device)
+        device = parse_device(rank_device or args.device)
     except ValueError as e:
         raise UsageError(f"--device {e}") from None
     if args.adapter == "dummy":
@@ -209,10 +140,11 @@ def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, Outpu
     return records if args.max_images is None else records[: args.max_images]
 
 
-def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
     """Predictions after test-time training and the report; non-finite outputs are an error unless
     ``--ttt-allow-non-finite``, then a warning on stderr (and in the report). A method that calibrates on
-    in-distribution data (EATA's ``--ttt-eata-fisher-data``) reads that split of the dataset."""
+    in-distribution data (EATA's ``--ttt-eata-fisher-data``) reads that split of the dataset. ``part``: this
+    rank's share of a distributed run."""
     try:
         split = config.calibration_split()
         predictions, report = adapt_and_predict(
@@ -223,6 +155,7 @@ def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTT
             batch_size=args.batch_size,
             progress=lambda desc, total: _Progress(desc, total, args.quiet),
             calibration=build_manifest(args.dataset, split) if split else None,
+            part=part,
         )
     except (RuntimeError, ValueError, NotImplementedError) as e:
         raise TTTError(str(e)) from e
@@ -234,11 +167,12 @@ def _adapted(args: argparse.Namespace, adapter, records: list[dict], config: TTT
         )
     for warning in non_finite:
         print(f"warning: {warning}", file=sys.stderr)
-    return predictions, report.to_dict()
+    return predictions, report
 
 
-def _plain(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, tta) -> tuple[list, dict]:
+def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
     """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
+    del part
     with _Progress("predict", len(records), args.quiet) as bar:
         if tta is None and args.bn_stats == "running":
             predictions = adapter.predict(records)
@@ -246,7 +180,7 @@ def _plain(args: argparse.Namespace, adapter, records: list[dict], config: TTTCo
         else:
             bn = "batch" if args.bn_stats == "batch" else "eval"
             predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
-    return predictions, disabled_report(config).to_dict()
+    return predictions, disabled_report(config)
 
 
 def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, report: dict, tta) -> dict:
@@ -276,21 +210,61 @@ def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions
     write_outputs(documents)
 
 
-def _flip_tta(args: argparse.Namespace) -> FlipTTAConfig | None:
-    """The flip TTA settings of ``--tta``, None without it."""
-    if not args.tta:
-        return None
-    return FlipTTAConfig(
-        merge=args.tta_merge,
-        iou=args.tta_iou,
-        flip_prob=1.0 if args.tta_flip_prob is None else args.tta_flip_prob,
-        seed=args.seed if args.tta_seed is None else args.tta_seed,
-        norm_only=bool(args.tta_norm_only),
-    )
+def _describe(error: Exception) -> tuple[int, str | None]:
+    """The exit code and the line ``main`` prints for an error (None for one it does not expect)."""
+    if isinstance(error, TTTError):
+        return 1, f"TTT failed: {error}"
+    if isinstance(error, UsageError):
+        return 2, f"error: {error}"
+    known = (NonFiniteError, OSError, ValueError, DistributedError)
+    return 1, f"error: {error}" if isinstance(error, known) else None
 
 
-def run_export(args: argparse.Namespace) -> dict:
-    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs)."""
+def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
+    """The export in one process."""
+    adapter = _adapter(args)
+    records = _records(args, adapter, outputs)
+    run = _adapted if config.enabled else _plain
+    predictions, report = run(args, adapter, records, config, tta, WHOLE)
+    meta = _meta(args, adapter, records, config, report.to_dict(), tta)
+    _write(args, outputs, predictions, meta)
+    return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+
+
+def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, world: World) -> dict | None:
+    """The export as one rank of a torchrun job: its shard, then rank 0 gathers and writes (returns the document;
+    None on the other ranks). A failure on any rank fails every rank, and nothing is written."""
+    mine = argparse.Namespace(**{**vars(args), "quiet": args.quiet or world.rank != 0})
+    run = _adapted if config.enabled else _plain
+
+    def work(lockstep):
+        adapter = _adapter(mine, world.device)
+        records = _records(mine, adapter, outputs)
+        plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
+        shard = [records[i] for i in plan.indices(world.rank)]
+        part = part_for(plan, world.rank, records, lockstep)
+        return adapter, records, plan, run(mine, adapter, shard, config, tta, part)
+
+    adapter, records, plan, result = run_everywhere(world, work, _describe)
+    gathered = gather_to_root(world, result)
+    document = None
+
+    def write() -> None:
+        nonlocal document
+        predictions = in_order(plan, [g[0] for g in gathered])
+        report = merge_reports(plan, [g[1] for g in gathered])
+        meta = _meta(args, adapter, records, config, report.to_dict(), tta)
+        meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)
+        _write(args, outputs, predictions, meta)
+        document = {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+
+    commit(world, write, _describe)
+    return document
+
+
+def run_export(args: argparse.Namespace) -> dict | None:
+    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs). Under torchrun
+    (``WORLD_SIZE`` > 1) the ranks share the work and rank 0 writes; the other ranks return None."""
     outputs = _outputs(args)
     _check_numbers(args)
     if args.ttt_preset and not args.ttt:
@@ -304,14 +278,17 @@ def run_export(args: argparse.Namespace) -> dict:
         config = ttt_config(args)
     except ValueError as e:
         raise TTTError(str(e)) from e
-    tta = _flip_tta(args)
-    adapter = _adapter(args)
-    records = _records(args, adapter, outputs)
-    run = _adapted if config.enabled else _plain
-    predictions, report = run(args, adapter, records, config, tta)
-    meta = _meta(args, adapter, records, config, report, tta)
-    _write(args, outputs, predictions, meta)
-    return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+    if args.dist_sync and not args.ttt:
+        raise UsageError("--ttt-dist-sync needs --ttt (it says how the ranks' test-time training is shared)")
+    try:
+        check_dist_sync(config, args.dist_sync or "none")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tta = flip_tta_of(args)
+    with joined(args.device, os.environ) as world:
+        if world is None:
+            return _export(args, outputs, config, tta)
+        return _export_ranks(args, outputs, config, tta, world)
 
 
 def _summary(document: dict, output: str) -> str:
@@ -323,7 +300,8 @@ def _summary(document: dict, output: str) -> str:
         changed = report["updated_param_count"] if report["steps_run"] else 0
         stopped = f", stopped: {report['stop_reason']}" if report["stopped_early"] else ""
         summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, {changed} parameters changed{stopped})"
-    return summary
+    spread = document["meta"].get("distributed")
+    return summary + (f" on {spread['world_size']} ranks ({spread['semantics']})" if spread else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,14 +317,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TTTError as e:
         print(f"TTT failed: {e}", file=sys.stderr)
         return 1
+    except RankFailed as e:
+        if e.shown and e.code == 2:
+            parser.print_usage(sys.stderr)
+        if e.shown:
+            print(e, file=sys.stderr)
+        return e.code
     except UsageError as e:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, OSError, ValueError) as e:
+    except (NonFiniteError, OSError, ValueError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not args.quiet:
+    if document is not None and not args.quiet:
         print(_summary(document, args.output), file=sys.stderr)
     return 0
 

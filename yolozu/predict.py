@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from yolozu.adapter import Prediction, Record
-from yolozu.bridge import make_apply
+from yolozu.bridge import BatchStats, make_apply
 from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
 
@@ -39,6 +39,8 @@ def finite_per_image(output: Any, n: int) -> list[bool]:
     """For each of the ``n`` images of a batch, whether every floating value of ``output`` (a tensor, or dicts and
     sequences of them, batch first) is finite; a tensor without the batch dimension counts for every image."""
     flags = [True] * n
+    if n == 0:
+        return flags
     if isinstance(output, Tensor):
         if output.is_floating_point():
             per = output.reshape(n, -1) if output.dim() and output.shape[0] == n else output.reshape(1, -1)
@@ -69,9 +71,11 @@ def chunks(records: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
 class Predictor:
     """Decoded predictions of ``adapter`` for given params and buffers (default: the model's own), normalised
     with BatchNorm mode ``bn``: ``eval``, the stored running statistics, or ``batch``, the statistics of the test
-    batch (nothing updated)."""
+    batch (nothing updated; ``batch_stats``, a ``bridge.BatchStats`` hook, gives them: e.g. every rank's batch)."""
 
-    def __init__(self, adapter: object, *, tta: FlipTTAConfig | None = None) -> None:
+    def __init__(
+        self, adapter: object, *, tta: FlipTTAConfig | None = None, batch_stats: BatchStats | None = None
+    ) -> None:
         missing = missing_predict_hooks(adapter)
         if missing:
             raise RuntimeError(
@@ -81,7 +85,7 @@ class Predictor:
         self.adapter = adapter
         self.model = adapter.get_model()
         self.tta = tta
-        self._apply = make_apply(self.model)
+        self._apply = make_apply(self.model, batch_stats=batch_stats)
         self.non_finite: list[str] = []
         """Images whose model output had a non-finite value, in prediction order (each once)."""
         self._non_finite_seen: set[str] = set()

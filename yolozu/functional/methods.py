@@ -17,21 +17,24 @@ from yolozu.functional import cotta, eata, mim, sar, tent
 class MethodEntry(NamedTuple):
     """How to build one method: its constructor, its settings class, the prefix of its config fields (and of its
     ``--ttt-*`` flags, unless ``flag_prefix`` says otherwise) and the setting (if any) naming the
-    in-distribution data its ``calibrate`` reads."""
+    in-distribution data its ``calibrate`` reads. ``shared_model``: replicas of it that average their gradients
+    and batch statistics stay one model (no step decision of its own reads a replica's samples alone)."""
 
     build: Callable[..., object]
     settings: type
     prefix: str
     calibration: str | None = None
     flag_prefix: str | None = None
+    shared_model: bool = True
 
 
 METHODS: dict[str, MethodEntry] = {
     "tent": MethodEntry(tent.tent_method, tent.TentSettings, ""),
     "mim": MethodEntry(mim.mim_method, mim.MIMSettings, "mim_", flag_prefix=""),  # --ttt-mask-prob, as specified
     "cotta": MethodEntry(cotta.cotta_method, cotta.CoTTASettings, "cotta_"),
-    "eata": MethodEntry(eata.eata_method, eata.EATASettings, "eata_", calibration="fisher_data"),
-    "sar": MethodEntry(sar.sar_method, sar.SARSettings, "sar_"),
+    # EATA keeps or skips a step by its own batch's selected samples; SAR perturbs with, and recovers by, its own
+    "eata": MethodEntry(eata.eata_method, eata.EATASettings, "eata_", calibration="fisher_data", shared_model=False),
+    "sar": MethodEntry(sar.sar_method, sar.SARSettings, "sar_", shared_model=False),
 }
 
 

@@ -9,7 +9,7 @@ the module untouched. Every step of every entry point runs through ``functional.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from yolozu.functional.step import Method
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.report import TTTReport
 
+if TYPE_CHECKING:
+    from yolozu.tta.distributed import SharedModel
+
 
 def build_method(
     model: nn.Module,
@@ -33,19 +36,24 @@ def build_method(
     *,
     optimizer: optim.GradientTransformation | None = None,
     forward: Callable[..., Any] | None = None,
+    shared: SharedModel | None = None,
     **method_options: Any,
 ) -> tuple[Method, list[str]]:
     """The ``Method`` ``config`` names over ``model`` and the names of the parameters it adapts. ``optimizer``
     replaces the one the config names, ``forward`` the module's own forward (``bridge.make_apply``), and
-    ``method_options`` go to the method's constructor (e.g. MIM's ``loss``)."""
+    ``method_options`` go to the method's constructor (e.g. MIM's ``loss``). ``shared``
+    (``tta.distributed.SharedModel``) makes the ranks of a process group adapt one model: gradients averaged
+    before the optimiser, BatchNorm statistics over every rank's batch, the loss the global batch's mean."""
     names = select(model, config.update_filter, include=config.include, exclude=config.exclude)
     if optimizer is None:
         clip = config.max_grad_norm
         optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
     build = entry(config.method).build
-    apply = make_apply(model, forward)
+    apply = make_apply(model, forward, batch_stats=shared.batch_stats() if shared is not None else None)
+    if shared is not None:
+        optimizer = optim.chain(shared.gradients(), optimizer)
     method = build(apply, optimizer, config.method_settings(), readout=readout, bn=config.bn_mode, **method_options)
-    return method, names
+    return (shared.method(method) if shared is not None else method), names
 
 
 def _device_of(model: nn.Module) -> torch.device:

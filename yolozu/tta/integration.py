@@ -53,12 +53,14 @@ def adaptation_for(
     *,
     calibration: Sequence[Record] | None = None,
     keep_output: bool = False,
+    shared: Any = None,
 ) -> Adaptation:
     """The adaptation of ``adapter``'s model under ``config``. ``calibration``: in-distribution records the method
     looks at once before adapting when it asks for them (EATA's Fisher information), read through
-    ``build_loader`` in batches of ``config.batch_size``."""
+    ``build_loader`` in batches of ``config.batch_size``. ``shared``: see ``engine.build_method``."""
     batches = None if calibration is None else adapter.build_loader(list(calibration), batch_size=config.batch_size)
-    return Adaptation(adapter.get_model(), config, readout_of(adapter), keep_output=keep_output, calibration=batches)
+    model, readout = adapter.get_model(), readout_of(adapter)
+    return Adaptation(model, config, readout, keep_output=keep_output, calibration=batches, shared=shared)
 
 
 def adapt_stream(
@@ -68,11 +70,13 @@ def adapt_stream(
     *,
     progress=None,
     calibration: Sequence[Record] | None = None,
+    offset: int = 0,
 ) -> tuple[Adaptation, int]:
     """Adapt one stream for ``steps`` steps in all, cycling over the first ``max_batches`` batches of
     ``adapter.build_loader(records, ...)`` (YOLOZU's flow: step i adapts on batch i mod n), until a guard stops
     it; the module is not written. Returns the adaptation and the number of batches used. ``progress`` (e.g. a
-    tqdm bar) is advanced by each step's images."""
+    tqdm bar) is advanced by each step's images. Batch i's random keys and log rows use index ``offset + i``
+    (a stream that starts at batch ``offset`` of a longer run)."""
     adaptation = adaptation_for(adapter, config, calibration=calibration)
     loader = itertools.islice(loader_of(adapter, list(records), config.batch_size), config.max_batches)
     seen: list = []  # the batches read so far, kept for the next pass over them
@@ -84,7 +88,7 @@ def adapt_stream(
             if batch is not None:
                 seen.append(batch)
         index = step % len(seen)
-        adaptation.adapt(seen[index], index, 1, first_step=step // len(seen))
+        adaptation.adapt(seen[index], offset + index, 1, first_step=step // len(seen))
         if progress is not None:
             progress.update(len(seen[index]))
         if adaptation.stopped:

@@ -26,6 +26,7 @@ from yolozu.predict import Predictor, chunks, missing_predict_hooks, non_finite_
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 from yolozu.tta.integration import adapt_stream, adaptation_for, loader_of, require_ttt_hooks, run_ttt
+from yolozu.tta.part import WHOLE, Part
 from yolozu.tta.report import TTTReport
 
 
@@ -49,21 +50,26 @@ def _check_reuse(config: TTTConfig, adaptation: Adaptation) -> None:
         )
 
 
-def _batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
-    """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader``."""
+def _batches(
+    adapter: Any, records: Sequence[Record], size: int, part: Part = WHOLE
+) -> Iterator[tuple[Sequence[Record], Any]]:
+    """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader`` (or as
+    the ``part`` says)."""
+    if part.batches is not None:
+        return part.batches(adapter, records, size)
     return zip(chunks(records, size), loader_of(adapter, records, size))
 
 
-def _predict_online(adapter, records, config, predictor, progress, calibration) -> tuple[list, Adaptation, int]:
+def _predict_online(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, Adaptation, int]:
     reuse = config.online_predict == "adapt_forward"
-    adaptation = adaptation_for(adapter, config, calibration=calibration, keep_output=reuse)
+    adaptation = adaptation_for(adapter, config, calibration=calibration, keep_output=reuse, shared=part.shared)
     _check_reuse(config, adaptation)
     predictions: list[Prediction] = []
     adapted = 0
-    for index, (chunk, x) in enumerate(_batches(adapter, records, config.batch_size)):
+    for index, (chunk, x) in enumerate(_batches(adapter, records, config.batch_size, part)):
         if not adaptation.stopped and (config.max_batches is None or index < config.max_batches):
             adapted += 1
-            rows = adaptation.adapt(x, index, config.steps)
+            rows = adaptation.adapt(x, part.offset + index, config.steps)
             if reuse and not rows[-1]["rolled_back"]:
                 predictions.extend(predictor.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
@@ -74,12 +80,14 @@ def _predict_online(adapter, records, config, predictor, progress, calibration) 
     return predictions, adaptation, adapted
 
 
-def _predict_episodic(adapter, records, config, predictor, progress, calibration) -> tuple[list, Adaptation, int]:
+def _predict_episodic(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, Adaptation, int]:
     adaptation = adaptation_for(adapter, config, calibration=calibration)
-    limit = len(records) if config.max_batches is None else min(config.max_batches, len(records))
+    cap = len(records) if config.max_batches is None else max(0, config.max_batches - part.offset)
+    limit = min(cap, len(records))  # the images below max_batches in the whole run
     bn = config.prediction_bn
     predictions: list[Prediction] = []
     for first, (chunk, x) in zip(range(0, limit, config.streams), _batches(adapter, records[:limit], config.streams)):
+        first += part.offset
         carry = adaptation.adapt_episodes(x.unsqueeze(1), range(first, first + len(chunk)), config.steps)
         if len(chunk) == 1:
             predictions.extend(predictor.predict_batch(x, chunk, *adaptation.prediction_tensors(carry), bn))
@@ -102,11 +110,13 @@ def _adapt_bar(progress: Callable[[str, int], Any], config: TTTConfig, records: 
     return progress("adapt", config.steps * min(config.batch_size, len(records)))
 
 
-def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size) -> tuple[list, TTTReport]:
+def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part) -> tuple[list, Any]:
     bar = _adapt_bar(progress, config, records)
     start = time.perf_counter()
     try:
-        adaptation, batches_used = adapt_stream(adapter, records, config, progress=bar, calibration=calibration)
+        adaptation, batches_used = adapt_stream(
+            adapter, records, config, progress=bar, calibration=calibration, offset=part.offset
+        )
     finally:
         bar.close()
     report = adaptation.report(
@@ -154,13 +164,13 @@ def no_bars(desc: str, total: int) -> _NoProgress:
     return _NoProgress()
 
 
-def _adapt_while_predicting(adapter, records, config, predictor, progress, calibration) -> tuple[list, TTTReport]:
+def _adapt_while_predicting(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, TTTReport]:
     """The ``online`` and reset ``sample`` schedules, with one progress bar."""
     start = time.perf_counter()
     run = _predict_online if config.reset == "stream" else _predict_episodic
     bar = progress("adapt+predict", len(records))
     try:
-        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration)
+        predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration, part)
     finally:
         bar.close()
     report = adaptation.report(
@@ -178,6 +188,7 @@ def adapt_and_predict(
     batch_size: int = 32,
     progress: Callable[[str, int], Any] = no_bars,
     calibration: Sequence[Record] | None = None,
+    part: Part = WHOLE,
 ) -> tuple[list[Prediction], TTTReport]:
     """Predictions for ``records`` under test-time training ``config``, and the run's report. The adapter's
     module is left as it was, unless the adapter lacks ``load_batch``/``decode`` and predicts with its own
@@ -188,17 +199,18 @@ def adapt_and_predict(
     for adaptation and one for prediction in ``pre``, one for both in the other schedules. ``calibration``:
     in-distribution records for a method that asks for them (``integration.adaptation_for``). Images predicted
     from non-finite outputs (weights that diverged) are named in a warning of the report (``predict.NON_FINITE``).
+    ``part``: this process's share of a run spread over several (``tta.part``; default: the whole run).
     """
     require_ttt_hooks(adapter)
     _check(config, tta)
     records = list(records)
     if missing_predict_hooks(adapter):
         return _predict_with_own_predict(adapter, records, config, progress, calibration, tta)
-    predictor = Predictor(adapter, tta=tta)
+    predictor = Predictor(adapter, tta=tta, batch_stats=part.shared.batch_stats() if part.shared is not None else None)
     if config.reset == "stream" and config.schedule == "pre":
-        predictions, report = _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size)
+        predictions, report = _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part)
     else:
-        predictions, report = _adapt_while_predicting(adapter, records, config, predictor, progress, calibration)
+        predictions, report = _adapt_while_predicting(adapter, records, config, predictor, progress, calibration, part)
     if predictor.non_finite:
         report.warnings.append(non_finite_warning(predictor.non_finite, len(records)))
     return predictions, report

@@ -1,0 +1,109 @@
+"""The ``yolozu export`` command line: general, test-time augmentation and test-time training flags (the ``--ttt-*``
+settings generated from ``TTTConfig``'s fields)."""
+
+from __future__ import annotations
+
+import argparse
+
+from yolozu.adapters import ADAPTERS
+from yolozu.flip_tta import MERGES, FlipTTAConfig
+from yolozu.image_loader import default_workers
+from yolozu.scaleout import DIST_SYNC
+from yolozu.tta.presets import PRESETS
+from yolozu.ttt_flags import flag_kwargs, flag_of, ttt_fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``yolozu export`` command line (its usage line is short; ``-h`` lists every flag)."""
+    parser = argparse.ArgumentParser(
+        prog="yolozu export",
+        usage="%(prog)s --dataset ROOT --output FILE [--adapter NAME] [--ttt ...] [--tta ...] (-h: every option)",
+        description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
+    )
+    general = parser.add_argument_group("general")
+    general.add_argument("--adapter", choices=sorted(ADAPTERS), default="dummy", help="model adapter (default dummy)")
+    general.add_argument("--checkpoint", help="detector checkpoint (default: the committed one)")
+    general.add_argument("--dataset", required=True, help="dataset root in YOLO layout")
+    general.add_argument("--split", help="split under images/ (default: auto-detect val2017, val, ...)")
+    general.add_argument("--output", required=True, help="predictions.json to write")
+    general.add_argument("--wrap", action="store_true", help="write {schema_version, predictions, meta}")
+    general.add_argument("--max-images", type=int, help="use only the first N images")
+    general.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default 32)")
+    general.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    general.add_argument(
+        "--workers",
+        type=int,
+        help=f"image-loading processes (default: half the CPUs, at most 4; here {default_workers()}); 0 reads in "
+        "this process. Predictions do not depend on it",
+    )
+    general.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
+    general.add_argument(
+        "--bn-stats",
+        choices=("running", "batch"),
+        default="running",
+        help="without --ttt: normalise with the stored running statistics (default) or the "
+        "test batch's statistics (BatchNorm adaptation, no gradient step)",
+    )
+    general.add_argument("--quiet", action="store_true", help="no progress bars")
+    general.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deterministic kernels, cuDNN without autotuning and a fixed cuBLAS workspace, so a seed repeats "
+        "bitwise on the same GPU (default on; --no-deterministic lets cuDNN/cuBLAS pick faster kernels)",
+    )
+    tta = parser.add_argument_group("test-time augmentation")
+    tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
+    tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
+    tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
+    tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
+    tta.add_argument(
+        "--tta-flip-prob",
+        type=float,
+        help="probability that an image gets the flipped branch (default 1: every image), drawn per image",
+    )
+    tta.add_argument("--tta-seed", type=int, help="seed of the per-image flip draw (default: --seed)")
+    tta.add_argument(
+        "--tta-norm-only",
+        action="store_true",
+        default=None,
+        help="mirror only normalised boxes (YOLOZU's flag; every box here is normalised, so it changes nothing)",
+    )
+    ttt = parser.add_argument_group("test-time training")
+    ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
+    ttt.add_argument(
+        "--ttt-preset",
+        choices=sorted(PRESETS),
+        help="tested settings; explicit flags win (a plain --ttt gets its method's safe preset)",
+    )
+    for field in ttt_fields():
+        ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
+    ttt.add_argument(  # an export policy, not a TTTConfig field: its dest has no ttt_ prefix
+        "--ttt-allow-non-finite",
+        dest="allow_non_finite",
+        action="store_true",
+        help="write the predictions even where the adapted model's outputs are non-finite (those images get no "
+        "detection; the report and stderr warn); without it such a run is an error and writes nothing",
+    )
+    ttt.add_argument(
+        "--ttt-dist-sync",
+        dest="dist_sync",
+        choices=DIST_SYNC,
+        help="under torchrun, --ttt-reset stream: none (default), each rank adapts its own model on its shard "
+        "(independent streams); grads (online schedule), the ranks all-reduce gradients and BatchNorm batch "
+        "statistics: one model, as one process adapting on the global batch of --ttt-batch-size x world images",
+    )
+    return parser
+
+
+def flip_tta_of(args: argparse.Namespace) -> FlipTTAConfig | None:
+    """The flip TTA settings of ``--tta``, None without it."""
+    if not args.tta:
+        return None
+    return FlipTTAConfig(
+        merge=args.tta_merge,
+        iou=args.tta_iou,
+        flip_prob=1.0 if args.tta_flip_prob is None else args.tta_flip_prob,
+        seed=args.seed if args.tta_seed is None else args.tta_seed,
+        norm_only=bool(args.tta_norm_only),
+    )
