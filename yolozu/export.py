@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import ADAPTERS, build_adapter, parse_device
+from yolozu.adapter_args import AdapterUsageError, adapter_from_args, add_adapter_flags
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.faults import kill_point
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
     )
     general = parser.add_argument_group("general")
-    general.add_argument("--adapter", choices=sorted(ADAPTERS), default="dummy", help="model adapter (default dummy)")
-    general.add_argument("--checkpoint", help="detector checkpoint (default: the committed one)")
+    add_adapter_flags(general)
     general.add_argument("--dataset", required=True, help="dataset root in YOLO layout")
     general.add_argument("--split", help="split under images/ (default: auto-detect val2017, val, ...)")
     general.add_argument("--output", required=True, help="predictions.json to write")
@@ -147,14 +146,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _adapter(args: argparse.Namespace):
     try:
-        device = parse_device(args.device)
-    except ValueError as e:
-        raise UsageError(f"--device {e}") from None
-    if args.adapter == "dummy":
-        if args.checkpoint:
-            raise UsageError("--checkpoint applies to --adapter detector only")
-        return build_adapter("dummy")
-    return build_adapter(args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size)
+        return adapter_from_args(args)
+    except AdapterUsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
@@ -288,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, OSError, ValueError) as e:
+    except (NonFiniteError, ImportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

@@ -158,6 +158,11 @@ class DetectorView(nn.Module):
         self.topk = topk
 
     def forward(self, x: Tensor) -> dict[str, Any]:
+        if torch._C._functorch.is_batchedtensor(x):
+            raise ValueError(
+                "a torchvision detector cannot adapt K vmapped streams (its post-processing has data-dependent "
+                "shapes); use streams=1 (--ttt-streams 1)"
+            )
         with heads_in_eval(self.detector):
             if self.family == "two_stage":
                 return two_stage_forward(self.detector, x, self.topk)

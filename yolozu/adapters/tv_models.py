@@ -151,9 +151,7 @@ def num_classes_in(state: Mapping[str, Tensor], family: str) -> int:
         anchors = _last_conv_rows(state, "head.regression_head.module_list.0.") // 4
         return _last_conv_rows(state, "head.classification_head.module_list.0.") // anchors
     except KeyError as e:
-        raise ValueError(
-            f"the checkpoint has no {e} of a {family} detector's class head: is it for this model?"
-        ) from None
+        raise ValueError(f"it has no {e} (a {family} detector's head): is it saved from another model?") from None
 
 
 def frozen_norm_names(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
@@ -183,7 +181,10 @@ def build_detector(
     family = family_of_name(name)
     builder = getattr(import_torchvision().models.detection, name)
     state = read_checkpoint(checkpoint)
-    found = num_classes_in(state, family)
+    try:
+        found = num_classes_in(state, family)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit {name}: {e}") from None
     if num_classes is not None and num_classes != found:
         raise ValueError(f"checkpoint {checkpoint} has {found} classes; num_classes={num_classes} does not match it")
     model = builder(weights=None, weights_backbone=None, num_classes=found, **model_kwargs)
