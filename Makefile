@@ -1,4 +1,6 @@
-# make test: creates .venv if missing (torch==2.13.0 first: the CPU wheel), installs yolozu[dev], runs pytest.
+# make test: creates .venv if missing (torch and torchvision first, pinned together), installs yolozu[dev], runs pytest.
+# torch 2.14.1 with torchvision 0.29.1: PyPI's torchvision is built against torch's CUDA build (which runs on the
+# CPU), and no torchvision loads beside the 2.13.0 CPU wheel (0.28.0: "operator torchvision::nms does not exist").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
