@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tv_zoo import BUILDS, build, write_images, zoo_folder
 
 from yolozu.adapters.tv_adapter import TorchvisionAdapter
@@ -47,6 +48,19 @@ def test_without_ttt_the_export_is_the_models_own_predictions(dataset, checkpoin
     assert meta["family"] == "two_stage" and meta["num_classes"] == 5 and meta["frozen_norms_made_adaptable"] > 0
 
 
+def test_a_checkpoint_dict_holding_the_model_loads_and_frozen_bn_eps_is_applied(dataset, checkpoint, tmp_path):
+    """The references' training scripts save {"model": state_dict, ...}; --frozen-bn-eps changes the arithmetic."""
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"model": torch.load(checkpoint, weights_only=True), "epoch": 3}, wrapped)
+    outs = {name: tmp_path / f"{name}.json" for name in ("plain", "wrapped", "eps0")}
+    assert _export(dataset, outs["plain"], checkpoint) == 0
+    assert _export(dataset, outs["wrapped"], wrapped) == 0
+    assert _export(dataset, outs["eps0"], checkpoint, "--frozen-bn-eps", "0.0") == 0
+    plain = json.loads(outs["plain"].read_text())
+    assert json.loads(outs["wrapped"].read_text()) == plain
+    assert json.loads(outs["eps0"].read_text()) != plain
+
+
 def test_with_ttt_the_export_adapts_its_norms(dataset, checkpoint, tmp_path):
     plain, adapted = tmp_path / "plain.json", tmp_path / "adapted.json"
     assert _export(dataset, plain, checkpoint) == 0
@@ -67,6 +81,7 @@ def test_with_ttt_the_export_adapts_its_norms(dataset, checkpoint, tmp_path):
         ("mim", 1, "TTT failed: this model has no reconstruction head; use tent/cotta"),
         ("streams", 1, "TTT failed: a torchvision detector cannot adapt K vmapped streams"),
         ("wrong_model", 1, "does not fit ssdlite320_mobilenet_v3_large"),
+        ("not_a_state_dict", 1, "not a state dict (save model.state_dict()"),
     ],
 )
 def test_errors_are_clear_and_write_nothing(case, code, expected, dataset, checkpoint, tmp_path, monkeypatch, capsys):
@@ -85,5 +100,8 @@ def test_errors_are_clear_and_write_nothing(case, code, expected, dataset, check
         extra = ["--ttt", "--ttt-reset", "sample", "--ttt-streams", "2", "--ttt-max-batches", "none"]
     elif case == "wrong_model":
         model = "ssdlite320_mobilenet_v3_large"
+    elif case == "not_a_state_dict":
+        checkpoint = tmp_path / "list.pt"
+        torch.save([torch.zeros(2)], checkpoint)
     assert _export(dataset, out, checkpoint, *extra, model=model) == code
     assert expected in capsys.readouterr().err and not out.exists()
