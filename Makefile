@@ -1,4 +1,7 @@
 # make test: creates .venv if missing (torch==2.13.0 first: the CPU wheel), installs yolozu[dev], runs pytest.
+# torchvision is not installed: the only torchvision wheels at hand are built against torch's multi-GB CUDA build
+# and none loads beside the 2.13.0 CPU wheel (0.28.0: "operator torchvision::nms does not exist"), so the
+# torchvision adapter's tests skip here (make test-torchvision runs them where torchvision is installed).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,6 +19,16 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# make test-torchvision: the torchvision adapter's tests in their own venv, .venv-tv (torch 2.14.1 with
+# torchvision 0.29.1, the pair that loads together from PyPI's wheels; about 5.5 GB).
+TV_VENV := .venv-tv
+.PHONY: test-torchvision
+test-torchvision:
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(TV_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(TV_VENV)/bin/python -m pytest -q tests/test_adapter_torchvision.py tests/test_export_torchvision.py tests/test_adapter_plugins.py
 
 # make demo-data: the offline demo shift benchmark under data/demo (clean train/val, 19 corruptions x 5 severities of val).
 .PHONY: demo-data

@@ -36,6 +36,10 @@ SPEC_FLAGS = [
 ISSUE_FLAGS = [
     "--adapter",
     "--checkpoint",
+    "--model",
+    "--num-classes",
+    "--frozen-bn-eps",
+    "--image-size",
     "--dataset",
     "--split",
     "--output",
@@ -113,9 +117,9 @@ def test_help_lists_every_flag():
         "stream,sample",
         "pre,online",
         "adapter_only,cotta_safe,eata_safe,mim_safe,safe,sar_safe",
-        "detector,dummy",
     ):
         assert "{" + choices + "}" in text, choices
+    assert "detector, dummy, torchvision" in text and "package.module:factory" in text
 
 
 def test_tools_script_and_console_command_run(tmp_path, dataset):

@@ -87,6 +87,26 @@ def test_teacher_targets_of_a_flip_equivariant_model_equal_the_identity_branch()
     torch.testing.assert_close(targets, identity, rtol=1e-5, atol=1e-6)
 
 
+def test_flip_back_maps_the_flipped_branch_into_the_original_frame():
+    """Scores that are not one map (anchors of several levels) come back through the readout's ``flip_back``."""
+    model = seeded(FlipEquivariant)
+    tx = optim.adam(1e-3)
+    settings = CoTTASettings(confidence_threshold=1.0)
+    flat = Readout(scores=lambda out: out.flatten(2), score_kind="sigmoid")
+    index = torch.arange(64).view(8, 8).flip(1).flatten()
+    mapped = Readout(scores=flat.scores, score_kind="sigmoid", flip_back=lambda out: out.flatten(2)[..., index])
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets = {}
+    for name, readout in (("flat", flat), ("mapped", mapped)):
+        method = cotta.cotta_method(make_apply(model), tx, settings, readout=readout)
+        targets[name] = method.prepare(method.init_state(model, filters.select(model, "all")), x, None)
+    model.train()
+    with torch.no_grad():
+        identity = torch.sigmoid(model(x)).flatten(2)
+    torch.testing.assert_close(targets["mapped"], identity, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(targets["flat"], identity, atol=1e-3)  # unmapped, the flipped branch disagrees
+
+
 def test_targets_follow_the_source_confidence_rule():
     teacher = [torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]])]  # identity branch says class 0
     confident_source = torch.tensor([[10.0, 0.0]])

@@ -185,9 +185,23 @@ def test_k_streams_equal_separate_drives(name):
             torch.testing.assert_close(streamed.trainable[n], single.trainable[n], rtol=1e-4, atol=1e-5)
 
 
-def test_sigmoid_samples_are_refused_with_a_clear_error():
+def test_sigmoid_samples_are_read_as_their_normalised_class_distribution():
+    """RetinaNet and FCOS score classes with independent sigmoids: EATA and SAR read a sample's scores p_c as the
+    class distribution p_c / sum p, so their entropy margins keep their meaning."""
+    logits = torch.tensor([[-6.0, -6.0, 6.0], [0.0, 0.0, 0.0], [-1.0, 2.0, 0.5]])
+    rows = Readout(score_kind="sigmoid").class_rows(logits)
+    p = logits.sigmoid()
+    torch.testing.assert_close(rows.softmax(dim=1), p / p.sum(dim=1, keepdim=True))
+    assert torch.equal(Readout().class_rows(logits), logits)
     model = seeded(Linear)
-    method = sar.sar_method(make_apply(model), optim.sgd(0.1), readout=Readout(score_kind="sigmoid"), bn="eval")
-    state = method.init_state(model, ["fc.weight"])
-    with pytest.raises(ValueError, match="independent sigmoid scores"):
-        make_update(method)(state, torch.randn(2, 4), None)
+    readout = Readout(score_kind="sigmoid")
+    x = 3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    settings = eata.EATASettings(e_margin=2.0, conf_min=0.0, entropy_min=0.0)
+    for method in (
+        sar.sar_method(make_apply(model), optim.sgd(0.1), sar.SARSettings(e_margin=2.0), readout=readout, bn="eval"),
+        eata.eata_method(make_apply(model), optim.sgd(0.1), settings, readout=readout, bn="eval"),
+    ):
+        state = method.init_state(model, ["fc.weight"])
+        new, metrics = make_update(method)(state, x, None)
+        assert float(metrics["selected"]) > 0 and torch.isfinite(metrics["loss"])
+        assert not torch.equal(new.trainable["fc.weight"], state.trainable["fc.weight"])

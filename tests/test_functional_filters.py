@@ -124,6 +124,22 @@ def test_empty_selection_names_filter_and_parameters():
         filters.select(model, "norm_only")
 
 
+def test_norm_only_takes_the_parameters_a_module_declares_as_normalisation():
+    """A normalisation written inline (SSD's L2-normalisation scale) is selected once its module names it."""
+
+    class L2Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.scale = nn.Parameter(torch.ones(4))
+            self.offset = nn.Parameter(torch.zeros(4))
+
+    model = nn.Sequential(L2Scaled(), nn.BatchNorm2d(4))
+    assert filters.select(model, "norm_only") == ["1.weight", "1.bias"]
+    model[0].norm_parameters = ("scale",)
+    assert filters.select(model, "norm_only") == ["0.scale", "1.weight", "1.bias"]
+
+
 def test_unknown_filter_is_an_error():
     with pytest.raises(ValueError, match="unknown update filter"):
         filters.select(nn.Linear(2, 2), "bias_only")

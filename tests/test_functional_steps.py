@@ -10,7 +10,7 @@ from yolozu.bridge import make_apply
 from yolozu.functional import filters, optim, rng, streams
 from yolozu.functional.losses import softmax_entropy
 from yolozu.functional.mim import MIMSettings, mim_method
-from yolozu.functional.step import init_state, make_step, make_update
+from yolozu.functional.step import grad_params, in_transform, init_state, make_step, make_update
 from yolozu.functional.tent import make_tent_step
 
 
@@ -209,3 +209,21 @@ def test_apply_rejects_unknown_names():
         make_apply(model)({**params, "ghost.weight": torch.zeros(1)}, buffers, torch.randn(2, 3, 8, 8), bn_mode="eval")
     with pytest.raises(ValueError, match="BatchNorm mode 'frozen'"):
         make_apply(model)(params, buffers, torch.randn(2, 3, 8, 8), bn_mode="frozen")
+
+
+def test_grad_params_is_autograd_outside_a_transform_and_func_inside():
+    """SAR's first pass and EATA's Fisher run on models whose ops torch.func cannot differentiate (torchvision's
+    roi_align): outside a transform they use autograd, inside vmap torch.func.grad; both are the same gradient."""
+    params = {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor(0.5)}
+    x = torch.tensor([[0.3, 0.7], [1.0, -1.0]])
+
+    def f(p, batch):
+        return ((batch @ p["w"] + p["b"]) ** 2).sum(), batch.sum()
+
+    grads, aux = grad_params(f, params, x, has_aux=True)
+    expected, _ = torch.func.grad(f, has_aux=True)(params, x)
+    assert not in_transform() and float(aux) == float(x.sum())
+    for name in params:
+        torch.testing.assert_close(grads[name], expected[name])
+    batched = torch.func.vmap(lambda b: grad_params(lambda p, z: f(p, z)[0], params, b))(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(batched["w"][1], torch.func.grad(lambda p: f(p, 2 * x)[0])(params)["w"])

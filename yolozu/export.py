@@ -19,14 +19,13 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import build_adapter, parse_device
+from yolozu.adapter_args import AdapterUsageError, adapter_from_args
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.determinism import set_deterministic
 from yolozu.distributed import DistributedError, RankFailed, World, commit, gather_to_root, joined, run_everywhere
 from yolozu.export_parser import build_parser, flip_tta_of
 from yolozu.faults import kill_point
-from yolozu.image_loader import default_workers
 from yolozu.output_paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
 from yolozu.outputs import write_outputs
 from yolozu.predict import NON_FINITE, Predictor
@@ -115,17 +114,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _adapter(args: argparse.Namespace, rank_device: str | None = None):
     try:
-        device = parse_device(rank_device or args.device)
-    except ValueError as e:
-        raise UsageError(f"--device {e}") from None
-    if args.adapter == "dummy":
-        if args.checkpoint:
-            raise UsageError("--checkpoint applies to --adapter detector only")
-        return build_adapter("dummy")
-    workers = default_workers() if args.workers is None else args.workers
-    return build_adapter(
-        args.adapter, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size, workers=workers
-    )
+        return adapter_from_args(args, rank_device)
+    except AdapterUsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
@@ -327,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, OSError, ValueError, DistributedError) as e:
+    except (NonFiniteError, ImportError, OSError, ValueError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if document is not None and not args.quiet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from yolozu.adapters import ADAPTERS
+from yolozu.adapter_args import add_adapter_flags
 from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.image_loader import default_workers
 from yolozu.scaleout import DIST_SYNC
@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export predictions.json, optionally after test-time training (--ttt) and with flip TTA.",
     )
     general = parser.add_argument_group("general")
-    general.add_argument("--adapter", choices=sorted(ADAPTERS), default="dummy", help="model adapter (default dummy)")
-    general.add_argument("--checkpoint", help="detector checkpoint (default: the committed one)")
+    add_adapter_flags(general)
     general.add_argument("--dataset", required=True, help="dataset root in YOLO layout")
     general.add_argument("--split", help="split under images/ (default: auto-detect val2017, val, ...)")
     general.add_argument("--output", required=True, help="predictions.json to write")
@@ -52,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="deterministic kernels, cuDNN without autotuning and a fixed cuBLAS workspace, so a seed repeats "
         "bitwise on the same GPU (default on; --no-deterministic lets cuDNN/cuBLAS pick faster kernels)",
     )
-    tta = parser.add_argument_group("test-time augmentation")
+    _tta_flags(parser.add_argument_group("test-time augmentation"))
+    _ttt_flags(parser.add_argument_group("test-time training"))
+    return parser
+
+
+def _tta_flags(tta: argparse._ArgumentGroup) -> None:
     tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
     tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
     tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="mirror only normalised boxes (YOLOZU's flag; every box here is normalised, so it changes nothing)",
     )
-    ttt = parser.add_argument_group("test-time training")
+
+
+def _ttt_flags(ttt: argparse._ArgumentGroup) -> None:
     ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
     ttt.add_argument(
         "--ttt-preset",
@@ -93,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(independent streams); grads (online schedule), the ranks all-reduce gradients and BatchNorm batch "
         "statistics: one model, as one process adapting on the global batch of --ttt-batch-size x world images",
     )
-    return parser
 
 
 def flip_tta_of(args: argparse.Namespace) -> FlipTTAConfig | None:

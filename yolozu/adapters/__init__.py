@@ -1,4 +1,7 @@
-"""Adapters by name: ``build_adapter("dummy")`` or ``build_adapter("detector", checkpoint=..., ...)``."""
+"""Adapters by name: ``build_adapter("dummy")``, ``build_adapter("detector", checkpoint=..., ...)``,
+``build_adapter("torchvision", model="fasterrcnn_resnet50_fpn", checkpoint=...)``, a name an installed package
+registers in the entry-point group ``yolozu.adapters``, or ``build_adapter("package.module:factory", ...)``
+(``yolozu.adapters.plugins``)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ from typing import Any, Callable
 import torch
 
 from yolozu.adapter import DummyAdapter, ModelAdapter
+from yolozu.adapters import plugins
+
+
+class UnknownAdapterError(ValueError):
+    """An adapter name that is neither built in, nor installed, nor a ``package.module:factory``."""
 
 
 def _detector(**kwargs: Any) -> ModelAdapter:
@@ -15,22 +23,60 @@ def _detector(**kwargs: Any) -> ModelAdapter:
     return DetectorAdapter(**kwargs)
 
 
+def _torchvision(*, model: str | None = None, checkpoint: str | None = None, **kwargs: Any) -> ModelAdapter:
+    from yolozu.adapters.tv_adapter import TorchvisionAdapter
+    from yolozu.adapters.tv_models import SUPPORTED
+
+    if not model or not checkpoint:
+        raise ValueError(
+            "the torchvision adapter needs model=NAME and checkpoint=FILE (--model, --checkpoint); models: "
+            + ", ".join(SUPPORTED)
+        )
+    options = {key: kwargs.pop(key) for key in ("num_classes", "frozen_bn_eps", "model_kwargs") if key in kwargs}
+    return TorchvisionAdapter.from_checkpoint(model, checkpoint, **options, **kwargs)
+
+
 def _dummy(**kwargs: Any) -> ModelAdapter:
     if kwargs:
         raise TypeError(f"the dummy adapter takes no options, got {', '.join(sorted(kwargs))}")
     return DummyAdapter()
 
 
-ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {"dummy": _dummy, "detector": _detector}
+ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {
+    "dummy": _dummy,
+    "detector": _detector,
+    "torchvision": _torchvision,
+}
+
+
+def adapter_names() -> list[str]:
+    """The built-in adapters and those installed packages register, sorted."""
+    return sorted(set(ADAPTERS) | set(plugins.installed()))
+
+
+def adapter_factory(name: str) -> Callable[..., Any]:
+    """The factory of adapter ``name``: built in, installed (entry point) or ``package.module:factory``.
+
+    Raises:
+      UnknownAdapterError: no such adapter (the message lists them); PluginError: a plug-in that fails to load.
+    """
+    if name in ADAPTERS:
+        return ADAPTERS[name]
+    if plugins.is_spec(name):
+        return plugins.load_spec(name)
+    entry = plugins.installed().get(name)
+    if entry is None:
+        raise UnknownAdapterError(
+            f"unknown adapter {name!r}; choose one of: {', '.join(adapter_names())}, or package.module:factory"
+        )
+    return plugins.load_entry_point(entry)
 
 
 def build_adapter(name: str, **kwargs: Any) -> ModelAdapter:
-    """The adapter called ``name`` built with ``kwargs``; an unknown name is a ValueError listing the choices."""
-    try:
-        factory = ADAPTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown adapter {name!r}; choose one of: {', '.join(sorted(ADAPTERS))}") from None
-    return factory(**kwargs)
+    """The adapter called ``name`` (``adapter_factory``) built with ``kwargs``; a plug-in must return an object
+    with ``predict``."""
+    adapter = adapter_factory(name)(**kwargs)
+    return adapter if name in ADAPTERS else plugins.check_adapter(adapter, name)
 
 
 def parse_device(name: str) -> torch.device:
@@ -49,4 +95,4 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-__all__ = ["ADAPTERS", "build_adapter", "parse_device"]
+__all__ = ["ADAPTERS", "UnknownAdapterError", "adapter_factory", "adapter_names", "build_adapter", "parse_device"]

@@ -44,12 +44,12 @@ def reconstruction(output: Mapping[str, Tensor]) -> Tensor:
     return output["recon"]
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """One image as RGB uint8 ``(size, size, 3)``, resized bilinearly when its size differs."""
+def load_image(path: str | Path, size: int | None) -> np.ndarray:
+    """One image as RGB uint8 ``(size, size, 3)``, resized bilinearly when its size differs (None: as it is)."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if im.size != (size, size):
+            if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:

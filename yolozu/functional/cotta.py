@@ -143,8 +143,7 @@ def teacher_prepare(apply: Apply, readout: Readout, settings: CoTTASettings, bn:
     def scores_in_frame(params: Params, buffers: Params, x: Tensor, name: str) -> Tensor:
         if name == "identity":
             return readout.scores(apply(params, buffers, x, bn_mode=view_bn)[0])
-        scores = readout.scores(apply(params, buffers, _hflip(x), bn_mode=view_bn)[0])
-        return _hflip(scores) if readout.spatial else scores
+        return readout.flipped_scores(apply(params, buffers, _hflip(x), bn_mode=view_bn)[0])
 
     def prepare(state: TTTState, batch: Tensor, draws: Params) -> Tensor:
         del draws

@@ -12,7 +12,8 @@ regulariser:
   in-distribution data (squared gradients of the cross-entropy to the model's own argmax, averaged over
   batches; ``calibrate``); without such data, lambda * sum_i (theta_i - theta0_i)^2 (YOLOZU's L2 anchor).
 
-For a detector the samples are its per-peak class distributions (``Readout.class_rows``). YOLOZU's knobs act on
+For a detector the samples are its per-peak (per-anchor) class distributions (``Readout.class_rows``; independent
+sigmoid scores normalised over the classes). YOLOZU's knobs act on
 top: a sample also needs top probability >= ``conf_min`` and ``entropy_min`` <= H <= ``entropy_max``; a step with
 fewer than ``min_valid_dets`` kept samples is skipped (no update); more than ``max_skip_streak`` skipped steps in
 a row, or a kept fraction below ``selected_ratio_min``, stop the run (``Method.stop_reasons``).
@@ -32,7 +33,7 @@ from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params, combine, tree_where
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, grad_params
 
 STOP_REASONS = ("eata_max_skip_streak_exceeded", "eata_selected_ratio_below_min")
 
@@ -209,7 +210,7 @@ def diagonal_fisher(apply: Apply, readout: Readout, state: TTTState, batches: An
     total = {n: torch.zeros_like(t) for n, t in state.trainable.items()}
     count = 0
     for x in batches:
-        grads = torch.func.grad(cross_entropy)(state.trainable, x)
+        grads = grad_params(cross_entropy, state.trainable, x)
         total = {n: total[n] + grads[n].square() for n in total}
         count += 1
     if count == 0:

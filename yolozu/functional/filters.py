@@ -4,7 +4,9 @@ A filter picks a base set by module type or name, then ``include``/``exclude`` s
 names narrow it (intersection with "contains any include", minus "contains any exclude"):
 
 - ``all``: every parameter;
-- ``norm_only``: direct parameters of BatchNorm1/2/3d, LayerNorm, GroupNorm, InstanceNorm1/2/3d (Tent);
+- ``norm_only``: direct parameters of BatchNorm1/2/3d, LayerNorm, GroupNorm, InstanceNorm1/2/3d (Tent), and the
+  parameters a module names in its ``norm_parameters`` attribute (a normalisation written inline, e.g. SSD's
+  learned L2-normalisation scale);
 - ``adapter_only``: parameters of modules whose name or class name contains "adapter" or "lora", never
   those of the layer such a module wraps (a child named in ``WRAPPED``);
 - ``lora_only``: likewise for "lora";
@@ -44,13 +46,18 @@ def _joined(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+NORM_PARAMETERS = "norm_parameters"
+"""A module attribute naming those of its direct parameters that are a normalisation's affine (``norm_only``)."""
+
+
 def _norm_params(model: nn.Module) -> set[str]:
-    return {
-        _joined(prefix, name)
-        for prefix, module in model.named_modules()
-        if isinstance(module, NORM_TYPES)
-        for name, _ in module.named_parameters(recurse=False)
-    }
+    chosen = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, NORM_PARAMETERS, ())
+        for name, _ in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_TYPES) or name in declared:
+                chosen.add(_joined(prefix, name))
+    return chosen
 
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")

@@ -58,6 +58,9 @@ class Readout:
       sample_kind: how ``samples`` become probabilities; None: ``score_kind``.
       recon_kwargs: keyword arguments of the forward pass that makes the model reconstruct its input (MIM).
       recon: output of that forward -> reconstruction, shaped like the input.
+      flip_back: output of the horizontally flipped input -> its ``scores`` in the original image's frame (e.g.
+        anchors of several feature levels, permuted); None: ``scores`` flipped along W when ``spatial``, else as
+        they are.
     """
 
     scores: Callable[[Any], Tensor] = output_logits
@@ -67,24 +70,28 @@ class Readout:
     sample_kind: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*SCORE_KINDS)))
     recon_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     recon: Callable[[Any], Tensor] = output_reconstruction
+    flip_back: Callable[[Any], Tensor] | None = None
 
     def class_samples(self, output: Any) -> tuple[Tensor, str]:
         """The class logits Tent reads from ``output`` and how they become probabilities."""
         logits = (self.samples or self.scores)(output)
         return logits, self.sample_kind or self.score_kind
 
-
     def class_rows(self, output: Any) -> Tensor:
-        """Tent's class samples as rows ``(N, C)`` of softmax logits, one distribution per sample (a classifier's
-        image, a detector's peak): what EATA and SAR select and weigh sample by sample."""
+        """Tent's class samples as rows ``(N, C)`` of softmax logits, one class distribution per sample (a
+        classifier's image, a detector's peak or anchor): what EATA and SAR select and weigh sample by sample.
+        Independent sigmoid scores p_c become the distribution p_c / sum p ("which class is this object"), whose
+        softmax logits are log p_c = logsigmoid(z_c)."""
         logits, kind = self.class_samples(output)
-        if kind != "softmax":
-            raise ValueError(
-                "this method selects samples by the entropy of their class distribution, but the readout's samples "
-                "are independent sigmoid scores; use a readout with softmax samples (e.g. the detector's "
-                "tent_loss='peak_softmax')"
-            )
-        return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        rows = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        return rows if kind == "softmax" else F.logsigmoid(rows)
+
+    def flipped_scores(self, output: Any) -> Tensor:
+        """The ``scores`` of an output of the horizontally flipped input, mapped to the original frame."""
+        if self.flip_back is not None:
+            return self.flip_back(output)
+        scores = self.scores(output)
+        return torch.flip(scores, dims=(-1,)) if self.spatial else scores
 
 
 DEFAULT_READOUT = Readout()

@@ -12,8 +12,8 @@ Each step is sharpness-aware minimisation (SAM, Foret et al. 2021) of the entrop
   state go back to the source and the average restarts.
 
 The paper adapts the norm layers minus the top block (pick them with the update filter and ``exclude``).
-YOLOZU's ``first_step_scale`` multiplies rho. For a detector the samples are its per-peak class
-distributions (``Readout.class_rows``).
+YOLOZU's ``first_step_scale`` multiplies rho. For a detector the samples are its per-peak (per-anchor) class
+distributions (``Readout.class_rows``; independent sigmoid scores normalised over the classes).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params, combine, tree_where
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, grad_params
 
 
 class SARState(NamedTuple):
@@ -126,7 +126,7 @@ def sar_method(
 
     def prepare(state: TTTState, batch: Tensor, noise: Any) -> tuple[Params, Tensor]:
         del noise
-        grads, reliable = torch.func.grad(first_pass, has_aux=True)(state.trainable, state, batch)
+        grads, reliable = grad_params(first_pass, state.trainable, state, batch, has_aux=True)
         return sam_perturbation(grads, state.trainable, rho, s.adaptive), reliable
 
     def loss_fn(params, buffers, batch, extra):

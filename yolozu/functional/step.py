@@ -223,6 +223,30 @@ def apply_gradients(
     return new_state, metrics
 
 
+def in_transform() -> bool:
+    """True while a ``torch.func`` transform (``vmap``, ``grad``) runs, where ``torch.autograd.grad`` cannot."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def grad_params(fn: Callable[..., Any], params: Params, *args: Any, has_aux: bool = False) -> Any:
+    """Gradients of the scalar ``fn(params, *args)`` w.r.t. ``params`` (and its aux output with ``has_aux``).
+
+    Inside a ``torch.func`` transform (K vmapped streams) this is ``torch.func.grad``; outside, plain
+    ``torch.autograd.grad``, which also differentiates operators that ``torch.func`` cannot transform (a
+    custom op without functorch support, such as torchvision's ``roi_align``). Parameters a loss does not reach
+    get zero gradients.
+    """
+    if in_transform():
+        return torch.func.grad(fn, has_aux=has_aux)(params, *args)
+    leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+    with torch.enable_grad():
+        result = fn(leaves, *args)
+        value, aux = result if has_aux else (result, None)
+        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
+    return (grads, _detach_tree(aux)) if has_aux else grads
+
+
 Update = Callable[[TTTState, Any, Any], tuple[TTTState, dict]]
 
 
