@@ -2,13 +2,14 @@
 
 Boxes are normalised ``cx, cy, w, h``, so mirroring is ``cx -> 1 - cx``. The two branches are merged per class
 by weighted box fusion (Solovyev, Wang & Gabruseva 2021) or by non-maximum suppression. Each image gets the
-flipped branch with probability ``flip_prob`` (1: every image), drawn from ``seed`` and the image's path, so
-the draw does not depend on batching or order.
+flipped branch with probability ``flip_prob`` (1: every image), drawn from ``seed`` and the image's file name,
+so the draw does not depend on batching, order, sharding or where the dataset lies.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import PurePath
 from typing import Sequence
 
 import attrs
@@ -39,8 +40,8 @@ class FlipTTAConfig:
             raise ValueError(f"FlipTTAConfig.flip_prob must be in [0, 1] (a probability), got {value!r}")
 
     def flips(self, image: str) -> bool:
-        """Whether ``image`` gets the flipped branch: a uniform draw from (seed, path) below ``flip_prob``."""
-        digest = hashlib.sha256(f"{self.seed}:{image}".encode()).digest()
+        """Whether ``image`` gets the flipped branch: a uniform draw from (seed, file name) below ``flip_prob``."""
+        digest = hashlib.sha256(f"{self.seed}:{PurePath(image).name}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64 < self.flip_prob
 
     def to_dict(self) -> dict:
