@@ -74,6 +74,7 @@ def test_run_ttt_tent_reports_and_adapts(filt):
 @pytest.mark.parametrize("filt", filters.FILTERS)
 def test_run_ttt_mim_updated_param_count_and_mask_ratio(filt):
     model = seeded(TinyAutoencoder)
+    model.top_block = "dec"  # norm_but_top: the model names its top block (it has no numbered blocks)
     config = TTTConfig(
         enabled=True, method="mim", lr=1e-2, update_filter=filt, mim_patch_size=4, mim_mask_prob=0.5, batch_size=2,
         max_batches=None, steps=2,
