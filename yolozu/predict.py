@@ -106,14 +106,14 @@ class Predictor:
     def _decoded(self, forward: Callable[[Tensor], Any], x: Tensor, records: Sequence[Record]) -> list[Prediction]:
         with torch.no_grad():
             preds = self.decode(forward(x), records)
-            if self.tta is None:
+            flips = [self.tta is not None and self.tta.flips(str(record["image"])) for record in records]
+            if not any(flips):
                 return preds
+            # the whole batch is mirrored, so batch statistics are the same whichever images the draw picked
             flipped = self.decode(forward(torch.flip(x, dims=(-1,))), records)
         return [
-            {"image": p["image"], "detections": merge_flip(p["detections"], f["detections"], self.tta)}
-            if self.tta.flips(str(record["image"]))
-            else p
-            for p, f, record in zip(preds, flipped, records)
+            {"image": p["image"], "detections": merge_flip(p["detections"], f["detections"], self.tta)} if flip else p
+            for p, f, flip in zip(preds, flipped, flips)
         ]
 
     def predict_batch(
