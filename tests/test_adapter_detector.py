@@ -101,6 +101,10 @@ def test_loader_processes_give_the_same_batches_predictions_and_errors(adapter, 
     batches = list(workers.build_loader(records, batch_size=1))
     assert all(torch.equal(a, b) for a, b in zip(batches, adapter.build_loader(records, batch_size=1)))
     assert workers.predict(records) == DetectorAdapter(batch_size=1).predict(records)
+    from yolozu.predict import Predictor  # BatchNorm-statistics and flip-TTA exports read through the loader too
+
+    in_process = Predictor(DetectorAdapter(batch_size=1)).predict(records, bn="batch", batch_size=1)
+    assert Predictor(workers).predict(records, bn="batch", batch_size=1) == in_process
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(ImageLoadError, match=r"^cannot read image .*broken.png"):  # its own message, no traceback

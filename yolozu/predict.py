@@ -13,13 +13,13 @@ as empty.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from yolozu.adapter import Prediction, Record
+from yolozu.adapter import Prediction, Record, missing_ttt_hooks
 from yolozu.bridge import BatchStats, make_apply
 from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
@@ -144,6 +144,13 @@ class Predictor:
 
         return self._decoded(forward, xs, records)
 
+    def _input_batches(self, records: Sequence[Record], batch_size: int) -> Iterable[Tensor]:
+        """The adapter's ``build_loader`` when it has one (its loading processes, e.g. ``--workers``), else
+        ``load_batch`` of each chunk."""
+        if "build_loader" in missing_ttt_hooks(self.adapter):
+            return (self.adapter.load_batch(chunk) for chunk in chunks(records, batch_size))
+        return self.adapter.build_loader(records, batch_size=batch_size)
+
     def predict(
         self,
         records: Sequence[Record],
@@ -158,8 +165,8 @@ class Predictor:
         if params is None or buffers is None:
             params, buffers = self.module_tensors()
         out: list[Prediction] = []
-        for chunk in chunks(records, batch_size):
-            out.extend(self.predict_batch(self.adapter.load_batch(chunk), chunk, params, buffers, bn))
+        for chunk, x in zip(chunks(records, batch_size), self._input_batches(records, batch_size)):
+            out.extend(self.predict_batch(x, chunk, params, buffers, bn))
             if progress is not None:
                 progress.update(len(chunk))
         return out
