@@ -77,15 +77,21 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize(  # CoTTA on CPU is covered by the stream and schedule tests; here it adds only time
-    "device,method",
-    [("cpu", "tent"), pytest.param("cuda", "tent", marks=ON_CUDA), pytest.param("cuda", "cotta", marks=ON_CUDA)],
+    "device,method,extra",
+    [
+        ("cpu", "tent", []),
+        pytest.param("cuda", "tent", [], marks=ON_CUDA),
+        pytest.param("cuda", "cotta", [], marks=ON_CUDA),
+        pytest.param("cuda", "tent", ["--ttt-capture"], marks=ON_CUDA),  # replayed CUDA graphs
+        pytest.param("cuda", "cotta", ["--ttt-capture"], marks=ON_CUDA),
+    ],
 )
-def test_export_schedules_run_and_repeat_bitwise_on_the_device(tmp_path, dataset, device, schedule, method):
+def test_export_schedules_run_and_repeat_bitwise_on_the_device(tmp_path, dataset, device, schedule, method, extra):
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / f"{run}.json"
         args = ["--adapter", "detector", "--dataset", str(dataset), "--output", str(out), "--quiet", "--wrap"]
-        args += ["--device", device, "--seed", "3", "--ttt", "--ttt-method", method, "--ttt-lr", "1e-2"]
+        args += ["--device", device, "--seed", "3", "--ttt", "--ttt-method", method, "--ttt-lr", "1e-2", *extra]
         assert main(args + SCHEDULES[schedule]) == 0
         outputs.append(json.loads(out.read_text()))
     first, second = ({**doc["meta"]["ttt"]["report"], "seconds": None} for doc in outputs)  # wall clock aside
@@ -116,3 +122,15 @@ def test_export_records_its_determinism(tmp_path, dataset):
         args = ["--adapter", "detector", "--dataset", str(dataset), "--output", str(out), "--quiet", "--wrap"]
         assert main(args + flag) == 0
         assert json.loads(out.read_text())["meta"]["deterministic"] is expected
+
+
+def test_capture_changes_nothing_off_cuda_and_is_recorded(tmp_path, dataset):
+    docs = []
+    for flag in ([], ["--ttt-capture"]):
+        out = tmp_path / "p.json"
+        args = ["--adapter", "detector", "--dataset", str(dataset), "--output", str(out), "--quiet", "--wrap"]
+        args += ["--seed", "3", "--ttt", "--ttt-method", "tent", "--ttt-lr", "1e-2", *SCHEDULES["online"], *flag]
+        assert main(args) == 0
+        docs.append(json.loads(out.read_text()))
+    assert docs[0]["predictions"] == docs[1]["predictions"]
+    assert [d["meta"]["ttt"]["capture"] for d in docs] == [False, True]

@@ -4,11 +4,16 @@ For a BatchNorm ResNet at batch 1, 8 and 64 it times, interleaved round by round
 every variant alike:
   - functional: ``make_tent_step`` (functional_call + torch.autograd.grad, foreach Adam, metrics);
   - classic: model.train(), only BN affine params trainable, torch.optim.Adam, loss.backward(), step();
+  - captured: the functional step recorded as a CUDA graph and replayed (``make_tent_step(..., capture=True)``;
+    on CPU the same as functional);
   - bare: the same forward, loss and backward, nothing else;
-and K=8 streams: one vmapped functional update over 8 stacked states (``streams_update``) against a loop of 8
-classic models.
+and K=8 streams: one vmapped functional update over 8 stacked states (``streams_update``, eager and captured)
+against a loop of 8 classic models, with the peak memory of 8 streams over 8 times one stream's.
 Peak memory is what one step allocates above what was allocated before it (torch's profiler on CPU, the CUDA
-allocator's statistics on GPU). Ratios are to bare (time) and to classic (memory).
+allocator's statistics on GPU); the captured step's includes its capture (warm-up runs, graph, input copies).
+"ops" are the operators the host dispatches per step (views, allocations and detaches not counted): on a GPU,
+about the kernel launches, the cost of a launch-bound step (a captured step dispatches only its input and
+output copies; its graph is one launch). Ratios are to bare (time) and to classic (memory).
 
     python tools/bench_core.py [--device cuda] [--rounds 10] [--image-size 96] [--model resnet50 --image-size 224]
 """
@@ -16,6 +21,7 @@ allocator's statistics on GPU). Ratios are to bare (time) and to classic (memory
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import sys
@@ -23,6 +29,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from yolozu.demo.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
@@ -87,21 +94,22 @@ def make_variant(name: str, batch: int, args) -> callable:
     model = build_model(args).to(device)
     names = filters.select(model, "norm_only")
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-    if name == "functional":
+    if name in ("functional", "captured"):
         tx = optim.adam(1e-3)
-        step = make_tent_step(make_apply(model), tx)
+        step = make_tent_step(make_apply(model), tx, capture=name == "captured")
         holder = [init_state(model, names, tx)]
 
         def run():
             holder[0], _ = step(holder[0], x, None)
 
         return run
-    if name == "vmap8":
+    if name in ("vmap8", "vmap8_captured", "vmap1"):
         tx = optim.adam(1e-3)
         method = tent_method(make_apply(model), tx)
-        update = streams.streams_update(method)
-        holder = [streams.replicate(method.init_state(model, names), 8)]
-        xs = torch.randn(8, batch, 3, args.image_size, args.image_size, device=device)
+        update = streams.streams_update(method, capture=name == "vmap8_captured")
+        k = 1 if name == "vmap1" else 8
+        holder = [streams.replicate(method.init_state(model, names), k)]
+        xs = torch.randn(k, batch, 3, args.image_size, args.image_size, device=device)
 
         def run():
             holder[0], _ = update(holder[0], xs)
@@ -147,10 +155,107 @@ def time_variants(names: list[str], batch: int, args) -> dict[str, float]:
 
 
 def peak_memory(name: str, batch: int, args) -> int:
-    """Peak bytes one step of a variant allocates above what was allocated before it (after a warm-up step)."""
+    """Peak bytes one step of a variant allocates above what was allocated before it (after a warm-up step; a
+    captured variant's first step, which captures, is the one measured)."""
+    run = make_variant(name, batch, args)
+    if "captured" not in name:
+        run()
+    return peak_bytes(run, args.device)
+
+
+NOT_LAUNCHES = {"detach", "view", "_unsafe_view", "expand", "t", "empty", "empty_like", "empty_strided",
+                "as_strided", "unsqueeze", "squeeze", "alias", "reshape", "permute", "transpose", "select",
+                "slice", "split", "unbind", "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(name: str, batch: int, args) -> int:
+    """Operators one step of a variant dispatches, views, allocations and detaches aside (after two warm-ups)."""
     run = make_variant(name, batch, args)
     run()
-    return peak_bytes(run, args.device)
+    run()
+    with _OpCount() as counter:
+        run()
+    return sum(n for op, n in counter.ops.items() if op not in NOT_LAUNCHES)
+
+
+def batch_row(batch: int, args) -> dict:
+    """Time, memory and dispatched operators of the single-model variants at one batch size."""
+    t = time_variants(["bare", "classic", "functional", "captured"], batch, args)
+    mem = {name: peak_memory(name, batch, args) for name in ("classic", "functional", "captured", "bare")}
+    ops = {name: dispatched_ops(name, batch, args) for name in ("bare", "classic", "functional", "captured")}
+    row = {"batch": batch, "seconds": t, "peak_bytes": mem, "ops": ops}
+    for name in ("functional", "captured", "classic"):
+        row[f"{name}_over_bare"] = t[name] / t["bare"]
+    for name in ("functional", "captured"):
+        row[f"{name}_over_classic"] = t[name] / t["classic"]
+        row[f"{name}_over_classic_memory"] = mem[name] / max(mem["classic"], 1)
+    print(
+        f"{batch:>5} {1e3 * t['bare']:>8.2f} {1e3 * t['classic']:>8.2f} {1e3 * t['functional']:>8.2f} "
+        f"{1e3 * t['captured']:>8.2f} {row['functional_over_bare']:>9.3f} {row['captured_over_bare']:>9.3f} "
+        f"{row['classic_over_bare']:>9.3f} {row['functional_over_classic']:>9.3f} {row['captured_over_classic']:>9.3f}"
+        f" {row['functional_over_classic_memory']:>8.3f} {row['captured_over_classic_memory']:>8.3f} "
+        f"{ops['bare']:>5} {ops['classic']:>5} {ops['functional']:>5} {ops['captured']:>5}"
+    )
+    return row
+
+
+def streams_row(batch: int, args) -> dict:
+    """K=8 streams at one batch size: a loop of 8 classic models against one vmapped update (eager, captured)."""
+    t = time_variants(["classic_loop8", "vmap8", "vmap8_captured"], batch, args)
+    mem = {name: peak_memory(name, batch, args) for name in ("classic_loop8", "vmap8", "vmap1")}
+    row = {
+        "batch": batch,
+        "seconds": t,
+        "peak_bytes": mem,
+        "vmap_speedup": t["classic_loop8"] / t["vmap8"],
+        "captured_vmap_speedup": t["classic_loop8"] / t["vmap8_captured"],
+        "vmap_over_loop_memory": mem["vmap8"] / max(mem["classic_loop8"], 1),
+        "vmap8_over_8x_one_memory": mem["vmap8"] / max(8 * mem["vmap1"], 1),
+    }
+    print(
+        f"K=8 streams at batch {batch}: loop of 8 classic models {1e3 * t['classic_loop8']:.1f} ms, vmapped "
+        f"{1e3 * t['vmap8']:.1f} ms (speed-up {row['vmap_speedup']:.2f}x), captured {1e3 * t['vmap8_captured']:.1f}"
+        f" ms ({row['captured_vmap_speedup']:.2f}x); peak memory vmap/loop {row['vmap_over_loop_memory']:.2f}x, "
+        f"8 streams over 8 x one stream {row['vmap8_over_8x_one_memory']:.2f}x"
+    )
+    return row
+
+
+def targets(rows: list[dict], streams: list[dict]) -> list[dict]:
+    """The GPU targets (docs/gpu.md), each with its measured ratio and whether it is met."""
+    found = []
+
+    def check(name: str, value: float, bound: float, larger: bool = False) -> None:
+        found.append({"target": name, "value": value, "bound": bound, "met": value >= bound if larger else value <= bound})
+
+    for r in rows:
+        b = r["batch"]
+        if b in (1, 8):
+            check(f"captured / classic, batch {b}", r["captured_over_classic"], 0.5)
+        if b >= 64:
+            check(f"functional / bare, batch {b}", r["functional_over_bare"], 1.05)
+            check(f"captured / bare, batch {b}", r["captured_over_bare"], 1.05)
+        check(f"functional / classic, batch {b}", r["functional_over_classic"], 1.10)
+        check(f"functional / classic memory, batch {b}", r["functional_over_classic_memory"], 1.05)
+        check(f"captured / classic memory, batch {b}", r["captured_over_classic_memory"], 1.05)
+    for r in streams:
+        check(f"8 streams / 8 x one stream memory, batch {r['batch']}", r["vmap8_over_8x_one_memory"], 1.5)
+        if r["batch"] == 1:
+            best = max(r["vmap_speedup"], r["captured_vmap_speedup"])
+            check("8 vmapped streams over the loop, batch 1", best, 3.0, larger=True)
+    for t in found:
+        print(f"target {t['target']}: {t['value']:.3f} (bound {t['bound']}) {'met' if t['met'] else 'NOT met'}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18",
                         help="resnet18: ours, --width/--image-size; resnet50: torchvision's (use --image-size 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--streams-batches", type=int, nargs="+", help="K=8 streams at these batches (default: "
+                        "the second of --batches)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--width", type=int, default=32)
@@ -172,60 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         f"# bench-core: {model_label(args)}, {args.image_size}px, device {args.device} "
         f"({device_name}), {args.threads} threads, torch {torch.__version__}, best of {args.rounds} rounds"
     )
-    results = []
-    header = (
-        f"{'batch':>5} {'bare ms':>9} {'classic ms':>10} {'functional ms':>13} {'func/bare':>9} "
-        f"{'classic/bare':>12} {'func/classic mem':>16}"
-    )
-    print(header)
-    for batch in args.batches:
-        t = time_variants(["bare", "classic", "functional"], batch, args)
-        mem = {name: peak_memory(name, batch, args) for name in ("classic", "functional", "bare")}
-        row = {
-            "batch": batch,
-            "seconds": t,
-            "peak_bytes": mem,
-            "functional_over_bare": t["functional"] / t["bare"],
-            "classic_over_bare": t["classic"] / t["bare"],
-            "functional_over_classic_memory": mem["functional"] / max(mem["classic"], 1),
-        }
-        results.append(row)
-        print(
-            f"{batch:>5} {1e3 * t['bare']:>9.2f} {1e3 * t['classic']:>10.2f} {1e3 * t['functional']:>13.2f} "
-            f"{row['functional_over_bare']:>9.3f} {row['classic_over_bare']:>12.3f} "
-            f"{row['functional_over_classic_memory']:>16.3f}"
-        )
-    streams_batch = args.batches[min(1, len(args.batches) - 1)]
-    t = time_variants(["classic_loop8", "vmap8"], streams_batch, args)
-    mem = {name: peak_memory(name, streams_batch, args) for name in ("classic_loop8", "vmap8")}
-    streams_row = {
-        "batch": streams_batch,
-        "seconds": t,
-        "peak_bytes": mem,
-        "vmap_speedup": t["classic_loop8"] / t["vmap8"],
-        "vmap_over_loop_memory": mem["vmap8"] / max(mem["classic_loop8"], 1),
-    }
-    print(
-        f"K=8 streams at batch {streams_batch}: loop of 8 classic models {1e3 * t['classic_loop8']:.1f} ms, "
-        f"vmapped functional step {1e3 * t['vmap8']:.1f} ms, speed-up {streams_row['vmap_speedup']:.2f}x, "
-        f"peak memory vmap/loop {streams_row['vmap_over_loop_memory']:.2f}x"
-    )
+    print(f"{'batch':>5} {'bare ms':>8} {'classic':>8} {'func':>8} {'captured':>8} {'func/bare':>9} {'capt/bare':>9} "
+          f"{'clas/bare':>9} {'func/clas':>9} {'capt/clas':>9} {'func mem':>8} {'capt mem':>8} "
+          f"{'ops: bare':>5} {'clas':>5} {'func':>5} {'capt':>5}")
+    rows = [batch_row(batch, args) for batch in args.batches]
+    streams_batches = args.streams_batches or [args.batches[min(1, len(args.batches) - 1)]]
+    streams = [streams_row(batch, args) for batch in streams_batches]
+    found = targets(rows, streams)
     if args.json:
+        figures = {"device": args.device, "device_name": device_name, "threads": args.threads,
+                   "image_size": args.image_size, "width": args.width, "model": args.model, "rows": rows,
+                   "streams": streams, "targets": found}
         with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "device": args.device,
-                    "device_name": device_name,
-                    "threads": args.threads,
-                    "image_size": args.image_size,
-                    "width": args.width,
-                    "model": args.model,
-                    "rows": results,
-                    "streams": streams_row,
-                },
-                fh,
-                indent=2,
-            )
+            json.dump(figures, fh, indent=2)
     return 0
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""One GPU check (``make gpu-check``): CUDA tests, bench-core (both models), bench-streams, the quick shift
-benchmark on CUDA and a two-run determinism check; writes runs/gpu/summary.md and summary.json with the card,
-torch and CUDA versions. Sized to finish within about 6 minutes on one H100.
+"""One GPU check (``make gpu-check``): CUDA tests, a two-run determinism check, bench-core (both models, with
+the targets of docs/gpu.md), the export's throughput, bench-streams and the quick shift benchmark on CUDA;
+writes runs/gpu/summary.md and summary.json with the card, torch and CUDA versions. Sized to finish within
+about 6 minutes on one H100; steps run most important first, and a step that would start after ``--budget``
+seconds is skipped (and says so) so that the summary is always written.
 
 Without CUDA it says so and runs the same steps on CPU on a few images (a dry run of the script); the exit
 code is 0 when every step passed and both determinism checks found identical runs.
 
-    python tools/gpu_check.py [--out runs/gpu] [--shift-images 100]
+    python tools/gpu_check.py [--out runs/gpu] [--shift-images 100] [--budget 360]
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from pathlib import Path
 
 import torch
 
+from yolozu.demo.corruptions import CORRUPTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = "val-fog-5"
+STEP_TIMEOUT = 240
 
 
 def _has_torchvision() -> bool:
@@ -35,26 +40,30 @@ def _has_torchvision() -> bool:
 
 
 def steps(device: str, out: Path, shift_images: int) -> list[tuple[str, list[str]]]:
-    """The (name, command) of every step; on CPU the same steps on a few images."""
+    """The (name, command) of every step, most important first; on CPU the same steps on a few images."""
     py = sys.executable
     dry = device == "cpu"
     core = ["--rounds", "1", "--batches", "1", "--image-size", "32", "--width", "8"] if dry else ["--rounds", "30"]
-    r50 = ["--rounds", "1", "--batches", "1", "--image-size", "64"] if dry else ["--rounds", "30"]
-    r50 = r50 if dry else [*r50, "--image-size", "224"]
+    r50 = ["--rounds", "1", "--batches", "1", "--image-size", "64", "--streams-batches", "1"] if dry else [
+        "--rounds", "20", "--image-size", "224", "--streams-batches", "1", "8"]
     export = [py, "tools/export_predictions.py", "--adapter", "detector", "--dataset", "data/demo", "--split"]
     export += [SPLIT, "--device", device, "--wrap", "--quiet", "--seed", "0", *(["--max-images", "8"] if dry else [])]
     tent = ["--ttt", "--ttt-method", "tent", "--ttt-lr", "3e-3", "--ttt-update-filter", "norm_only"]
     tent += ["--ttt-max-batches", "none"]
     schedules = {"online": ["--ttt-schedule", "online"], "sample": ["--ttt-reset", "sample", "--ttt-streams", "8"]}
-    listed = [
-        ("cuda tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]),
-        ("bench-core resnet18", [py, "tools/bench_core.py", "--device", device, *core,
-                                 "--json", str(out / "bench_core_resnet18.json")]),
-    ]
+    listed = [("cuda tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"])]
+    for run in ("a", "b"):
+        for schedule, flags in schedules.items():
+            target = str(out / f"det_{schedule}_{run}.json")
+            listed.append((f"determinism {schedule} {run}", [*export, *tent, *flags, "--output", target]))
     if _has_torchvision():
         listed.append(("bench-core resnet50", [py, "tools/bench_core.py", "--device", device, "--model", "resnet50",
                                                *r50, "--json", str(out / "bench_core_resnet50.json")]))
     listed += [
+        ("bench-core resnet18", [py, "tools/bench_core.py", "--device", device, *core,
+                                 "--json", str(out / "bench_core_resnet18.json")]),
+        ("bench-export", [py, "tools/bench_export.py", "--device", device, "--split", "val-fog-5" if dry else "train",
+                          *(["--max-images", "8"] if dry else []), "--json", str(out / "bench_export.json")]),
         ("bench-streams", [py, "tools/bench_streams.py", "--device", device, "--split", SPLIT,
                            *(["--images", "4", "--streams", "2", "--rounds", "1"] if dry else []),
                            "--json", str(out / "bench_streams.json")]),
@@ -62,11 +71,18 @@ def steps(device: str, out: Path, shift_images: int) -> list[tuple[str, list[str
                              "--images", str(4 if dry else shift_images), "--memory-images", "4" if dry else "32",
                              "--output", str(out / "shift.json")]),
     ]
-    for run in ("a", "b"):
-        for schedule, flags in schedules.items():
-            target = str(out / f"det_{schedule}_{run}.json")
-            listed.append((f"determinism {schedule} {run}", [*export, *tent, *flags, "--output", target]))
     return listed
+
+
+def make_data(env: dict) -> None:
+    """The demo splits the steps read: train and val, then the 15 corruptions of val at severity 5 in parallel."""
+    base = [sys.executable, "tools/make_demo_data.py", "--root", "data/demo", "--severities", "5"]
+    subprocess.run([*base, "--corruptions", "none"], cwd=ROOT, env=env, check=True)
+    jobs = [subprocess.Popen([*base, "--skip-clean", "--corruptions", name], cwd=ROOT, env=env)
+            for name in CORRUPTIONS]
+    failed = [name for name, job in zip(CORRUPTIONS, jobs) if job.wait() != 0]
+    if failed:
+        raise SystemExit(f"gpu-check: making the demo data failed for {', '.join(failed)}")
 
 
 def _same_run(out: Path, schedule: str) -> bool:
@@ -79,7 +95,7 @@ def _same_run(out: Path, schedule: str) -> bool:
 def _figures(out: Path) -> dict:
     """The benchmark figures the steps wrote, as far as they got."""
     figures = {}
-    for name in ("bench_core_resnet18", "bench_core_resnet50", "bench_streams", "shift"):
+    for name in ("bench_core_resnet18", "bench_core_resnet50", "bench_export", "bench_streams", "shift"):
         path = out / f"{name}.json"
         if path.is_file():
             figures[name] = json.loads(path.read_text())
@@ -95,12 +111,28 @@ def markdown(summary: dict) -> str:
         f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in summary["determinism"].items())]
     for key in ("bench_core_resnet18", "bench_core_resnet50"):
         core = summary["figures"].get(key)
-        if core:
-            lines += ["", f"{key}: batch, functional/bare, classic/bare, functional/classic memory"]
-            lines += [f"- {r['batch']}: {r['functional_over_bare']:.3f}, {r['classic_over_bare']:.3f}, "
-                      f"{r['functional_over_classic_memory']:.3f}" for r in core["rows"]]
-            lines.append(f"- K=8 vmap speed-up over the loop: {core['streams']['vmap_speedup']:.2f}x, memory "
-                         f"{core['streams']['vmap_over_loop_memory']:.2f}x")
+        if not core:
+            continue
+        lines += ["", f"{key} (ms per step; ratios; peak memory over classic; dispatched ops per step):", "",
+                  "| batch | bare | classic | functional | captured | func/bare | capt/classic | func/classic | "
+                  "func mem | capt mem | ops bare/classic/func/capt |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in core["rows"]:
+            t, o = r["seconds"], r["ops"]
+            lines.append(f"| {r['batch']} | {1e3 * t['bare']:.2f} | {1e3 * t['classic']:.2f} | "
+                         f"{1e3 * t['functional']:.2f} | {1e3 * t['captured']:.2f} | {r['functional_over_bare']:.3f} | "
+                         f"{r['captured_over_classic']:.3f} | {r['functional_over_classic']:.3f} | "
+                         f"{r['functional_over_classic_memory']:.3f} | {r['captured_over_classic_memory']:.3f} | "
+                         f"{o['bare']}/{o['classic']}/{o['functional']}/{o['captured']} |")
+        lines += [f"- K=8 streams, batch {r['batch']}: vmap {r['vmap_speedup']:.2f}x the loop, captured "
+                  f"{r['captured_vmap_speedup']:.2f}x; memory 8 streams / 8 x one {r['vmap8_over_8x_one_memory']:.2f}"
+                  for r in core["streams"]]
+        lines += [f"- target {t['target']}: {t['value']:.3f} (bound {t['bound']}): {'met' if t['met'] else 'NOT met'}"
+                  for t in core["targets"]]
+    throughput = summary["figures"].get("bench_export")
+    if throughput:
+        lines += ["", f"Export throughput ({throughput['split']}, {throughput['images']} images):"]
+        lines += [f"- {name}: {r['images_per_second']:.0f} img/s ({r['over_none']:.2f}x of none)"
+                  for name, r in throughput["rows"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu")
     parser.add_argument("--shift-images", type=int, default=100, help="images per split of the shift benchmark")
+    parser.add_argument("--budget", type=float, default=360.0, help="seconds after which no step starts (360)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -116,16 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "tools/make_demo_data.py", "--root", "data/demo", "--corruptions", "all",
-                    "--severities", "5"], cwd=ROOT, env=env, check=True)
+    started = time.perf_counter()
+    make_data(env)
     done = []
     for name, command in steps(device, out, args.shift_images):
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if start - started > args.budget:
+            done.append({"name": name, "status": "skipped (out of time)", "seconds": 0.0, "tail": ""})
+            print(f"gpu-check: {name}: skipped, {start - started:.0f} s spent", file=sys.stderr, flush=True)
+            continue
+        try:
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+            status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+            text = result.stdout + result.stderr
+        except subprocess.TimeoutExpired as expired:
+            status = f"TIMED OUT ({STEP_TIMEOUT} s)"
+            text = "".join(x.decode() if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
         seconds = time.perf_counter() - start
-        status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        (out / f"{name.replace(' ', '_')}.log").write_text(result.stdout + result.stderr)
-        tail = (result.stdout + result.stderr)[-2000:]
+        (out / f"{name.replace(' ', '_')}.log").write_text(text)
+        tail = text[-2000:]
         done.append({"name": name, "status": status, "seconds": seconds, "tail": tail})
         print(f"gpu-check: {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
     determinism = {s: _same_run(out, s) for s in ("online", "sample")

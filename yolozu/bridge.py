@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from yolozu.functional.state import Params
+from yolozu.functional.state import Params, copy
 from yolozu.functional.step import BN_MODES, Apply
 
 BatchStats = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -146,7 +146,7 @@ def make_apply(
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         training = bn_mode != "eval"
-        work = {name: b.clone() for name, b in buffers.items()} if training else buffers
+        work = copy(buffers) if training else buffers
         with training_mode(modules, training), _norms_using(norms, batch_stats if training else None):
             if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)

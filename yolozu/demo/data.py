@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from yolozu.data.manifest import IMAGE_SUFFIXES, parse_label_file
+from yolozu.predictions import write_json_atomic
 from yolozu.demo.corruptions import (
     ALL_CORRUPTIONS,
     CORRUPTIONS,
@@ -110,7 +111,7 @@ def _check_meta(root: Path, meta: dict, force: bool) -> None:
             changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
             raise ValueError(f"{root} holds data made with other settings ({changes}); pass --force or another --root")
     root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(path, dict(sorted(meta.items())), indent=1)  # atomic: parallel runs may read it meanwhile
 
 
 def _parser() -> argparse.ArgumentParser:

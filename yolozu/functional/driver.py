@@ -80,16 +80,22 @@ def _choose(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
 
 
 def make_driver(
-    method: Method, limits: guards.GuardLimits, *, rollback: bool = True, keep_output: bool = False
+    method: Method,
+    limits: guards.GuardLimits,
+    *,
+    rollback: bool = True,
+    keep_output: bool = False,
+    capture: bool | str = False,
 ) -> Callable[[Carry, Any, Sequence[int], int, rng.Key], tuple[Carry, list[StepRecord]]]:
     """``drive(carry, xs, batches, steps, root, first_step=0) -> (carry, records)`` for ``method`` under the guard
     ``limits``; the steps on each batch are numbered from ``first_step`` (a batch met again when cycling).
 
     ``rollback``: a stopped step's state is dropped (default) or kept; the stream stops either way.
-    ``keep_output`` adds each step's forward output to its metrics as ``output``.
+    ``keep_output`` adds each step's forward output to its metrics as ``output``. ``capture`` records each
+    update as a CUDA graph per input shape and replays it (``yolozu.functional.capture``; eager on CPU).
     """
-    single = _one_stream(make_update(method, keep_output=keep_output))
-    stacked = streams.streams_update(method, keep_output=keep_output)
+    single = _one_stream(make_update(method, keep_output=keep_output, capture=capture))
+    stacked = streams.streams_update(method, keep_output=keep_output, capture=capture)
 
     def drive(
         carry: Carry, xs: Any, batches: Sequence[int], steps: int, root: rng.Key, first_step: int = 0

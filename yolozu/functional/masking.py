@@ -53,4 +53,4 @@ def block_mask(
 
 def apply_mask(x: Tensor, mask: Tensor, mask_value: float = 0.0) -> Tensor:
     """``x`` with the masked pixels (all channels) replaced by ``mask_value``; a new tensor."""
-    return torch.where(mask, torch.as_tensor(mask_value, dtype=x.dtype, device=x.device), x)
+    return x.masked_fill(mask, mask_value)

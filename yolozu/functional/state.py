@@ -13,6 +13,7 @@ from typing import Callable, Collection, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils import _pytree as pytree
 
 Params = dict[str, Tensor]
@@ -24,6 +25,17 @@ def extract(model: nn.Module) -> tuple[Params, Params]:
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     return params, buffers
+
+
+def copy(tensors: Mapping[str, Tensor]) -> Params:
+    """New tensors equal to ``tensors`` (``clone`` of each). Outside ``torch.func`` transforms one multi-tensor
+    copy does them all: a clone per tensor is a kernel launch each, 159 for a ResNet-50's BatchNorm buffers."""
+    leaves = list(tensors.values())
+    if not leaves or any(is_functorch_wrapped_tensor(t) or t.requires_grad for t in leaves):
+        return {name: t.clone() for name, t in tensors.items()}
+    fresh = [torch.empty_like(t) for t in leaves]
+    torch._foreach_copy_(fresh, leaves)
+    return dict(zip(tensors.keys(), fresh))
 
 
 def partition(params: Mapping[str, Tensor], selected: Collection[str]) -> tuple[Params, Params]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from yolozu.functional import optim
+from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
 from yolozu.functional.state import Params, combine, extract, partition
 
@@ -250,11 +251,14 @@ def grad_params(fn: Callable[..., Any], params: Params, *args: Any, has_aux: boo
 Update = Callable[[TTTState, Any, Any], tuple[TTTState, dict]]
 
 
-def make_update(method: Method, *, differentiate: str = "autograd", keep_output: bool = False) -> Update:
+def make_update(
+    method: Method, *, differentiate: str = "autograd", keep_output: bool = False, capture: bool | str = False
+) -> Update:
     """``update(state, batch, noise) -> (new_state, metrics)``: one step of ``method`` with given randomness.
 
     ``differentiate``: ``autograd`` (fastest for one model) or ``func`` (composes with ``torch.func``
-    transforms). ``keep_output`` adds the forward's output to the metrics as ``output``.
+    transforms). ``keep_output`` adds the forward's output to the metrics as ``output``. ``capture`` records
+    the update as a CUDA graph per input shape and replays it (``yolozu.functional.capture``; eager on CPU).
     """
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
@@ -269,15 +273,15 @@ def make_update(method: Method, *, differentiate: str = "autograd", keep_output:
             metrics["output"] = aux.output
         return new_state, metrics
 
-    return update
+    return maybe_captured(update, capture)
 
 
 def make_step(
-    method: Method, *, differentiate: str = "autograd", keep_output: bool = False
+    method: Method, *, differentiate: str = "autograd", keep_output: bool = False, capture: bool | str = False
 ) -> Callable[[TTTState, Any, Key | None], tuple[TTTState, dict]]:
-    """``step(state, batch, key) -> (new_state, metrics)``: draws the method's randomness from ``key``, then
-    ``make_update``'s update."""
-    update = make_update(method, differentiate=differentiate, keep_output=keep_output)
+    """``step(state, batch, key) -> (new_state, metrics)``: draws the method's randomness from ``key`` (outside
+    any capture), then ``make_update``'s update (``capture``: recorded as a CUDA graph and replayed)."""
+    update = make_update(method, differentiate=differentiate, keep_output=keep_output, capture=capture)
 
     def step(state: TTTState, batch: Any, key: Key | None = None) -> tuple[TTTState, dict]:
         return update(state, batch, method.draw(key, state.source, batch))

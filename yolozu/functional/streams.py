@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
 from yolozu.functional.state import combine, stack, tree_map, unstack
 from yolozu.functional.step import LossOutput, Method, TTTState, apply_gradients, gradients_autograd, pass_noise
@@ -114,11 +115,12 @@ def _dim(tree: Any) -> int | None:
     return None if tree is None else 0
 
 
-def streams_update(method: Method, *, keep_output: bool = False) -> Callable:
+def streams_update(method: Method, *, keep_output: bool = False, capture: bool | str = False) -> Callable:
     """``method``'s update over K stacked states: ``(stacked_state, batches, noises) -> (stacked_state, metrics)``.
 
     ``noises`` are the per-stream draws (``method.draw`` for each stream's key, stacked), or None for a
-    method without randomness. Equal, stream by stream, to K separate updates.
+    method without randomness. Equal, stream by stream, to K separate updates. ``capture``: recorded as a CUDA
+    graph per input shape and replayed (``yolozu.functional.capture``).
     """
 
     def run(state: TTTState, batches: Any, noises: Any = None) -> tuple[TTTState, dict]:
@@ -151,4 +153,4 @@ def streams_update(method: Method, *, keep_output: bool = False) -> Callable:
             metrics["output"] = aux.output
         return _single(state, new_parts), metrics
 
-    return run
+    return maybe_captured(run, capture)

@@ -65,11 +65,12 @@ def make_tent_step(
     bn: str = "running",
     differentiate: str = "autograd",
     keep_output: bool = False,
+    capture: bool = False,
 ):
     """Build ``tent_step(state, batch, key) -> (new_state, metrics)`` over ``apply`` (``bridge.make_apply``).
 
     ``key`` is accepted for a uniform step signature and unused (Tent is deterministic). ``bn`` picks the
-    BatchNorm mode (``step.BN_MODES``).
+    BatchNorm mode (``step.BN_MODES``); ``capture`` replays a CUDA graph of the step (``step.make_step``).
     """
     method = tent_method(apply, optimizer, readout=readout, bn=bn)
-    return make_step(method, differentiate=differentiate, keep_output=keep_output)
+    return make_step(method, differentiate=differentiate, keep_output=keep_output, capture=capture)

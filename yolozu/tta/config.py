@@ -79,6 +79,10 @@ COMMON = {
         "online: predict after the update, or reuse the adaptation's forward pass (Tent's reference code)",
         one_of(*ONLINE_PREDICT),
     ),
+    "capture": setting(
+        False,
+        "record each update as a CUDA graph per batch shape and replay it (fewer kernel launches; CPU: no effect)",
+    ),
 }
 POSITIONAL = (
     "enabled", "method", "reset", "steps", "batch_size", "lr", "stop_on_non_finite", "rollback_on_stop",

@@ -90,7 +90,11 @@ class Adaptation:
         # unseeded (None), the keys follow torch's global generator, as YOLOZU's unseeded runs do
         self.root = rng.key(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,))))
         self._drive = make_driver(
-            self.method, config.guard_limits(), rollback=config.rollback_on_stop, keep_output=keep_output
+            self.method,
+            config.guard_limits(),
+            rollback=config.rollback_on_stop,
+            keep_output=keep_output,
+            capture=config.capture,
         )
         self._metric_names = ROW_METRICS + self.method.metric_names
         self._clip = config.max_grad_norm

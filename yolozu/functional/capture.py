@@ -1,0 +1,185 @@
+"""Captured steps: a pure function of fixed-shape tensors recorded once as a CUDA graph, then replayed.
+
+At small batches a GPU step is launch-bound: the CPU spends longer issuing a step's hundreds of kernels than the
+GPU spends running them. ``captured(fn)`` records ``fn`` once per input signature (tree structure, shapes,
+dtypes, devices) with ``torch.cuda.graph`` and replays the recording, one launch per call. Purity makes this
+safe: a call copies its inputs into the graph's own input tensors, replays, and copies the outputs out into
+fresh tensors, so the caller's inputs are never written and a result stays valid after later calls. Inputs
+that ``fn`` passes through unchanged (frozen parameters, the source) are read where they are, not copied; a
+call that passes other tensors in their place captures again. A new shape (the last, smaller batch) is a new
+capture; on tensors that are not on CUDA, ``fn`` runs eagerly.
+
+``fn`` must be capturable: no reads of tensor values on the CPU (``.item()``, ``bool(t)``), no shapes that
+depend on values, randomness passed in as inputs (the core draws it from keys outside the step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+BACKENDS = ("auto", "eager", "cuda", "rerun")
+"""``auto``: a CUDA graph when the inputs are on CUDA, else eager; ``eager``: ``fn`` itself; ``cuda``: a CUDA
+graph (an error elsewhere); ``rerun``: the captured path with ``fn`` run again instead of a replay, which checks
+the input and output handling on any device."""
+
+
+def _signature(leaves: list, spec: Any) -> Hashable:
+    """What a recording is valid for: the tree's structure and each leaf's shape, dtype and device (or value)."""
+    parts = [
+        (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, Tensor) else ("value", repr(x))
+        for x in leaves
+    ]
+    return (repr(spec), tuple(parts))
+
+
+def _address(t: Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``targets[i] <- sources[i]`` with one multi-tensor copy per dtype (a launch or two, not one per tensor)."""
+    if not targets:
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(targets, sources)
+
+
+class _Recording(NamedTuple):
+    """One captured signature: the graph, its input tensors (static ones copied into, direct ones read in
+    place), its outputs, and for each output leaf where it comes from."""
+
+    replay: Callable[[], None]
+    static_index: list[int]  # input leaf positions copied into ``statics``
+    statics: list[Tensor]
+    direct: dict[int, tuple]  # input leaf position -> address of the tensor read in place
+    held: list[Tensor]  # the direct tensors, kept alive so their memory stays theirs
+    out_spec: Any
+    out_leaves: list  # graph output tensors, or constants
+    out_source: list[int | None]  # output leaf -> the input leaf it passes through (None: a graph output)
+
+
+def _passed_through(fn: Callable, args: tuple, leaves: list, spec: Any) -> set[int]:
+    """Run ``fn`` once on the caller's inputs (a warm-up) and return the input positions it returns unchanged."""
+    out_leaves, _ = tree_flatten(fn(*args))
+    ids = {id(x): i for i, x in enumerate(leaves) if isinstance(x, Tensor)}
+    return {ids[id(x)] for x in out_leaves if isinstance(x, Tensor) and id(x) in ids}
+
+
+def _record(fn: Callable, args: tuple, backend: str, warmup: int, pool: Any) -> _Recording:
+    leaves, spec = tree_flatten(args)
+    tensors = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+    on_cuda = backend == "cuda"
+    stream = torch.cuda.Stream() if on_cuda else None
+    if on_cuda:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # no-op for None
+        through = _passed_through(fn, args, leaves, spec)
+        static_index = [i for i in tensors if i not in through]
+        statics = [torch.empty_like(leaves[i]) for i in static_index]
+        _copy_all(statics, [leaves[i] for i in static_index])
+        inputs = list(leaves)
+        for i, t in zip(static_index, statics):
+            inputs[i] = t
+        static_args = tree_unflatten(inputs, spec)
+        for _ in range(warmup - 1):
+            fn(*static_args)
+    if on_cuda:
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the loader's pinning thread may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = fn(*static_args)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"this step cannot be captured as a CUDA graph ({error}); run it uncaptured (capture=False, "
+                "--no-ttt-capture)"
+            ) from error
+        replay = graph.replay
+    else:
+        out = fn(*static_args)
+        replay = None
+    out_leaves, out_spec = tree_flatten(out)
+    ids = {id(x): i for i, x in enumerate(inputs) if isinstance(x, Tensor)}
+    out_source = [ids.get(id(x)) if isinstance(x, Tensor) else None for x in out_leaves]
+    if replay is None:  # rerun: run fn again on the same input tensors and copy its results into the outputs
+
+        def replay() -> None:
+            again, _ = tree_flatten(fn(*static_args))
+            pairs = [(o, a) for o, a, s in zip(out_leaves, again, out_source) if isinstance(o, Tensor) and s is None]
+            _copy_all([o for o, _ in pairs], [a for _, a in pairs])
+
+    direct = {i: _address(leaves[i]) for i in through}
+    return _Recording(replay, static_index, statics, direct, [leaves[i] for i in through], out_spec, out_leaves,
+                      out_source)
+
+
+def _run(recording: _Recording, leaves: list) -> Any:
+    """Copy the inputs in, replay, and copy the outputs out into fresh tensors."""
+    _copy_all(recording.statics, [leaves[i] for i in recording.static_index])
+    recording.replay()
+    fresh = [
+        torch.empty_like(x) if isinstance(x, Tensor) and s is None else None
+        for x, s in zip(recording.out_leaves, recording.out_source)
+    ]
+    copied = [i for i, f in enumerate(fresh) if f is not None]
+    _copy_all([fresh[i] for i in copied], [recording.out_leaves[i] for i in copied])
+    result = []
+    for x, s, f in zip(recording.out_leaves, recording.out_source, fresh):
+        result.append(leaves[s] if s is not None else (f if f is not None else x))
+    return tree_unflatten(result, recording.out_spec)
+
+
+def _backend_for(leaves: list, backend: str) -> str:
+    if backend != "auto":
+        return backend
+    devices = {x.device.type for x in leaves if isinstance(x, Tensor)}
+    return "cuda" if devices == {"cuda"} else "eager"
+
+
+def captured(fn: Callable, *, backend: str = "auto", warmup: int = 3, cache_size: int = 4) -> Callable:
+    """``fn`` (pure, over trees of tensors) recorded once per input signature and replayed (module docstring).
+
+    ``warmup``: eager runs before a capture (the first on the caller's inputs finds the passed-through ones);
+    ``cache_size``: recordings kept, the least recently used dropped first. The function returned has
+    ``recordings()``, the number of captures made so far.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"capture backend must be one of {BACKENDS}, got {backend!r}")
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the run that finds the passed-through inputs), got {warmup}")
+    cache: dict[Hashable, _Recording] = {}
+    made = [0]
+    pool: list[Any] = []
+
+    def call(*args: Any) -> Any:
+        leaves, spec = tree_flatten(args)
+        kind = _backend_for(leaves, backend)
+        if kind == "eager":
+            return fn(*args)
+        if kind == "cuda" and not pool:
+            pool.append(torch.cuda.graph_pool_handle())
+        key = _signature(leaves, spec)
+        recording = cache.pop(key, None)
+        if recording is None or any(_address(leaves[i]) != a for i, a in recording.direct.items()):
+            recording = _record(fn, args, kind, warmup, pool[0] if pool else None)
+            made[0] += 1
+        cache[key] = recording
+        while len(cache) > cache_size:
+            cache.pop(next(iter(cache)))
+        return _run(recording, leaves)
+
+    call.recordings = lambda: made[0]
+    return call
+
+
+def maybe_captured(fn: Callable, capture: bool | str) -> Callable:
+    """``fn`` as the ``capture`` option of a step builder says: False: ``fn`` itself; True: ``captured(fn)``; a
+    backend name (``BACKENDS``): ``captured(fn, backend=capture)``."""
+    if capture is False:
+        return fn
+    return captured(fn, backend="auto" if capture is True else capture)
