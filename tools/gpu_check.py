@@ -8,7 +8,7 @@ seconds is skipped (and says so) so that the summary is always written.
 Without CUDA it says so and runs the same steps on CPU on a few images (a dry run of the script); the exit
 code is 0 when every step passed and both determinism checks found identical runs.
 
-    python tools/gpu_check.py [--out runs/gpu] [--shift-images 100] [--budget 360]
+    python tools/gpu_check.py [--out runs/gpu] [--shift-images 30] [--budget 330]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def steps(device: str, out: Path, shift_images: int) -> list[tuple[str, list[str
     """The (name, command) of every step, most important first; on CPU the same steps on a few images."""
     py = sys.executable
     dry = device == "cpu"
-    core = ["--rounds", "1", "--batches", "1", "--image-size", "32", "--width", "8"] if dry else ["--rounds", "30"]
+    core = ["--rounds", "1", "--batches", "1", "--image-size", "32", "--width", "8"] if dry else ["--rounds", "15"]
     r50 = ["--rounds", "1", "--batches", "1", "--image-size", "64", "--streams-batches", "1"] if dry else [
-        "--rounds", "20", "--image-size", "224", "--streams-batches", "1", "8"]
+        "--rounds", "10", "--image-size", "224", "--streams-batches", "1", "8"]
     export = [py, "tools/export_predictions.py", "--adapter", "detector", "--dataset", "data/demo", "--split"]
     export += [SPLIT, "--device", device, "--wrap", "--quiet", "--seed", "0", *(["--max-images", "8"] if dry else [])]
     tent = ["--ttt", "--ttt-method", "tent", "--ttt-lr", "3e-3", "--ttt-update-filter", "norm_only"]
@@ -136,40 +136,25 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/gpu")
-    parser.add_argument("--shift-images", type=int, default=100, help="images per split of the shift benchmark")
-    parser.add_argument("--budget", type=float, default=360.0, help="seconds after which no step starts (360)")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not cuda:
-        print("gpu-check: no CUDA device here; a CPU dry run of the same steps on a few images", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    make_data(env)
-    done = []
-    for name, command in steps(device, out, args.shift_images):
-        start = time.perf_counter()
-        if start - started > args.budget:
-            done.append({"name": name, "status": "skipped (out of time)", "seconds": 0.0, "tail": ""})
-            print(f"gpu-check: {name}: skipped, {start - started:.0f} s spent", file=sys.stderr, flush=True)
-            continue
-        try:
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
-            status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-            text = result.stdout + result.stderr
-        except subprocess.TimeoutExpired as expired:
-            status = f"TIMED OUT ({STEP_TIMEOUT} s)"
-            text = "".join(x.decode() if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
-        seconds = time.perf_counter() - start
-        (out / f"{name.replace(' ', '_')}.log").write_text(text)
-        tail = text[-2000:]
-        done.append({"name": name, "status": status, "seconds": seconds, "tail": tail})
-        print(f"gpu-check: {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+def run_step(name: str, command: list[str], out: Path, env: dict) -> dict:
+    """Run one step with a time limit; its whole output goes to a log beside the summary."""
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        text = result.stdout + result.stderr
+    except subprocess.TimeoutExpired as expired:
+        status = f"TIMED OUT ({STEP_TIMEOUT} s)"
+        text = "".join(x.decode() if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
+    seconds = time.perf_counter() - start
+    (out / f"{name.replace(' ', '_')}.log").write_text(text)
+    print(f"gpu-check: {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return {"name": name, "status": status, "seconds": seconds, "tail": text[-2000:]}
+
+
+def write_summary(out: Path, cuda: bool, done: list[dict]) -> list[str]:
+    """summary.json and summary.md as far as the steps got (rewritten after every step, so that a run stopped
+    from outside still leaves one); returns the names of what failed."""
     determinism = {s: _same_run(out, s) for s in ("online", "sample")
                    if all((out / f"det_{s}_{r}.json").is_file() for r in ("a", "b"))}
     summary = {
@@ -185,8 +170,33 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary))
+    return [s["name"] for s in done if s["status"] != "passed"] + [k for k, v in determinism.items() if not v]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu")
+    parser.add_argument("--shift-images", type=int, default=30, help="images per split of the shift benchmark")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds after which no step starts (330)")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        print("gpu-check: no CUDA device here; a CPU dry run of the same steps on a few images", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    make_data(env)
+    done = []
+    for name, command in steps(device, out, args.shift_images):
+        if time.perf_counter() - started > args.budget:
+            done.append({"name": name, "status": "skipped (out of time)", "seconds": 0.0, "tail": ""})
+            print(f"gpu-check: {name}: skipped, {time.perf_counter() - started:.0f} s spent", file=sys.stderr)
+        else:
+            done.append(run_step(name, command, out, env))
+        failed = write_summary(out, cuda, done)
     print(f"gpu-check: wrote {out / 'summary.md'} and summary.json", file=sys.stderr)
-    failed = [s["name"] for s in done if s["status"] != "passed"] + [k for k, v in determinism.items() if not v]
     if failed:
         print(f"gpu-check: failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
