@@ -18,7 +18,8 @@ def test_recipe_flags_give_the_recipe_config_through_the_cli(name):
     recipe = recipes.RECIPES[name]
     args = build_parser().parse_args(["--dataset", "d", "--output", "o", *recipes.export_flags(name)])
     if recipe.ttt is None:
-        assert not args.ttt and (args.bn_stats == "batch") == recipe.bn_stats
+        assert not args.ttt and (args.bn_stats != "running") == recipe.bn_stats
+        assert args.bn_stats == recipe.bn or not recipe.bn_stats
     else:
         assert ttt_config(args).replace(seed=0) == recipe.config()
 
@@ -141,3 +142,54 @@ def test_plot_ttt_log_draws_a_log_and_rejects_other_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"predictions": []}))
     with pytest.raises(ValueError, match="not a TTT log"):
         plot_log(tmp_path / "bad.json", tmp_path / "bad.png")
+
+
+def _continual(scores: dict) -> dict:
+    """Continual results whose segments (the 15 corruptions, then clean val) score ``scores[method][i]``."""
+    splits = [f"val-{c}-5" for c in CORRUPTIONS] + ["val"]
+    rows = [{"split": s, "method": m, "map50": v[i], "map": v[i] / 2, "images": 10, "seconds": 1.0}
+            for m, v in scores.items() for i, s in enumerate(splits)]
+    return {"recipes": {m: {"label": m} for m in scores}, "splits": splits, "rows": rows, "images_per_split": 10,
+            "seconds": 60.0, "date": "2026-11-26", "command": "test",
+            "machine": {"platform": "p", "processor": "x", "torch_threads": 2, "device": "cpu", "torch": "t"}}
+
+
+def test_continual_line_and_targets_are_computed_from_the_rows(tmp_path):
+    from yolozu.demo.bench import continual_report
+
+    flat = [0.5] * 15
+    late_drop = [0.54] * 10 + [0.49] * 5  # better early, below BN statistics on the last five: a collapse
+    res = _continual({"source": flat + [0.9], "bn": flat + [0.89], "tent": [0.53] * 15 + [0.85],
+                      "cotta": late_drop + [0.895]})
+    line = continual_report.continual_line(res)
+    assert line == ("Continual: best method tent, mean mAP50 over 15 corruptions at severity 5 in sequence: "
+                    "BatchNorm statistics 0.500 -> 0.530 (+3.0 points)")
+    targets = "\n".join(continual_report.target_lines(report.Results(res)))
+    assert "tent +3.00: **met**" in targets
+    assert "tent no lower than BatchNorm statistics on each of the last 5 corruptions: **met**" in targets
+    assert ("cotta no lower than BatchNorm statistics on each of the last 5 corruptions: below on val-brightness-5, "
+            "val-contrast-5, val-elastic_transform-5, val-pixelate-5, val-jpeg_compression-5: **not met**") in targets
+    assert "tent: clean mAP50 after the stream 0.850, +5.00 points below source: **not met**" in targets
+    assert "cotta: clean mAP50 after the stream 0.895, +0.50 points below source: **met**" in targets
+    continual_report.write_continual_report(res, tmp_path)
+    assert (tmp_path / "benchmarks-continual.md").read_text().splitlines()[2] == line
+    assert (tmp_path / "benchmarks-continual.png").stat().st_size > 1000
+    quick = _results({"source": 0.2, "bn": 0.3, "tent": 0.35}, {"source": 0.9, "bn": 0.9, "tent": 0.9},
+                     {"source": 1.0, "bn": 1.0, "tent": 1.0})
+    lines = report.headline_lines(report.Results(quick), res)
+    assert lines[2] == line and lines[3] == "Over BN: online, severity 5, points over BatchNorm statistics: tent +5.0"
+
+
+def test_continual_stream_scores_each_segment_of_one_run(tmp_path):
+    from yolozu.demo.bench import continual
+
+    write_split(tmp_path, "val", 4, seed=5, spec=SynthSpec(image_size=160))
+    write_corrupted_split(tmp_path, "fog", 5, seed=0)
+    splits = ["val-fog-5", "val"]
+    stream = continual.run(str(tmp_path), ["source", "tent"], 4, stream_splits=splits, progress=False)
+    reset = shift.run(str(tmp_path), splits, ["source", "tent"], images=4, memory_images=2, progress=False)
+    got = {(r["split"], r["method"]): r["map50"] for r in stream["rows"]}
+    want = {(r["split"], r["method"]): r["map50"] for r in reset["rows"]}
+    assert set(got) == set(want)
+    assert all(got[(s, "source")] == want[(s, "source")] for s in splits)  # no state: the segments score alike
+    assert stream["splits"] == splits and all(r["images"] == 4 for r in stream["rows"])

@@ -5,7 +5,11 @@ the ImageNet-C validation protocol), never on the 15 test corruptions.
 Every candidate runs on the held-out splits at severities 3 and 5 (300 images each) and is scored by mean mAP50,
 printed against BatchNorm statistics alone on the same images. Each run starts from the source weights.
 
-    python tools/tune_recipes.py [--methods tent mim cotta eata sar] [--images 300] [--output runs/bench/tuning.json]
+    python tools/tune_recipes.py [--methods tent mim cotta eata sar episodic_mix bn_prior] [--images 300]
+                                 [--clean] [--output runs/bench/tuning.json]
+
+``--clean`` (and ``bn_prior``) also score each candidate's clean mAP50 drop against the source model on clean
+training images (in-distribution, and no test split).
 """
 
 import argparse
@@ -54,11 +58,18 @@ CANDIDATES = {
         {"method": "eata", **ONLINE, "lr": 3e-3, "eata_fisher_data": "train"},
         {"method": "eata", **EPISODIC, "lr": 1e-2, "steps": 2},
     ],
+    "episodic_mix": [  # Tent episodic normalising with per-image statistics, alone or mixed with the source's
+        {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2, "bn_mode": "batch"},
+        *({"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2, "bn_prior": n} for n in (2.0, 3.0, 4.0)),
+        {"method": "tent", **EPISODIC, "lr": 3e-2, "steps": 2, "bn_prior": 4.0},
+    ],
     "sar": [  # the paper's selection: norm layers minus the top block
         *({"method": "sar", **ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (3e-3, 1e-2)),
         {"method": "sar", **EPISODIC, "lr": 1e-2, "steps": 2, "update_filter": "norm_but_top"},
     ],
 }
+BN_PRIORS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+"""Strengths of the stored BatchNorm statistics tried for per-image normalisation (``--methods bn_prior``)."""
 ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
     ({"method": "tent", **ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
     ({"method": "tent", **ONLINE, "lr": 1e-2}, {"tent_peaks": 16}),
@@ -67,11 +78,45 @@ ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
 ]
 
 
+class CleanDrop:
+    """The clean mAP50 a recipe loses against the source model on the first ``images`` training images (clean and
+    in-distribution, and no test split)."""
+
+    def __init__(self, runner: Runner, dataset: str, images: int) -> None:
+        self.runner = runner
+        self.records = build_manifest(dataset, "train")[:images]
+        self.source = self.map50(Recipe("source", "source"))
+        print(f"source on {len(self.records)} clean training images: mAP50 {self.source:.4f}", flush=True)
+
+    def map50(self, recipe: Recipe) -> float:
+        return evaluate(self.runner.predict(recipe, self.records)[0], self.records)["map50"]
+
+    def __call__(self, recipe: Recipe) -> float:
+        return self.source - self.map50(recipe)
+
+
+def tune_bn_prior(args: argparse.Namespace, score, clean_drop: CleanDrop) -> list[dict]:
+    """Per-image BatchNorm statistics mixed with the stored ones, for each strength of ``--bn-priors``: the held-out
+    mean and the clean drop."""
+    found = []
+    for prior in args.bn_priors:
+        recipe = Recipe("candidate", "candidate", bn_stats=True, bn_batch=1, bn_prior=prior)
+        mean, per_split = score(recipe)
+        drop = clean_drop(recipe)
+        found.append({"bn_prior": prior, "mean": mean, "splits": per_split, "clean_drop": drop})
+        print(f"per-image BN, prior {prior}: held-out {mean:.4f}, clean drop {100 * drop:+.2f} points", flush=True)
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="data/demo")
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=[*CANDIDATES, "bn_prior"],
+                        help="bn_prior: per-image BatchNorm statistics with each prior strength of --bn-priors")
+    parser.add_argument("--bn-priors", type=float, nargs="+", default=list(BN_PRIORS), metavar="N",
+                        help="strengths (images) tried by --methods bn_prior (0: per-image statistics alone)")
+    parser.add_argument("--clean", action="store_true", help="also the clean mAP50 drop of every candidate")
     parser.add_argument("--output", default="runs/bench/tuning.json")
     args = parser.parse_args(argv)
     splits = splits_for(HELDOUT_CORRUPTIONS, (3, 5))[1:]
@@ -85,13 +130,20 @@ def main(argv=None) -> int:
     bn, bn_splits = score(Recipe("bn", "bn", bn_stats=True))
     print(f"BatchNorm statistics only: mean mAP50 {bn:.4f} over {', '.join(splits)}", flush=True)
     results = {"splits": splits, "bn": {"mean": bn, "splits": bn_splits}, "candidates": []}
-    runs = [(ttt, {}) for m in args.methods for ttt in CANDIDATES[m]]
+    clean_drop = CleanDrop(runner, args.dataset, args.images) if args.clean or "bn_prior" in args.methods else None
+    if "bn_prior" in args.methods:
+        results["bn_prior"] = tune_bn_prior(args, score, clean_drop)
+    runs = [(ttt, {}) for m in args.methods if m != "bn_prior" for ttt in CANDIDATES[m]]
     runs += [run for run in ADAPTER_CANDIDATES if "tent" in args.methods]
     for ttt, adapter in runs:
         start = time.perf_counter()
-        mean, per_split = score(Recipe("candidate", "candidate", ttt, adapter=adapter))
-        results["candidates"].append({"ttt": ttt, "adapter": adapter, "mean": mean, "splits": per_split})
-        print(f"{mean:.4f} ({100 * (mean - bn):+.2f} vs BN) {time.perf_counter() - start:4.0f}s {ttt} {adapter}",
+        recipe = Recipe("candidate", "candidate", ttt, adapter=adapter)
+        mean, per_split = score(recipe)
+        drop = clean_drop(recipe) if clean_drop else None
+        results["candidates"].append({"ttt": ttt, "adapter": adapter, "mean": mean, "splits": per_split,
+                                      "clean_drop": drop})
+        clean = f", clean drop {100 * drop:+.2f} points" if drop is not None else ""
+        print(f"{mean:.4f} ({100 * (mean - bn):+.2f} vs BN{clean}) {time.perf_counter() - start:4.0f}s {ttt} {adapter}",
               flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output, results, indent=1)

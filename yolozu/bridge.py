@@ -20,6 +20,9 @@ from torch.func import functional_call
 from yolozu.functional.state import Params, copy
 from yolozu.functional.step import BN_MODES, Apply
 
+BN_PRIOR = 16.0
+"""The default strength, in images, of the stored statistics in BatchNorm's ``mix`` mode (``step.BN_MODES``)."""
+
 BatchStats = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 """``batch_stats(x) -> (mean, var, count)``: the per-channel mean and biased variance a BatchNorm layer normalises
 its input ``x`` (``(N, C, ...)``) with, and the number of values per channel they summarise (a 0-d tensor)."""
@@ -110,14 +113,46 @@ def _hooked_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStat
     return forward
 
 
+def _mixed_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats | None, prior: float) -> Callable:
+    """``module``'s forward normalising with its stored statistics as a prior of ``prior`` images mixed with the
+    batch's (``step.BN_MODES``, ``mix``); running statistics are not updated. Under a shared ``batch_stats`` the
+    batch's image count is every rank's (its count of values per channel over the spatial size). A layer that
+    stores no statistics normalises with the batch's."""
+
+    def forward(x: Tensor) -> Tensor:
+        if batch_stats is None:
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
+            images: Any = x.shape[0]
+        else:
+            mean, var, count = batch_stats(x)
+            images = count / x[0, 0].numel()
+        if module.running_mean is not None:
+            weight = prior / (prior + images)
+            mean = torch.lerp(mean, module.running_mean.to(mean.dtype), weight)
+            var = torch.lerp(var, module.running_var.to(var.dtype), weight)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        if module.affine:
+            y = y * module.weight.reshape(shape) + module.bias.reshape(shape)
+        return y.to(x.dtype)
+
+    return forward
+
+
 @contextlib.contextmanager
-def _norms_using(norms: Sequence[nn.Module], batch_stats: BatchStats | None) -> Iterator[None]:
-    """Every BatchNorm layer of ``norms`` normalising with ``batch_stats`` for the duration (nothing without one)."""
-    if batch_stats is None:
+def _norms_using(
+    norms: Sequence[nn.Module], batch_stats: BatchStats | None, prior: float | None = None
+) -> Iterator[None]:
+    """Every BatchNorm layer of ``norms`` normalising with ``batch_stats`` for the duration (nothing without one),
+    or, given a ``prior``, with the stored statistics mixed with the batch's (``_mixed_norm``)."""
+    if batch_stats is None and prior is None:
         yield
         return
     for module in norms:
-        module.forward = _hooked_norm(module, batch_stats)
+        if prior is None:
+            module.forward = _hooked_norm(module, batch_stats)
+        else:
+            module.forward = _mixed_norm(module, batch_stats, prior)
     try:
         yield
     finally:
@@ -126,13 +161,18 @@ def _norms_using(norms: Sequence[nn.Module], batch_stats: BatchStats | None) -> 
 
 
 def make_apply(
-    model: nn.Module, forward: Callable[..., Any] | None = None, *, batch_stats: BatchStats | None = None
+    model: nn.Module,
+    forward: Callable[..., Any] | None = None,
+    *,
+    batch_stats: BatchStats | None = None,
+    bn_prior: float = BN_PRIOR,
 ) -> Apply:
     """``model`` as a pure forward over explicit tensors: ``apply(params, buffers, x, *, bn_mode="running",
     **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
     ``forward(model, x, **forward_kwargs)`` replaces ``model(x, ...)`` (e.g. a user's ``recon_fn``); it sees
     the module holding the given tensors. ``batch_stats`` (``BatchStats``), in the modes that normalise with
-    batch statistics, gives the statistics every BatchNorm layer uses and updates its running ones with.
+    batch statistics, gives the statistics every BatchNorm layer uses and updates its running ones with;
+    ``bn_prior`` is the strength, in images, of the stored statistics in the ``mix`` mode.
 
     The buffers passed in are never modified: in the modes that normalise with batch statistics the module
     updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
@@ -146,8 +186,9 @@ def make_apply(
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         training = bn_mode != "eval"
-        work = copy(buffers) if training else buffers
-        with training_mode(modules, training), _norms_using(norms, batch_stats if training else None):
+        work = copy(buffers) if bn_mode in ("running", "batch") else buffers  # those update running statistics
+        prior = bn_prior if bn_mode == "mix" else None
+        with training_mode(modules, training), _norms_using(norms, batch_stats if training else None, prior):
             if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)
             elif slots is None:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from yolozu.adapter_args import AdapterUsageError, adapter_from_args
+from yolozu.bridge import BN_PRIOR
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.determinism import set_deterministic
@@ -106,6 +107,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--tta-flip-prob must be in [0, 1] (a probability), got {args.tta_flip_prob}")
     if args.tta_seed is not None and args.tta_seed < 0:
         raise UsageError(f"--tta-seed must be >= 0, got {args.tta_seed}")
+    if args.bn_prior is not None and (args.bn_stats != "mix" or args.bn_prior < 0):
+        raise UsageError(f"--bn-prior applies to --bn-stats mix and must be >= 0 (images), got {args.bn_prior} with "
+                         f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode mix --ttt-bn-prior N")
     flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only")
     given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
     if given and not args.tta:
@@ -169,8 +173,9 @@ def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Par
             predictions = adapter.predict(records)
             bar.update(len(records))
         else:
-            bn = "batch" if args.bn_stats == "batch" else "eval"
-            predictions = Predictor(adapter, tta=tta).predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+            bn = "eval" if args.bn_stats == "running" else args.bn_stats
+            predictor = Predictor(adapter, tta=tta, bn_prior=BN_PRIOR if args.bn_prior is None else args.bn_prior)
+            predictions = predictor.predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
     return predictions, disabled_report(config)
 
 
@@ -183,6 +188,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         "seed": args.seed,
         "deterministic": args.deterministic,
         "bn_stats": args.bn_stats,
+        **({"bn_prior": BN_PRIOR if args.bn_prior is None else args.bn_prior} if args.bn_stats == "mix" else {}),
         "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from yolozu.adapter import Prediction, Record, missing_ttt_hooks
-from yolozu.bridge import BatchStats, make_apply
+from yolozu.bridge import BN_PRIOR, BatchStats, make_apply
 from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
 
@@ -70,11 +70,17 @@ def chunks(records: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
 
 class Predictor:
     """Decoded predictions of ``adapter`` for given params and buffers (default: the model's own), normalised
-    with BatchNorm mode ``bn``: ``eval``, the stored running statistics, or ``batch``, the statistics of the test
-    batch (nothing updated; ``batch_stats``, a ``bridge.BatchStats`` hook, gives them: e.g. every rank's batch)."""
+    with BatchNorm mode ``bn``: ``eval``, the stored running statistics, ``batch``, the statistics of the test
+    batch (nothing updated; ``batch_stats``, a ``bridge.BatchStats`` hook, gives them: e.g. every rank's batch),
+    or ``mix``, the stored ones as a prior of ``bn_prior`` images mixed with the batch's."""
 
     def __init__(
-        self, adapter: object, *, tta: FlipTTAConfig | None = None, batch_stats: BatchStats | None = None
+        self,
+        adapter: object,
+        *,
+        tta: FlipTTAConfig | None = None,
+        batch_stats: BatchStats | None = None,
+        bn_prior: float = BN_PRIOR,
     ) -> None:
         missing = missing_predict_hooks(adapter)
         if missing:
@@ -85,7 +91,7 @@ class Predictor:
         self.adapter = adapter
         self.model = adapter.get_model()
         self.tta = tta
-        self._apply = make_apply(self.model, batch_stats=batch_stats)
+        self._apply = make_apply(self.model, batch_stats=batch_stats, bn_prior=bn_prior)
         self.non_finite: list[str] = []
         """Images whose model output had a non-finite value, in prediction order (each once)."""
         self._non_finite_seen: set[str] = set()

@@ -27,7 +27,7 @@ from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key, generator
 from yolozu.functional.settings import many_of, number, one_of, setting, str_tuple
 from yolozu.functional.state import Params, combine
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, view_bn_mode
 
 AUGMENTATIONS = ("identity", "hflip")
 AGGREGATIONS = ("confidence_weighted_mean", "mean")
@@ -138,7 +138,7 @@ class CoTTASettings:
 def teacher_prepare(apply: Apply, readout: Readout, settings: CoTTASettings, bn: str):
     """CoTTA's ``prepare``: the teacher's soft targets for a batch (no gradient). The teacher and source views
     normalise like the student but leave the running statistics alone."""
-    view_bn = "eval" if bn == "eval" else "batch"
+    view_bn = view_bn_mode(bn)
 
     def scores_in_frame(params: Params, buffers: Params, x: Tensor, name: str) -> Tensor:
         if name == "identity":

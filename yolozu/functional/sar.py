@@ -30,7 +30,7 @@ from yolozu.functional import optim
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params, combine, tree_where
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState, grad_params
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, grad_params, view_bn_mode
 
 
 class SARState(NamedTuple):
@@ -119,7 +119,7 @@ def sar_method(
     rho = s.rho * s.first_step_scale
 
     def first_pass(trainable: Params, state: TTTState, batch: Tensor) -> tuple[Tensor, Tensor]:
-        view = "eval" if bn == "eval" else "batch"  # the second pass alone updates running statistics
+        view = view_bn_mode(bn)  # the second pass alone updates running statistics
         output, _ = apply(combine(state.frozen, trainable), state.buffers, batch, bn_mode=view)
         entropy, reliable = reliable_entropy(readout.class_rows(output), s.e_margin)
         return masked_mean(entropy, reliable), reliable

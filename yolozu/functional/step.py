@@ -19,14 +19,24 @@ from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
 from yolozu.functional.state import Params, combine, extract, partition
 
-BN_MODES = ("running", "batch", "eval")
+BN_MODES = ("running", "batch", "eval", "mix")
 """How BatchNorm normalises while adapting:
 
 - ``running``: batch statistics; running statistics updated and returned in the new buffers (train mode,
   what a YOLOZU user gets from ``model.train()``);
 - ``batch``: batch statistics; running statistics left as they were (the Tent paper's configuration);
-- ``eval``: the stored running statistics; nothing updated.
+- ``eval``: the stored running statistics; nothing updated;
+- ``mix``: the stored statistics as a prior of strength N images mixed with a batch of n images' own,
+  ``mean = N/(N+n) mean_source + n/(N+n) mean_batch`` and the same for the variance (Schneider et al., NeurIPS
+  2020, "Improving robustness against common corruptions by covariate shift adaptation"); nothing updated. For
+  small batches and single images, where batch statistics alone are noisy and cost clean accuracy.
 """
+
+
+def view_bn_mode(bn_mode: str) -> str:
+    """The normalisation of an extra forward that must not update running statistics (a teacher's view, a
+    second pass): ``bn_mode`` itself, ``batch`` in place of ``running``."""
+    return "batch" if bn_mode == "running" else bn_mode
 
 DIFFERENTIATE = ("autograd", "func")
 """``autograd``: ``torch.autograd.grad`` (fastest for one model); ``func``: ``torch.func.grad`` (composes with

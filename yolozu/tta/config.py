@@ -20,6 +20,7 @@ from yolozu.functional.guards import GuardLimits
 from yolozu.functional.methods import METHODS, MethodEntry, entry
 from yolozu.functional.optim import OPTIMIZERS
 from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
+from yolozu.bridge import BN_PRIOR
 from yolozu.functional.step import BN_MODES
 from yolozu.tta.presets import PRESETS, preset_values
 
@@ -70,8 +71,11 @@ COMMON = {
     "bn_mode": setting(
         "running",
         "BatchNorm while adapting: running (batch statistics, running stats updated), batch (batch statistics "
-        "only), eval (stored stats)",
+        "only), eval (stored stats), mix (stored stats as a prior of bn_prior images mixed with the batch's)",
         one_of(*BN_MODES),
+    ),
+    "bn_prior": setting(
+        BN_PRIOR, "bn_mode mix: the stored statistics' strength in images (Schneider et al. 2020's N)", number(0)
     ),
     "streams": setting(1, "sample reset: images adapted at once, vmapped", number(1, integer=True)),
     "online_predict": setting(
@@ -114,9 +118,9 @@ class _Config:
 
     @property
     def prediction_bn(self) -> str:
-        """The BatchNorm normalisation predictions use: the adaptation's (batch statistics unless ``bn_mode``
-        is ``eval``)."""
-        return "eval" if self.bn_mode == "eval" else "batch"
+        """The BatchNorm normalisation predictions use: the adaptation's (``batch`` for ``running``: predictions
+        update no running statistics)."""
+        return "batch" if self.bn_mode == "running" else self.bn_mode
 
     @classmethod
     def from_preset(cls, preset: str | None, **explicit: Any) -> "TTTConfig":

@@ -49,7 +49,8 @@ def build_method(
         clip = config.max_grad_norm
         optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
     build = entry(config.method).build
-    apply = make_apply(model, forward, batch_stats=shared.batch_stats() if shared is not None else None)
+    stats = shared.batch_stats() if shared is not None else None
+    apply = make_apply(model, forward, batch_stats=stats, bn_prior=config.bn_prior)
     if shared is not None:
         optimizer = optim.chain(shared.gradients(), optimizer)
     method = build(apply, optimizer, config.method_settings(), readout=readout, bn=config.bn_mode, **method_options)

@@ -58,8 +58,11 @@ class Results:
         )
 
 
-def headline_lines(res: Results) -> list[str]:
-    """The benchmark's two summary lines (best method; BatchNorm statistics baseline) at severity 5."""
+def headline_lines(res: Results, continual: dict | None = None) -> list[str]:
+    """The benchmark's summary lines at severity 5: the best method, the BatchNorm statistics baseline, the
+    continual stream's best method (from its results, when given) and every online gradient method over BN."""
+    from yolozu.demo.bench.continual_report import continual_line
+
     source = res.mean("source", 5)
     candidates = [m for m in res.methods if not m.startswith(("source", "bn"))] or ["bn"]
     best = max(candidates, key=lambda m: res.mean(m, 5))
@@ -72,9 +75,14 @@ def headline_lines(res: Results) -> list[str]:
             f"{value:.3f} ({100 * (value - source):+.1f} points)"
         )
 
+    bn = res.mean("bn", 5)
+    online = [m for m in GRADIENT_METHODS if m in res.methods]
+    over = ", ".join(f"{m} {100 * (res.mean(m, 5) - bn):+.1f}" for m in online)
     return [
         line("Headline: best method", res.raw["recipes"][best]["label"], best),
         line("Baseline", "BatchNorm statistics only", "bn"),
+        *([continual_line(continual)] if continual else []),
+        *([f"Over BN: online, severity 5, points over BatchNorm statistics: {over}"] if online else []),
     ]
 
 
@@ -210,8 +218,9 @@ def provenance(results: dict) -> str:
     )
 
 
-def write_report(results: dict, docs: Path, scope: str) -> list[Path]:
-    """Write the markdown report and plots; returns the paths written."""
+def write_report(results: dict, docs: Path, scope: str, continual: dict | None = None) -> list[Path]:
+    """Write the markdown report and plots; returns the paths written. ``continual``: the continual protocol's
+    results, for its line under the baseline."""
     from yolozu.demo.plot_log import plot_log
 
     res = Results(results)
@@ -224,7 +233,7 @@ def write_report(results: dict, docs: Path, scope: str) -> list[Path]:
         written.append(plot_log(log, docs / f"{stem}-tent-loss.png"))
     lines = (
         [f"# Shift benchmark ({scope})", ""]
-        + headline_lines(res)
+        + headline_lines(res, continual)
         + [
             "",
             provenance(results),
@@ -289,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text())
-    for path in write_report(results, Path(args.docs), results.get("scope", "quick")):
+    stream = Path(args.results).parent / "continual.json"
+    continual = json.loads(stream.read_text()) if stream.is_file() else None
+    for path in write_report(results, Path(args.docs), results.get("scope", "quick"), continual):
         print(path)
     return 0
 

@@ -13,6 +13,7 @@ Peak memory is measured once per recipe on a fixed subset. Everything lands in o
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -72,8 +73,20 @@ class Runner:
             )
             return predictions, report.to_dict()
         if recipe.bn_stats:
-            return Predictor(adapter).predict(records, bn="batch", batch_size=recipe.bn_batch), None
+            predictor = Predictor(adapter, **({} if recipe.bn_prior is None else {"bn_prior": recipe.bn_prior}))
+            return predictor.predict(records, bn=recipe.bn, batch_size=recipe.bn_batch), None
         return adapter.predict(records), None
+
+
+def machine(device: str) -> dict:
+    """Where a benchmark ran (for its provenance line)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+    }
 
 
 def splits_for(corruptions: Sequence[str], severities: Sequence[int]) -> list[str]:
@@ -140,13 +153,7 @@ def run(
     return {
         "loss_curve_log": str(curve) if log_dir and curve.is_file() else None,
         "date": date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "device": device,
-            "torch": torch.__version__,
-        },
+        "machine": machine(device),
         "dataset": dataset,
         "images_per_split": images,
         "splits": list(splits),
@@ -201,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.docs and name != "heldout" and {"source", "bn"} <= set(args.recipes):
         from yolozu.demo.bench.report import write_report
 
-        for path in write_report(results, Path(args.docs), name):
+        stream = output.parent / "continual.json"  # the continual protocol's results, when make bench made them
+        continual = json.loads(stream.read_text()) if name == "quick" and stream.is_file() else None
+        for path in write_report(results, Path(args.docs), name, continual):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

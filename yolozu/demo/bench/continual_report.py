@@ -1,0 +1,120 @@
+"""docs/benchmarks-continual.md and its plot from the continual protocol's results (``yolozu.demo.bench.continual``).
+
+Every line is computed from the measured rows: the ``Continual:`` line (also written into docs/benchmarks.md by
+the quick report), the targets met or not, mAP50 per corruption along the stream.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from yolozu.demo.bench.report import Results, _table
+
+TARGETS = {
+    "gain": 2.0,  # points of mean mAP50 over BatchNorm statistics, best method
+    "last": 5,  # corruptions at the end of the stream where no method may fall below BatchNorm statistics
+    "clean_drop": 1.0,  # points of clean mAP50 below source after the stream, at most
+}
+
+
+def corruptions(res: Results) -> list[str]:
+    """The stream's corrupted segments, in order (clean val, at the end, aside)."""
+    return [s for s in res.splits if s != "val"]
+
+
+def mean(res: Results, method: str) -> float:
+    return statistics.fmean(res.score(method, s) for s in corruptions(res))
+
+
+def best_method(res: Results) -> str:
+    return max((m for m in res.methods if m not in ("source", "bn")), key=lambda m: mean(res, m))
+
+
+def continual_line(results: dict) -> str:
+    """``Continual: best method NAME, mean mAP50 over N corruptions at severity 5 in sequence: BatchNorm
+    statistics X -> Y (+Z points)``."""
+    res = Results(results)
+    best = best_method(res)
+    bn, value = mean(res, "bn"), mean(res, best)
+    return (
+        f"Continual: best method {best}, mean mAP50 over {len(corruptions(res))} corruptions at severity 5 in "
+        f"sequence: BatchNorm statistics {bn:.3f} -> {value:.3f} ({100 * (value - bn):+.1f} points)"
+    )
+
+
+def target_lines(res: Results) -> list[str]:
+    """Each target with its measured value, met or not."""
+    best = best_method(res)
+    gain = 100 * (mean(res, best) - mean(res, "bn"))
+    out = [f"- The best method gains at least {TARGETS['gain']:.0f} points over BatchNorm statistics along the "
+           f"stream: {best} {gain:+.2f}: **{'met' if gain >= TARGETS['gain'] else 'not met'}**."]
+    last = corruptions(res)[-TARGETS["last"]:]
+    for method in res.methods:
+        if method in ("source", "bn"):
+            continue
+        below = [s for s in last if res.score(method, s) < res.score("bn", s)]
+        out.append(f"- {method} no lower than BatchNorm statistics on each of the last {len(last)} corruptions: "
+                   + (f"below on {', '.join(below)}: **not met**." if below else "**met**."))
+    source = res.score("source", "val")
+    for method in res.methods:
+        drop = 100 * (source - res.score(method, "val"))
+        out.append(f"- {method}: clean mAP50 after the stream {res.score(method, 'val'):.3f}, {drop:+.2f} points "
+                   f"below source: **{'met' if drop <= TARGETS['clean_drop'] else 'not met'}**.")
+    return out
+
+
+def plot_stream(res: Results, path: Path) -> Path:
+    """mAP50 along the stream, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    names = [s.removeprefix("val-").removesuffix("-5") if s != "val" else "clean" for s in res.splits]
+    for method in res.methods:
+        ax.plot(range(len(names)), [res.score(method, s) for s in res.splits], marker="o", label=method)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("mAP50")
+    ax.set_title("Continual stream (severity 5, no reset), then clean val")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_continual_report(results: dict, docs: Path) -> list[Path]:
+    res = Results(results)
+    docs.mkdir(parents=True, exist_ok=True)
+    plot = plot_stream(res, docs / "benchmarks-continual.png")
+    m = results["machine"]
+    header = ["segment", *res.methods]
+    rows = [[s, *(f"{res.score(method, s):.3f}" for method in res.methods)] for s in res.splits]
+    rows.append(["mean of the corruptions", *(f"{mean(res, method):.3f}" for method in res.methods)])
+    lines = [
+        "# Shift benchmark (continual)",
+        "",
+        continual_line(results),
+        "",
+        f"The 15 corruptions at severity 5 in the standard order as one stream, never reset, then clean val; "
+        f"{results['images_per_split']} images per segment. Measured on {results['date']} by "
+        f"`{results['command']}` on {m['processor']}, {m['torch_threads']} torch threads, device {m['device']}, "
+        f"torch {m['torch']}; {results['seconds'] / 60:.1f} minutes in all. Episodic recipes restart at every "
+        "image, so the stream changes nothing for them: their figures are in [benchmarks.md](benchmarks.md).",
+        "",
+        "## Targets",
+        "",
+        *target_lines(res),
+        "",
+        "## mAP50 along the stream",
+        "",
+        f"![mAP50 along the stream]({plot.name})",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+    path = docs / "benchmarks-continual.md"
+    path.write_text("\n".join(lines))
+    return [path, plot]
