@@ -73,8 +73,7 @@ def run(
         "dataset": dataset,
         "images_per_split": images,
         "splits": list(stream_splits),
-        "recipes": {n: {"label": RECIPES[n].label, "ttt": RECIPES[n].ttt, "bn_stats": RECIPES[n].bn_stats,
-                        "adapter": RECIPES[n].adapter} for n in recipes},
+        "recipes": {n: RECIPES[n].meta() for n in recipes},
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
@@ -91,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results = run(args.dataset, args.recipes, args.images, args.device)
-    results["command"] = "python -m yolozu.demo.bench.continual " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = " ".join(["python -m yolozu.demo.bench.continual", *(sys.argv[1:] if argv is None else argv)])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output, results, indent=1)
     print(f"wrote {args.output} ({results['seconds']:.0f} s)", file=sys.stderr)

@@ -37,6 +37,11 @@ class Recipe:
         """The BatchNorm normalisation of a recipe without TTT: ``mix`` with a prior, else ``batch``."""
         return "batch" if self.bn_prior is None else "mix"
 
+    def meta(self) -> dict[str, Any]:
+        """What a results file records of the recipe."""
+        return {"label": self.label, "ttt": self.ttt, "bn_stats": self.bn_stats, "bn_prior": self.bn_prior,
+                "adapter": self.adapter}
+
     def config(self) -> TTTConfig:
         """The validated TTT config (disabled when the recipe has none)."""
         return TTTConfig(enabled=True, **self.ttt) if self.ttt is not None else TTTConfig()

@@ -157,9 +157,7 @@ def run(
         "dataset": dataset,
         "images_per_split": images,
         "splits": list(splits),
-        "recipes": {
-            r.name: {"label": r.label, "ttt": r.ttt, "bn_stats": r.bn_stats, "adapter": r.adapter} for r in chosen
-        },
+        "recipes": {r.name: r.meta() for r in chosen},
         "rows": rows,
         "peak_memory_bytes": memory,
         "memory_split": memory_split,
