@@ -97,18 +97,23 @@ def _update_running(module: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: 
         module.running_var.copy_(module.running_var * (1 - factor) + unbiased * factor)
 
 
+def _normalise(module: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """BatchNorm's output for ``x`` with the per-channel ``mean`` and ``var`` given, and the layer's affine."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+    if module.affine:
+        y = y * module.weight.reshape(shape) + module.bias.reshape(shape)
+    return y.to(x.dtype)
+
+
 def _hooked_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats) -> Callable[[Tensor], Tensor]:
     """``module``'s training-mode forward, normalising with the statistics ``batch_stats`` returns."""
 
     def forward(x: Tensor) -> Tensor:
         mean, var, count = batch_stats(x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
-        if module.affine:
-            y = y * module.weight.reshape(shape) + module.bias.reshape(shape)
         if module.track_running_stats and module.running_mean is not None:
             _update_running(module, mean.detach(), var.detach(), count.detach())
-        return y.to(x.dtype)
+        return _normalise(module, x, mean, var)
 
     return forward
 
@@ -130,11 +135,7 @@ def _mixed_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats
             weight = prior / (prior + images)
             mean = torch.lerp(mean, module.running_mean.to(mean.dtype), weight)
             var = torch.lerp(var, module.running_var.to(var.dtype), weight)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
-        if module.affine:
-            y = y * module.weight.reshape(shape) + module.bias.reshape(shape)
-        return y.to(x.dtype)
+        return _normalise(module, x, mean, var)
 
     return forward
 

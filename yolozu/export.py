@@ -165,6 +165,11 @@ def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: P
     return predictions, report
 
 
+def _bn_prior(args: argparse.Namespace) -> float:
+    """``--bn-prior``, or its default."""
+    return BN_PRIOR if args.bn_prior is None else args.bn_prior
+
+
 def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
     """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
     del part
@@ -174,7 +179,7 @@ def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Par
             bar.update(len(records))
         else:
             bn = "eval" if args.bn_stats == "running" else args.bn_stats
-            predictor = Predictor(adapter, tta=tta, bn_prior=BN_PRIOR if args.bn_prior is None else args.bn_prior)
+            predictor = Predictor(adapter, tta=tta, bn_prior=_bn_prior(args))
             predictions = predictor.predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
     return predictions, disabled_report(config)
 
@@ -188,7 +193,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         "seed": args.seed,
         "deterministic": args.deterministic,
         "bn_stats": args.bn_stats,
-        **({"bn_prior": BN_PRIOR if args.bn_prior is None else args.bn_prior} if args.bn_stats == "mix" else {}),
+        **({"bn_prior": _bn_prior(args)} if args.bn_stats == "mix" else {}),
         "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }

@@ -55,14 +55,13 @@ class _Recording(NamedTuple):
     replay: Callable[[], None]
     static_index: list[int]  # input leaf positions copied into ``statics``
     statics: list[Tensor]
-    direct: dict[int, tuple]  # input leaf position -> address of the tensor read in place
-    held: list[Tensor]  # the direct tensors, kept alive so their memory stays theirs
+    direct: dict[int, Tensor]  # input leaf position -> the tensor read in place (held: its memory stays its own)
     out_spec: Any
     out_leaves: list  # graph output tensors, or constants
     out_source: list[int | None]  # output leaf -> the input leaf it passes through (None: a graph output)
 
 
-def _passed_through(fn: Callable, args: tuple, leaves: list, spec: Any) -> set[int]:
+def _passed_through(fn: Callable, args: tuple, leaves: list) -> set[int]:
     """Run ``fn`` once on the caller's inputs (a warm-up) and return the input positions it returns unchanged."""
     out_leaves, _ = tree_flatten(fn(*args))
     ids = {id(x): i for i, x in enumerate(leaves) if isinstance(x, Tensor)}
@@ -77,7 +76,7 @@ def _record(fn: Callable, args: tuple, backend: str, warmup: int, pool: Any) -> 
     if on_cuda:
         stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # no-op for None
-        through = _passed_through(fn, args, leaves, spec)
+        through = _passed_through(fn, args, leaves)
         static_index = [i for i in tensors if i not in through]
         statics = [torch.empty_like(leaves[i]) for i in static_index]
         _copy_all(statics, [leaves[i] for i in static_index])
@@ -113,9 +112,8 @@ def _record(fn: Callable, args: tuple, backend: str, warmup: int, pool: Any) -> 
             pairs = [(o, a) for o, a, s in zip(out_leaves, again, out_source) if isinstance(o, Tensor) and s is None]
             _copy_all([o for o, _ in pairs], [a for _, a in pairs])
 
-    direct = {i: _address(leaves[i]) for i in through}
-    return _Recording(replay, static_index, statics, direct, [leaves[i] for i in through], out_spec, out_leaves,
-                      out_source)
+    direct = {i: leaves[i] for i in through}
+    return _Recording(replay, static_index, statics, direct, out_spec, out_leaves, out_source)
 
 
 def _run(recording: _Recording, leaves: list) -> Any:
@@ -165,7 +163,7 @@ def captured(fn: Callable, *, backend: str = "auto", warmup: int = 3, cache_size
             pool.append(torch.cuda.graph_pool_handle())
         key = _signature(leaves, spec)
         recording = cache.pop(key, None)
-        if recording is None or any(_address(leaves[i]) != a for i, a in recording.direct.items()):
+        if recording is None or any(_address(leaves[i]) != _address(t) for i, t in recording.direct.items()):
             recording = _record(fn, args, kind, warmup, pool[0] if pool else None)
             made[0] += 1
         cache[key] = recording

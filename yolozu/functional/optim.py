@@ -12,9 +12,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor
 
-from yolozu.functional.state import Params
+from yolozu.functional.state import Params, foreach_ready
 
 
 class GradientTransformation(NamedTuple):
@@ -43,10 +42,6 @@ class ScaleByAdamState(NamedTuple):
     nu: Params
 
 
-def _use_foreach(tensors: Sequence[Tensor]) -> bool:
-    return bool(tensors) and not any(is_functorch_wrapped_tensor(t) for t in tensors)
-
-
 def _rebuild(like: Params, values: Sequence[Tensor]) -> Params:
     return dict(zip(like.keys(), values))
 
@@ -66,14 +61,14 @@ def global_norm(tree: Params) -> Tensor:
     leaves = list(tree.values())
     if not leaves:
         return torch.zeros((), device=_device(tree))
-    norms = torch._foreach_norm(leaves) if _use_foreach(leaves) else [t.norm() for t in leaves]
+    norms = torch._foreach_norm(leaves) if foreach_ready(leaves) else [t.norm() for t in leaves]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def global_norms(*trees: Params) -> list[Tensor]:
     """``global_norm`` of each tree, from a single foreach launch over all their tensors."""
     leaves = [t for tree in trees for t in tree.values()]
-    if not _use_foreach(leaves):
+    if not foreach_ready(leaves):
         return [global_norm(tree) for tree in trees]
     norms = torch._foreach_norm(leaves)
     out, start = [], 0
@@ -87,7 +82,7 @@ def global_norms(*trees: Params) -> list[Tensor]:
 def scale(tree: Params, factor: Tensor | float) -> Params:
     """Every tensor multiplied by ``factor`` (a number or a 0-d tensor)."""
     leaves = list(tree.values())
-    if _use_foreach(leaves):
+    if foreach_ready(leaves):
         return _rebuild(tree, torch._foreach_mul(leaves, factor))
     return {name: t * factor for name, t in tree.items()}
 
@@ -96,7 +91,7 @@ def apply_updates(params: Params, updates: Params) -> Params:
     """``params + updates`` leaf-wise, as new tensors."""
     leaves = list(params.values())
     steps = [updates[name] for name in params]
-    if _use_foreach(leaves + steps):
+    if foreach_ready(leaves + steps):
         return _rebuild(params, torch._foreach_add(leaves, steps))
     return {name: p + u for (name, p), u in zip(params.items(), steps)}
 
@@ -105,7 +100,7 @@ def tree_sub(a: Params, b: Params) -> Params:
     """``a - b`` leaf-wise over the names of ``a``."""
     left = list(a.values())
     right = [b[name] for name in a]
-    if _use_foreach(left + right):
+    if foreach_ready(left + right):
         return _rebuild(a, torch._foreach_sub(left, right))
     return {name: x - y for (name, x), y in zip(a.items(), right)}
 
@@ -187,7 +182,7 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         g = list(grads.values())
         mu_old = [state.mu[name] for name in grads]
         nu_old = [state.nu[name] for name in grads]
-        if _use_foreach(g + mu_old + nu_old):
+        if foreach_ready(g + mu_old + nu_old):
             mu = torch._foreach_lerp(mu_old, g, 1.0 - b1)
             nu = torch._foreach_mul(nu_old, b2)
             torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)

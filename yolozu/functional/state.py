@@ -27,11 +27,17 @@ def extract(model: nn.Module) -> tuple[Params, Params]:
     return params, buffers
 
 
+def foreach_ready(tensors: Sequence[Tensor]) -> bool:
+    """True when ``tensors`` can go through one multi-tensor (``torch._foreach_*``) call: some tensors, none of
+    them wrapped by a ``torch.func`` transform (``vmap`` batches per-tensor ops only)."""
+    return bool(tensors) and not any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def copy(tensors: Mapping[str, Tensor]) -> Params:
     """New tensors equal to ``tensors`` (``clone`` of each). Outside ``torch.func`` transforms one multi-tensor
     copy does them all: a clone per tensor is a kernel launch each, 159 for a ResNet-50's BatchNorm buffers."""
     leaves = list(tensors.values())
-    if not leaves or any(is_functorch_wrapped_tensor(t) or t.requires_grad for t in leaves):
+    if not foreach_ready(leaves) or any(t.requires_grad for t in leaves):
         return {name: t.clone() for name, t in tensors.items()}
     fresh = [torch.empty_like(t) for t in leaves]
     torch._foreach_copy_(fresh, leaves)
