@@ -101,6 +101,18 @@ bench-full: bench-continual
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all
 	$(PY) -m yolozu.demo.bench.shift --full
 
+# make bench-tv: the quick scope on another model family through --adapter (a plug-in factory and its checkpoint),
+# in the torchvision venv (make test-torchvision makes it) -> runs/bench/quick-tv.json, docs/benchmarks-tv.md.
+# Recipes the adapter cannot run (MIM without a reconstruction head) are skipped, with the reason in the report.
+TV_ADAPTER ?= yolozu.demo.tv_detector:adapter
+TV_CHECKPOINT ?= yolozu/models/checkpoints/fcos_small.pt
+.PHONY: bench-tv
+bench-tv:
+	@test -x $(TV_VENV)/bin/python || { echo "no $(TV_VENV): run make test-torchvision first" >&2; exit 2; }
+	$(TV_VENV)/bin/python tools/make_demo_data.py --root data/demo --corruptions all --severities 5
+	$(TV_VENV)/bin/python -m yolozu.demo.bench.shift --quick --adapter $(TV_ADAPTER) --checkpoint $(TV_CHECKPOINT) \
+	  --output runs/bench/quick-tv.json --docs docs/benchmarks-tv.md
+
 # make test-gpu: only the CUDA tests (they skip without a GPU; make test runs them too, skipped, and their CPU twins).
 .PHONY: test-gpu
 test-gpu: $(STAMP)

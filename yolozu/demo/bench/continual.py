@@ -23,7 +23,8 @@ import torch
 
 from yolozu.data import build_manifest
 from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES
-from yolozu.demo.bench.shift import Runner, machine
+from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args
+from yolozu.demo.bench.shift import data_root, default_docs, default_output, machine, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
 from yolozu.eval import evaluate
@@ -35,6 +36,18 @@ CONTINUAL = tuple(name for name in BENCHMARKED if not name.endswith("-sample"))
 """The recipes whose state carries along a stream (episodic ones restart at every image)."""
 
 
+def _stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
+    """One row per segment of one recipe's stream: its slice of the predictions scored, its share of the time."""
+    total = sum(len(records) for _, records in segments)
+    rows, at = [], 0
+    for index, (split, records) in enumerate(segments):
+        scores = evaluate(predictions[at : at + len(records)], records)
+        rows.append({"split": split, "segment": index, "method": name, "map50": scores["map50"],
+                     "map": scores["map"], "images": len(records), "seconds": seconds * len(records) / total})
+        at += len(records)
+    return rows
+
+
 def run(
     dataset: str,
     recipes: Sequence[str],
@@ -43,61 +56,78 @@ def run(
     *,
     stream_splits: Sequence[str] = STREAM,
     progress: bool = True,
+    runner: Runner | None = None,
+    scope: str = "continual",
 ) -> dict:
-    """Every recipe once over the whole stream (``STREAM``: its splits in order); the rows score each segment."""
-    runner = Runner(device, dataset)
-    segments = {split: build_manifest(dataset, split)[:images] for split in stream_splits}
-    stream = [record for records in segments.values() for record in records]
+    """Every recipe the adapter supports once over the whole stream (``stream_splits`` in order; a split may
+    come back, as in the gradual protocol); the rows score each segment. ``runner``: the model (default: the
+    built-in detector); ``skipped``: the recipes it cannot run, with the reason."""
+    runner = runner or Runner(device, dataset)
+    cache: dict[str, list[dict]] = {}
+    segments = [(split, cache.setdefault(split, build_manifest(dataset, split)[:images])) for split in stream_splits]
+    stream = [record for _, records in segments for record in records]
+    skipped = skipped_recipes(runner, recipes, segments[0][1])
+    chosen = [name for name in recipes if name not in skipped]
     rows, started = [], time.perf_counter()
-    for name in recipes:
+    for name in chosen:
         start = time.perf_counter()
         predictions, report = runner.predict(RECIPES[name], stream)
-        seconds = time.perf_counter() - start
-        at = 0
-        for split, records in segments.items():
-            scores = evaluate(predictions[at : at + len(records)], records)
-            share = seconds * len(records) / len(stream)
-            rows.append({"split": split, "method": name, "map50": scores["map50"], "map": scores["map"],
-                         "images": len(records), "seconds": share})
-            at += len(records)
+        rows += _stream_rows(name, predictions, segments, time.perf_counter() - start)
         if progress:
-            corrupted = rows[-len(segments) : -1]
+            corrupted = [r for r in rows[-len(segments):] if r["split"] != "val"]
             mean = sum(r["map50"] for r in corrupted) / max(1, len(corrupted))
             steps = f", {report['steps_run']} steps" if report else ""
-            print(f"continual {name:<8} mean mAP50 {mean:.3f}, clean at the end {rows[-1]['map50']:.3f}"
-                  f"{steps}, {len(stream) / seconds:.1f} img/s", file=sys.stderr, flush=True)
+            print(f"{scope} {name:<8} mean mAP50 {mean:.3f}, at the end ({segments[-1][0]}) {rows[-1]['map50']:.3f}"
+                  f"{steps}, {len(stream) / (time.perf_counter() - start):.1f} img/s", file=sys.stderr, flush=True)
     return {
-        "scope": "continual",
+        "scope": scope,
         "date": date.today().isoformat(),
         "machine": machine(device),
         "dataset": dataset,
+        "model": runner.describe(),
         "images_per_split": images,
         "splits": list(stream_splits),
-        "recipes": {n: RECIPES[n].meta() for n in recipes},
+        "recipes": {n: RECIPES[n].meta() for n in chosen},
+        "skipped": skipped,
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="data/demo")
-    parser.add_argument("--images", type=int, default=96, help="images per corruption (default 96: 1,536 in all)")
+def add_flags(parser: argparse.ArgumentParser, images: int, protocol: str) -> None:
+    """The flags the continual and gradual protocols share: data, images, recipes, model, output and docs."""
+    parser.add_argument("--dataset", help="the data (default: data/demo, or data/demo-seed<S> for --seed S)")
+    parser.add_argument("--seed", type=int, default=0, help="the demo data's seed (tools/make_demo_data.py --seed)")
+    parser.add_argument("--images", type=int, default=images, help=f"images per segment (default {images})")
     parser.add_argument("--recipes", nargs="+", default=list(CONTINUAL), choices=list(CONTINUAL))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", default="runs/bench/continual.json")
-    parser.add_argument("--docs", default="docs", help="where benchmarks-continual.md and its plot go ('' to skip)")
+    parser.add_argument("--output", help=f"results JSON (default runs/bench/{protocol}[-<adapter>][-seed<S>].json)")
+    parser.add_argument("--docs", help=f"the report: a folder (benchmarks-{protocol}.md and its plot go there), a "
+                        f".md path (its plot beside it), or '' to skip (default: docs; "
+                        f"docs/benchmarks-{protocol}-<adapter>.md for a plug-in)")
+    add_model_flags(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, 96, "continual")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    results = run(args.dataset, args.recipes, args.images, args.device)
+    dataset = data_root(args.dataset, args.seed)
+    results = run(dataset, args.recipes, args.images, args.device, runner=runner_from_args(args, dataset))
+    results["data_seed"] = args.seed
     results["command"] = " ".join(["python -m yolozu.demo.bench.continual", *(sys.argv[1:] if argv is None else argv)])
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output, results, indent=1)
-    print(f"wrote {args.output} ({results['seconds']:.0f} s)", file=sys.stderr)
-    if args.docs and {"source", "bn"} <= set(args.recipes):
+    output = Path(args.output or default_output("continual", args.adapter, args.seed))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, results, indent=1)
+    print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
+    for reason in results["skipped"].items():
+        print("skipped %s: %s" % reason, file=sys.stderr)
+    docs = default_docs("continual", args.adapter) if args.docs is None else args.docs
+    if docs and {"source", "bn"} <= set(results["recipes"]):
         from yolozu.demo.bench.continual_report import write_continual_report
 
-        for path in write_continual_report(results, Path(args.docs)):
+        for path in write_continual_report(results, Path(docs)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

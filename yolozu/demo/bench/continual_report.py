@@ -9,7 +9,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from yolozu.demo.bench.report import Results, _table
+from yolozu.demo.bench.report import (Results, _table, model_name, report_paths, skipped_lines,
+                                     write_text_atomic)
 
 TARGETS = {
     "gain": 2.0,  # points of mean mAP50 over BatchNorm statistics, best method
@@ -86,9 +87,12 @@ def plot_stream(res: Results, path: Path) -> Path:
 
 
 def write_continual_report(results: dict, docs: Path) -> list[Path]:
+    """Write the continual report (``docs``: a folder, or the report's .md path) and its plot; returns the
+    paths written."""
     res = Results(results)
-    docs.mkdir(parents=True, exist_ok=True)
-    plot = plot_stream(res, docs / "benchmarks-continual.png")
+    path, stem = report_paths(docs, "continual")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_stream(res, path.parent / f"{stem}.png")
     m = results["machine"]
     header = ["segment", *res.methods]
     rows = [[s, *(f"{res.score(method, s):.3f}" for method in res.methods)] for s in res.splits]
@@ -101,13 +105,15 @@ def write_continual_report(results: dict, docs: Path) -> list[Path]:
         f"The 15 corruptions at severity 5 in the standard order as one stream, never reset, then clean val; "
         f"{results['images_per_split']} images per segment. Measured on {results['date']} by "
         f"`{results['command']}` on {m['processor']}, {m['torch_threads']} torch threads, device {m['device']}, "
-        f"torch {m['torch']}; {results['seconds'] / 60:.1f} minutes in all. Episodic recipes restart at every "
-        "image, so the stream changes nothing for them: their figures are in [benchmarks.md](benchmarks.md).",
+        f"torch {m['torch']}; {model_name(results)}; {results['seconds'] / 60:.1f} minutes in all. Episodic recipes "
+        "restart at every image, so the stream changes nothing for them: their figures are in "
+        "[benchmarks.md](benchmarks.md).",
         "",
         "## Targets",
         "",
         *target_lines(res),
         "",
+        *skipped_lines(results),
         "## mAP50 along the stream",
         "",
         f"![mAP50 along the stream]({plot.name})",
@@ -115,6 +121,5 @@ def write_continual_report(results: dict, docs: Path) -> list[Path]:
         *_table(header, rows),
         "",
     ]
-    path = docs / "benchmarks-continual.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return [path, plot]

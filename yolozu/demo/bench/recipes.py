@@ -99,6 +99,9 @@ RECIPES: dict[str, Recipe] = {
 }
 BENCHMARKED = tuple(name for name in RECIPES if name != "tent-reuse")
 """The recipes ``make bench`` runs; ``tent-reuse`` (one forward per batch) is measured on its own (README)."""
+QUICK = ("source", "bn", "tent", "mim", "cotta", "eata", "sar", "bn-sample", "tent-sample")
+"""The quick scope's recipes (make bench): every online method and, of the episodic ones, BatchNorm statistics
+and Tent; ``make bench-full`` runs every benchmarked recipe."""
 GRADIENT_METHODS = ("tent", "mim", "cotta", "eata", "sar")
 
 

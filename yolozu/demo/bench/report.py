@@ -5,7 +5,9 @@ The headline and baseline lines are computed here from the measured rows, never 
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +19,16 @@ TARGETS = {
     "clean_drop": 1.0,  # points of clean mAP50 lost at most
     "tent_speed": 0.4,  # online Tent images/s relative to the no-TTT export
 }
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a
+    report."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
+    return path
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -58,10 +70,12 @@ class Results:
         )
 
 
-def headline_lines(res: Results, continual: dict | None = None) -> list[str]:
+def headline_lines(res: Results, continual: dict | None = None, gradual: dict | None = None) -> list[str]:
     """The benchmark's summary lines at severity 5: the best method, the BatchNorm statistics baseline, the
-    continual stream's best method (from its results, when given) and every online gradient method over BN."""
+    continual and gradual streams' best methods (from their results, when given) and every online gradient
+    method over BN."""
     from yolozu.demo.bench.continual_report import continual_line
+    from yolozu.demo.bench.gradual import gradual_line
 
     source = res.mean("source", 5)
     candidates = [m for m in res.methods if not m.startswith(("source", "bn"))] or ["bn"]
@@ -82,6 +96,7 @@ def headline_lines(res: Results, continual: dict | None = None) -> list[str]:
         line("Headline: best method", res.raw["recipes"][best]["label"], best),
         line("Baseline", "BatchNorm statistics only", "bn"),
         *([continual_line(continual)] if continual else []),
+        *([gradual_line(gradual)] if gradual else []),
         *([f"Over BN: online, severity 5, points over BatchNorm statistics: {over}"] if online else []),
     ]
 
@@ -133,18 +148,8 @@ def target_lines(res: Results) -> list[str]:
 
 
 def summary_table(res: Results) -> list[str]:
-    header = [
-        "method",
-        "mean mAP50 sev 5",
-        "mean mAP sev 5",
-        "vs source",
-        "vs BN stats",
-        "clean mAP50",
-        "clean vs source",
-        "images/s",
-        "speed vs no-TTT",
-        "peak MB",
-    ]
+    header = ["method", "mean mAP50 sev 5", "mean mAP sev 5", "vs source", "vs BN stats", "clean mAP50",
+              "clean vs source", "images/s", "speed vs no-TTT", "peak MB"]
     rows = []
     clean = res.score("source", "val")
     for m in res.methods:
@@ -207,33 +212,62 @@ def plot_severity5(res: Results, path: Path) -> Path:
     return path
 
 
+def model_name(results: dict) -> str:
+    """The model a results file measured: the committed detector, or the adapter spec and its checkpoint."""
+    model = results.get("model") or {"adapter": "detector"}
+    if model == {"adapter": "detector"}:
+        return "the committed detector"
+    flags = ", ".join(f"{k} {v}" for k, v in model.items() if k != "adapter")
+    return f"adapter `{model['adapter']}`" + (f" ({flags})" if flags else "")
+
+
 def provenance(results: dict) -> str:
     """When, how and where the results were measured."""
     m = results["machine"]
     return (
         f"Measured on {results['date']} by `{results['command']}` (`make bench`: quick scope; `make bench-full`: "
         f"every severity) on {m['processor']} ({m['platform']}), {m['torch_threads']} torch threads, device "
-        f"{m['device']}, torch {m['torch']}; {results['images_per_split']} images per split, the committed detector, "
+        f"{m['device']}, torch {m['torch']}; {results['images_per_split']} images per split, {model_name(results)}, "
         f"the same images and seeds for every method; {results['seconds'] / 60:.1f} minutes in all."
     )
 
 
-def write_report(results: dict, docs: Path, scope: str, continual: dict | None = None) -> list[Path]:
-    """Write the markdown report and plots; returns the paths written. ``continual``: the continual protocol's
-    results, for its line under the baseline."""
+def skipped_lines(results: dict) -> list[str]:
+    """One line per recipe the adapter could not run, with the reason."""
+    skipped = results.get("skipped") or {}
+    if not skipped:
+        return []
+    return ["## Not run", "", *(f"- {name}: {reason}" for name, reason in skipped.items()), ""]
+
+
+def report_paths(docs: Path, scope: str) -> tuple[Path, str]:
+    """Where the report goes: ``docs`` itself when it names a ``.md`` file, else ``docs/benchmarks[-scope].md``;
+    and the stem of its plots (beside it)."""
+    if docs.suffix == ".md":
+        return docs, docs.stem
+    return docs / ("benchmarks.md" if scope == "quick" else f"benchmarks-{scope}.md"), (
+        "benchmarks" if scope == "quick" else f"benchmarks-{scope}")
+
+
+def write_report(results: dict, docs: Path, scope: str, companions: dict | None = None) -> list[Path]:
+    """Write the markdown report and plots; returns the paths written. ``companions``: other results the quick
+    report summarises (``continual``, ``gradual``: those protocols'; ``seeds``: the quick scope on other data
+    seeds; ``shift.companions``)."""
+    from yolozu.demo.bench.seeds import seed_section
     from yolozu.demo.plot_log import plot_log
 
     res = Results(results)
-    docs.mkdir(parents=True, exist_ok=True)
-    stem = "benchmarks" if scope == "quick" else f"benchmarks-{scope}"
-    bars = plot_severity5(res, docs / f"{stem}-severity5.png")
+    companions = companions or {}
+    path, stem = report_paths(docs, scope)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bars = plot_severity5(res, path.parent / f"{stem}-severity5.png")
     written = [bars]
-    log = Path(results.get("loss_curve_log", ""))
+    log = Path(results.get("loss_curve_log") or "")
     if log.is_file():
-        written.append(plot_log(log, docs / f"{stem}-tent-loss.png"))
+        written.append(plot_log(log, path.parent / f"{stem}-tent-loss.png"))
     lines = (
         [f"# Shift benchmark ({scope})", ""]
-        + headline_lines(res, continual)
+        + headline_lines(res, companions.get("continual"), companions.get("gradual"))
         + [
             "",
             provenance(results),
@@ -242,6 +276,8 @@ def write_report(results: dict, docs: Path, scope: str, continual: dict | None =
             "",
             *target_lines(res),
             "",
+            *skipped_lines(results),
+            *seed_section(results, companions.get("seeds") or []),
             "## Summary",
             "",
             "Images/s is each method's whole export (loading, adaptation, prediction) over all splits; peak memory "
@@ -283,8 +319,7 @@ def write_report(results: dict, docs: Path, scope: str, continual: dict | None =
         "[benchmark notes](benchmark-notes.md).",
         "",
     ]
-    path = docs / f"{stem}.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return [path, *written]
 
 
@@ -297,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
+    from yolozu.demo.bench.shift import companions
+
     results = json.loads(Path(args.results).read_text())
-    stream = Path(args.results).parent / "continual.json"
-    continual = json.loads(stream.read_text()) if stream.is_file() else None
-    for path in write_report(results, Path(args.docs), results.get("scope", "quick"), continual):
+    results.setdefault("scope", "quick")
+    results.setdefault("model", {"adapter": "detector"})
+    for path in write_report(results, Path(args.docs), results["scope"], companions(Path(args.results), results)):
         print(path)
     return 0
 

@@ -23,60 +23,14 @@ from typing import Sequence
 
 import torch
 
-from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
 from yolozu.demo.bench.memory import peak_bytes
-from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, Recipe
+from yolozu.demo.bench.recipes import BENCHMARKED, QUICK, RECIPES, Recipe
+from yolozu.demo.bench.runner import Runner, add_model_flags, family_tag, runner_from_args
 from yolozu.demo.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
 from yolozu.eval import evaluate
-from yolozu.predict import Predictor
 from yolozu.predictions import write_json_atomic
-from yolozu.tta.config import TTTConfig
-from yolozu.tta.schedules import adapt_and_predict
-
-PREDICT_BATCH = 32
-CALIBRATION_IMAGES = 512
-"""Images of a method's in-distribution split (EATA's Fisher) the benchmark reads: the first 512 of it."""
-
-
-class Runner:
-    """Runs recipes on records, one detector per set of adapter options. Every run starts from the source
-    weights: the export's schedules adapt copies of the tensors and leave the module as it was."""
-
-    def __init__(self, device: str = "cpu", dataset: str = "data/demo") -> None:
-        self.device = device
-        self.dataset = dataset
-        self._adapters: dict[tuple, DetectorAdapter] = {}
-        self._calibration: dict[str, list[dict]] = {}
-
-    def adapter(self, recipe: Recipe) -> DetectorAdapter:
-        key = tuple(sorted(recipe.adapter.items()))
-        if key not in self._adapters:
-            self._adapters[key] = DetectorAdapter(device=self.device, batch_size=PREDICT_BATCH, **recipe.adapter)
-        return self._adapters[key]
-
-    def calibration(self, config: TTTConfig) -> list[dict] | None:
-        """The in-distribution records a method asks for (EATA's Fisher split), read once per split."""
-        split = config.calibration_split()
-        if split and split not in self._calibration:
-            self._calibration[split] = build_manifest(self.dataset, split)[:CALIBRATION_IMAGES]
-        return self._calibration.get(split) if split else None
-
-    def predict(self, recipe: Recipe, records: Sequence[dict]) -> tuple[list[dict], dict | None]:
-        """The recipe's predictions and, for TTT recipes, its report."""
-        adapter = self.adapter(recipe)
-        if recipe.ttt is not None:
-            config = recipe.config()
-            predictions, report = adapt_and_predict(
-                adapter, records, config, batch_size=PREDICT_BATCH, calibration=self.calibration(config)
-            )
-            return predictions, report.to_dict()
-        if recipe.bn_stats:
-            predictor = Predictor(adapter, **({} if recipe.bn_prior is None else {"bn_prior": recipe.bn_prior}))
-            return predictor.predict(records, bn=recipe.bn, batch_size=recipe.bn_batch), None
-        return adapter.predict(records), None
-
 
 def machine(device: str) -> dict:
     """Where a benchmark ran (for its provenance line)."""
@@ -94,6 +48,30 @@ def splits_for(corruptions: Sequence[str], severities: Sequence[int]) -> list[st
     return ["val"] + [corrupted_split_name(c, s) for c in corruptions for s in severities]
 
 
+def _row(runner: Runner, recipe: Recipe, split: str, records: list[dict], log_dir: str | None) -> dict:
+    """One recipe on one split: scores, time and, for TTT recipes, the steps (and the log under ``log_dir``)."""
+    start = time.perf_counter()
+    predictions, report = runner.predict(recipe, records)
+    seconds = time.perf_counter() - start
+    scores = evaluate(predictions, records)
+    row = {"split": split, "method": recipe.name, "map50": scores["map50"], "map": scores["map"],
+           "images": len(records), "seconds": seconds}
+    if report is not None:
+        row["steps_run"] = report["steps_run"]
+        row["stopped_early"] = report["stopped_early"]
+        if log_dir and split != "val":
+            write_json_atomic(Path(log_dir) / f"{recipe.name}__{split}.json",
+                              {"output": None, "ttt": {"method": recipe.name, "report": report}})
+    return row
+
+
+def skipped_recipes(runner: Runner, recipes: Sequence[str], records: Sequence[dict]) -> dict[str, str]:
+    """The recipes the runner's adapter cannot run, with the reason (``Runner.unsupported``), probed on
+    ``records``."""
+    reasons = {name: runner.unsupported(RECIPES[name], records) for name in recipes}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
 def run(
     dataset: str,
     splits: Sequence[str],
@@ -104,45 +82,24 @@ def run(
     memory_images: int = 32,
     log_dir: str | None = None,
     progress: bool = True,
+    runner: Runner | None = None,
 ) -> dict:
-    """Every recipe on every split; returns the JSON-ready results."""
-    runner = Runner(device, dataset)
-    chosen = [RECIPES[name] for name in recipes]
+    """Every recipe the adapter supports on every split; returns the JSON-ready results (``skipped``: the
+    others, with the reason). ``runner``: the model (default: the built-in detector)."""
+    runner = runner or Runner(device, dataset)
+    skipped = skipped_recipes(runner, recipes, build_manifest(dataset, splits[-1])[:images])
+    chosen = [RECIPES[name] for name in recipes if name not in skipped]
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-    rows = []
-    started = time.perf_counter()
+    rows, started = [], time.perf_counter()
     for split in splits:
         records = build_manifest(dataset, split)[:images]
         for recipe in chosen:
-            start = time.perf_counter()
-            predictions, report = runner.predict(recipe, records)
-            seconds = time.perf_counter() - start
-            scores = evaluate(predictions, records)
-            row = {
-                "split": split,
-                "method": recipe.name,
-                "map50": scores["map50"],
-                "map": scores["map"],
-                "images": len(records),
-                "seconds": seconds,
-            }
-            if report is not None:
-                row["steps_run"] = report["steps_run"]
-                row["stopped_early"] = report["stopped_early"]
-                if log_dir and split != "val":
-                    write_json_atomic(
-                        Path(log_dir) / f"{recipe.name}__{split}.json",
-                        {"output": None, "ttt": {"method": recipe.name, "report": report}},
-                    )
-            rows.append(row)
+            rows.append(_row(runner, recipe, split, records, log_dir))
             if progress:
-                print(
-                    f"{split:<28} {recipe.name:<13} mAP50 {row['map50']:.3f}  mAP {row['map']:.3f}  "
-                    f"{len(records) / seconds:7.1f} img/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                row = rows[-1]
+                print(f"{split:<28} {recipe.name:<13} mAP50 {row['map50']:.3f}  mAP {row['map']:.3f}  "
+                      f"{len(records) / row['seconds']:7.1f} img/s", file=sys.stderr, flush=True)
     memory_split = splits[-1]
     memory_records = build_manifest(dataset, memory_split)[:memory_images]
     memory = {}
@@ -155,9 +112,11 @@ def run(
         "date": date.today().isoformat(),
         "machine": machine(device),
         "dataset": dataset,
+        "model": runner.describe(),
         "images_per_split": images,
         "splits": list(splits),
         "recipes": {r.name: r.meta() for r in chosen},
+        "skipped": skipped,
         "rows": rows,
         "peak_memory_bytes": memory,
         "memory_split": memory_split,
@@ -166,51 +125,98 @@ def run(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+SCOPES = {
+    "quick": ((5,), 128, QUICK),
+    "full": ((1, 2, 3, 4, 5), 300, BENCHMARKED),
+    "heldout": ((3, 5), 300, BENCHMARKED),
+}
+"""Each scope's severities, default images per split and default recipes (``--quick`` is make bench's)."""
+
+
+def data_root(dataset: str | None, seed: int) -> str:
+    """``--dataset``, else the demo data of ``--seed`` (``data/demo`` for 0, ``data/demo-seed<S>`` for others)."""
+    return dataset or ("data/demo" if seed == 0 else f"data/demo-seed{seed}")
+
+
+def default_output(scope: str, adapter: str, seed: int) -> Path:
+    """``runs/bench/<scope>[-<adapter tag>][-seed<S>].json``: the built-in detector on seed 0 is ``<scope>.json``."""
+    tag = "" if adapter == "detector" else f"-{family_tag(adapter)}"
+    return Path(f"runs/bench/{scope}{tag}{'' if seed == 0 else f'-seed{seed}'}.json")
+
+
+def default_docs(scope: str, adapter: str) -> Path:
+    """``docs`` for the built-in detector; else ``docs/benchmarks[-<scope>]-<adapter tag>.md``, so another model's
+    report never replaces the detector's."""
+    if adapter == "detector":
+        return Path("docs")
+    return Path(f"docs/benchmarks{'' if scope == 'quick' else f'-{scope}'}-{family_tag(adapter)}.md")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--quick", action="store_true", help="15 corruptions at severity 5 (default)")
-    scope.add_argument("--full", action="store_true", help="15 corruptions x severities 1-5")
+    scope.add_argument("--quick", action="store_true", help="15 corruptions at severity 5, the quick recipes (default)")
+    scope.add_argument("--full", action="store_true", help="15 corruptions x severities 1-5, every recipe")
     scope.add_argument("--heldout", action="store_true", help="the 4 held-out corruptions at severities 3 and 5")
-    parser.add_argument("--dataset", default="data/demo")
-    parser.add_argument("--images", type=int, default=300, help="images per split (default 300)")
+    parser.add_argument("--dataset", help="the data (default: data/demo, or data/demo-seed<S> for --seed S)")
+    parser.add_argument("--seed", type=int, default=0, help="the demo data's seed (tools/make_demo_data.py --seed)")
+    parser.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS) + list(HELDOUT_CORRUPTIONS),
+                        help="only these corruptions (default: the scope's)")
+    parser.add_argument("--images", type=int, help="images per split (default: quick 128, full and heldout 300)")
     parser.add_argument("--memory-images", type=int, default=32, help="images of the peak-memory export (32)")
-    parser.add_argument("--recipes", nargs="+", default=list(BENCHMARKED), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), help="default: the scope's")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", help="results JSON (default runs/bench/<scope>.json)")
-    parser.add_argument("--docs", default="docs", help="where benchmarks.md and the plots go ('' to skip)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", help="results JSON (default runs/bench/<scope>[-<adapter>][-seed<S>].json)")
+    parser.add_argument("--docs", help="the report: a folder (benchmarks*.md and plots go there), a .md path (its "
+                        "plots beside it), or '' to skip (default: docs; docs/benchmarks-<adapter>.md for a plug-in)")
+    add_model_flags(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     name = "full" if args.full else "heldout" if args.heldout else "quick"
-    if args.full:
-        splits = splits_for(CORRUPTIONS, (1, 2, 3, 4, 5))
-    elif args.heldout:
-        splits = splits_for(HELDOUT_CORRUPTIONS, (3, 5))
-    else:
-        splits = splits_for(CORRUPTIONS, (5,))
-    output = Path(args.output or f"runs/bench/{name}.json")
+    severities, images, recipes = SCOPES[name]
+    corruptions = args.corruptions or (HELDOUT_CORRUPTIONS if name == "heldout" else CORRUPTIONS)
+    dataset = data_root(args.dataset, args.seed)
+    output = Path(args.output or default_output(name, args.adapter, args.seed))
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    results = run(
-        args.dataset,
-        splits,
-        args.recipes,
-        images=args.images,
-        device=args.device,
-        memory_images=args.memory_images,
-        log_dir=str(output.parent / f"{name}-logs"),
-    )
-    results["scope"] = name
+    recipes = args.recipes or list(recipes)
+    results = run(dataset, splits_for(corruptions, severities), recipes, images=args.images or images,
+                  device=args.device, memory_images=args.memory_images, log_dir=str(output.with_suffix("")) + "-logs",
+                  runner=runner_from_args(args, dataset))
+    results.update(scope=name, data_seed=args.seed)
     results["command"] = "python -m yolozu.demo.bench.shift " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json_atomic(output, results, indent=1)
     print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
-    if args.docs and name != "heldout" and {"source", "bn"} <= set(args.recipes):
+    for reason in results["skipped"].items():
+        print("skipped %s: %s" % reason, file=sys.stderr)
+    docs = default_docs(name, args.adapter) if args.docs is None else args.docs
+    if docs and name != "heldout" and {"source", "bn"} <= set(results["recipes"]):
         from yolozu.demo.bench.report import write_report
 
-        stream = output.parent / "continual.json"  # the continual protocol's results, when make bench made them
-        continual = json.loads(stream.read_text()) if name == "quick" and stream.is_file() else None
-        for path in write_report(results, Path(args.docs), name, continual):
+        for path in write_report(results, Path(docs), name, companions(output, results)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def companions(output: Path, results: dict) -> dict:
+    """The results the quick report reads beside its own in ``output``'s folder: the continual and gradual
+    protocols' (same model) and the quick scope's on other data seeds (``quick-seed<S>.json``)."""
+    if results["scope"] != "quick":
+        return {}
+    tag = "" if results["model"]["adapter"] == "detector" else f"-{family_tag(results['model']['adapter'])}"
+    found = {}
+    for protocol in ("continual", "gradual"):
+        path = output.parent / f"{protocol}{tag}.json"
+        data = json.loads(path.read_text()) if path.is_file() else None
+        if data and data.get("model", {"adapter": "detector"}) == results["model"]:
+            found[protocol] = data
+    if results.get("data_seed", 0) == 0:
+        seeds = sorted(output.parent.glob(f"quick{tag}-seed*.json"))
+        found["seeds"] = [json.loads(p.read_text()) for p in seeds]
+    return found
 
 
 if __name__ == "__main__":

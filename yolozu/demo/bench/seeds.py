@@ -1,0 +1,78 @@
+"""How much the quick scope's headline moves with the demo data's seed: a guard against tuning to our own images.
+
+The quick scope run on data made with another seed (``tools/make_demo_data.py --seed 1 --root data/demo-seed1``,
+then ``python -m yolozu.demo.bench.shift --quick --seed 1``) writes ``runs/bench/quick-seed1.json``; the seed-0
+report compares each method's mean mAP50 at severity 5 and its points over BatchNorm statistics between the seeds.
+"""
+
+from __future__ import annotations
+
+from yolozu.demo.bench.report import Results, _table
+
+
+def comparable(results: dict, other: dict) -> str | None:
+    """Why two quick results cannot be compared (another scope, images per split, splits or model), or None."""
+    for key in ("images_per_split", "splits", "model", "scope"):
+        if results.get(key) != other.get(key):
+            return f"its {key.replace('_', ' ')} differ"
+    return None
+
+
+def _figures(res: Results, method: str) -> tuple[float, float]:
+    """Mean mAP50 at severity 5 and its points over BatchNorm statistics."""
+    return res.mean(method, 5), 100 * (res.mean(method, 5) - res.mean("bn", 5))
+
+
+def seed_spread(results: dict, other: dict) -> dict:
+    """Per method (in both results) the mean mAP50 and points over BN on each seed; the largest moves."""
+    mine, theirs = Results(results), Results(other)
+    methods = [m for m in mine.methods if m in theirs.methods]
+    rows = {m: (*_figures(mine, m), *_figures(theirs, m)) for m in methods}
+    gradient = [m for m in methods if m not in ("source", "bn", "bn-sample")]
+    best = [max(gradient, key=lambda m, r=r: r.mean(m, 5)) if gradient else None for r in (mine, theirs)]
+    return {
+        "rows": rows,
+        "map50": max(methods, key=lambda m: abs(rows[m][2] - rows[m][0])),
+        "over_bn": max(gradient or methods, key=lambda m: abs(rows[m][3] - rows[m][1])),
+        "best": best,
+    }
+
+
+def seed_lines(results: dict, others: list[dict]) -> list[str]:
+    """The report's ``Seeds:`` line and table for each other data seed (or why it is left out)."""
+    out: list[str] = []
+    seed = results.get("data_seed", 0)
+    for other in others:
+        theirs = other.get("data_seed")
+        why = comparable(results, other)
+        if why:
+            out += [f"Data seed {theirs}: not compared ({why}).", ""]
+            continue
+        spread = seed_spread(results, other)
+        rows = spread["rows"]
+        a, b = spread["map50"], spread["over_bn"]
+        out += [
+            f"Seeds: between data seeds {seed} and {theirs} ({results['images_per_split']} images per split) the mean "
+            f"mAP50 at severity 5 moves by at most {100 * abs(rows[a][2] - rows[a][0]):.1f} points ({a}), the points "
+            f"over BatchNorm statistics by at most {abs(rows[b][3] - rows[b][1]):.2f} ({b}); best method "
+            f"{spread['best'][0]} on seed {seed}, {spread['best'][1]} on seed {theirs}.",
+            "",
+            *_table(
+                ["method", f"mAP50 seed {seed}", f"mAP50 seed {theirs}", "moves (points)", f"over BN seed {seed}",
+                 f"over BN seed {theirs}", "moves (points)"],
+                ([m, f"{r[0]:.3f}", f"{r[2]:.3f}", f"{100 * (r[2] - r[0]):+.1f}", f"{r[1]:+.2f}", f"{r[3]:+.2f}",
+                  f"{r[3] - r[1]:+.2f}"] for m, r in rows.items()),
+            ),
+            "",
+        ]
+    return out
+
+
+def seed_section(results: dict, others: list[dict]) -> list[str]:
+    """The ``Data seeds`` section: how far the figures move on demo data made with other seeds."""
+    if not others:
+        return []
+    return ["## Data seeds", "", "The same scope, recipes and image counts on demo data made with another seed "
+            "(`tools/make_demo_data.py --seed S --root data/demo-seedS --n-train 0 --corruptions all --severities 5`, "
+            "then `python -m yolozu.demo.bench.shift --quick --seed S`): how far the figures move when only the "
+            "images change.", "", *seed_lines(results, others)]
