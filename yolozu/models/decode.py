@@ -65,20 +65,23 @@ def decode(
     Detections are sorted by decreasing score; boxes are clipped to the image and given as normalised
     ``{"cx", "cy", "w", "h"}``.
     """
-    logits = output["logits"].detach().float().cpu()
-    box_map = decode_box_map(output["boxes"].detach().float().cpu())
+    # the dense part on the outputs' device; only the top-k candidates travel to the host
+    logits = output["logits"].detach().float()
+    box_map = decode_box_map(output["boxes"].detach().float())
     batch, num_classes, height, width = logits.shape
     peaks = heatmap_peaks(torch.sigmoid(logits)).flatten(1)
     k = min(max_detections, peaks.shape[1])
     top_scores, top_index = torch.topk(peaks, k, dim=1)
-    classes = top_index // (height * width)
     cells = top_index % (height * width)
     flat_boxes = box_map.flatten(2).transpose(1, 2)  # (B, H*W, 4)
+    top_boxes = torch.gather(flat_boxes, 1, cells[..., None].expand(-1, -1, 4))  # (B, k, 4)
+    top_scores, top_index, top_boxes = (t.cpu() for t in (top_scores, top_index, top_boxes))
+    classes = top_index // (height * width)
     results: list[list[Detection]] = []
     for b in range(batch):
         keep = top_scores[b] > score_threshold
         scores_b, classes_b = top_scores[b][keep], classes[b][keep]
-        corners = cxcywh_to_xyxy(flat_boxes[b][cells[b][keep]]).clamp(0.0, 1.0)
+        corners = cxcywh_to_xyxy(top_boxes[b][keep]).clamp(0.0, 1.0)
         kept = batched_nms(corners, scores_b, classes_b, nms_iou)
         boxes_b = xyxy_to_cxcywh(corners[kept]).tolist()
         results.append(
