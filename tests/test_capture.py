@@ -112,6 +112,17 @@ def test_the_least_recently_used_recording_is_dropped():
         (out,) = fn(torch.ones(n))
         assert torch.equal(out, torch.full((n,), 2.0))
     assert fn.recordings() == 4  # 1, 2, 3 recorded; 2 was dropped for 3 and recorded again
+    assert len(fn.replays()) == 2
+
+
+def test_a_replay_alone_recomputes_into_the_recorded_outputs():
+    calls = []
+    fn = captured(lambda x: (calls.append(1), x * 2)[1], backend="rerun", warmup=1)
+    fn(torch.ones(3))
+    before = len(calls)
+    (replay,) = fn.replays()
+    replay()
+    assert len(calls) == before + 1
 
 
 def test_auto_runs_eagerly_off_cuda_and_bad_options_are_refused():
