@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from yolozu.demo.bench.recipes import BENCHMARKED
 from yolozu.demo.corruptions import CORRUPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,8 @@ def steps(device: str, out: Path, shift_images: int) -> list[list[tuple[str, lis
                     for run in ("a", "b") for schedule, flags in schedules.items()]
     side_by_side.append(("shift benchmark", [
         py, "-m", "yolozu.demo.bench.shift", "--quick", "--device", device, "--docs", "", "--images",
-        str(4 if dry else shift_images), "--memory-images", "4" if dry else "32", "--output", str(out / "shift.json")]))
+        str(4 if dry else shift_images), "--memory-images", "4" if dry else "32", "--recipes", *BENCHMARKED,
+        "--output", str(out / "shift.json")]))  # every recipe: every schedule on CUDA
     timed = []
     if _has_torchvision():
         timed.append(("bench-core resnet50", [py, "tools/bench_core.py", "--device", device, "--model", "resnet50",
