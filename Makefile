@@ -46,6 +46,17 @@ bench-core: $(STAMP)
 train: $(STAMP)
 	$(PY) tools/train_detector.py
 
+# train-torchvision: train FCOS-small (torchvision's FCOS on a small BatchNorm backbone, yolozu/demo/tv_detector.py)
+# from random init on data/demo's train split, in the torchvision venv (make test-torchvision makes it); writes
+# yolozu/models/checkpoints/fcos_small.pt and fcos_small.json (clean val mAP). TRAIN_TV_ARGS adds flags, e.g.
+# --device cuda or --epochs N (docs/adapters.md).
+TRAIN_TV_ARGS ?=
+.PHONY: train-torchvision
+train-torchvision:
+	@test -x $(TV_VENV)/bin/python || { echo "no $(TV_VENV): run make test-torchvision first" >&2; exit 2; }
+	$(TV_VENV)/bin/python tools/make_demo_data.py --root data/demo --corruptions none
+	$(TV_VENV)/bin/python tools/train_torchvision.py $(TRAIN_TV_ARGS)
+
 # make export TTT=tent|mim|cotta|eata|sar|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
 # corrupted val split without test-time training, with BatchNorm statistics only and with TTT, evaluate them and
 # print mAP50 side by side.
@@ -85,11 +96,15 @@ bench-streams: $(STAMP)
 bench-distributed: $(STAMP)
 	$(PY) tools/bench_distributed.py
 
-# make bench: the continual protocol (the 15 corruptions at severity 5 as one stream, 96 images each, then clean
-# val; ~10 min on 2 cores; runs/bench/continual.json, docs/benchmarks-continual.md), then the quick scope (clean val +
-# 15 corruptions at severity 5, reset per corruption, every method; ~50 min on 2 cores; runs/bench/quick.json,
-# docs/benchmarks.md with the continual line). make bench-full: the continual stream and every severity 1-5.
-.PHONY: bench bench-full bench-continual
+# make bench: the continual protocol (the 15 corruptions at severity 5 as one stream, 64 images each, then clean
+# val; runs/bench/continual.json, docs/benchmarks-continual.md), then the quick scope (clean val + 15 corruptions at
+# severity 5, reset per corruption, 128 images per split, the online recipes plus BatchNorm statistics and Tent
+# episodic; runs/bench/quick.json, docs/benchmarks.md with the continual line and, when runs/bench/quick-seed1.json
+# is there, the data-seed spread). Measured: see docs/benchmarks.md (time make bench) on 2 cores.
+# make bench-gradual: severities 1-5-1 per corruption as one stream, 64 images per segment, then clean val
+# (runs/bench/gradual.json, docs/benchmarks-gradual.md). make bench-full: the continual and gradual protocols,
+# then every recipe on every severity 1-5, 300 images per split (docs/benchmarks-full.md); hours on 2 cores.
+.PHONY: bench bench-full bench-continual bench-gradual
 bench: bench-continual
 	$(PY) -m yolozu.demo.bench.shift --quick
 
@@ -97,8 +112,11 @@ bench-continual: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all --severities 5
 	$(PY) -m yolozu.demo.bench.continual
 
-bench-full: bench-continual
+bench-gradual: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions all
+	$(PY) -m yolozu.demo.bench.gradual
+
+bench-full: bench-continual bench-gradual
 	$(PY) -m yolozu.demo.bench.shift --full
 
 # make bench-tv: the quick scope on another model family through --adapter (a plug-in factory and its checkpoint),

@@ -97,3 +97,17 @@ def test_the_quick_report_reads_the_protocols_and_other_seeds_beside_its_results
     assert shift.companions(out, _quick(1, 0.0)) == {}  # only the seed-0 report compares
     text = report.write_report(results, tmp_path / "docs", "quick", found)[0].read_text()
     assert "## Data seeds" in text and "moves by at most 2.0 points (tent)" in text
+
+
+def test_the_protocols_command_lines_write_results_and_reports(tmp_path, monkeypatch):
+    write_split(tmp_path, "val", 4, seed=5, spec=SynthSpec(image_size=160))
+    write_corrupted_split(tmp_path, "fog", 5, seed=0)
+    monkeypatch.setattr(continual, "STREAM", ["val-fog-5", "val"])
+    monkeypatch.setattr(gradual, "STREAM", ["val-fog-5", "val-fog-5", "val"])
+    for module, name in ((continual, "continual"), (gradual, "gradual")):
+        argv = ["--dataset", str(tmp_path), "--images", "4", "--recipes", "source", "bn", "--output",
+                str(tmp_path / f"{name}.json"), "--docs", str(tmp_path / "docs")]
+        assert module.main(argv) == 0
+        results = json.loads((tmp_path / f"{name}.json").read_text())
+        assert results["scope"] == name and results["data_seed"] == 0 and results["model"] == {"adapter": "detector"}
+        assert (tmp_path / "docs" / f"benchmarks-{name}.md").read_text().startswith(f"# Shift benchmark ({name})")

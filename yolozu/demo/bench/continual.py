@@ -7,7 +7,7 @@ every image, so the stream changes nothing for them and they are left out. Resul
 ``runs/bench/continual.json``; ``yolozu.demo.bench.continual_report`` writes docs/benchmarks-continual.md and the
 plot, and the quick report reads the file for its ``Continual:`` line.
 
-    python -m yolozu.demo.bench.continual [--images 96]       # part of make bench
+    python -m yolozu.demo.bench.continual [--images 64]       # part of make bench
 """
 
 from __future__ import annotations
@@ -110,11 +110,12 @@ def add_flags(parser: argparse.ArgumentParser, images: int, protocol: str) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, 96, "continual")
+    add_flags(parser, 64, "continual")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dataset = data_root(args.dataset, args.seed)
-    results = run(dataset, args.recipes, args.images, args.device, runner=runner_from_args(args, dataset))
+    results = run(dataset, args.recipes, args.images, args.device, stream_splits=STREAM,
+                  runner=runner_from_args(args, dataset))
     results["data_seed"] = args.seed
     results["command"] = " ".join(["python -m yolozu.demo.bench.continual", *(sys.argv[1:] if argv is None else argv)])
     output = Path(args.output or default_output("continual", args.adapter, args.seed))

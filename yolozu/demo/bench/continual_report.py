@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from yolozu.demo.bench.report import (Results, _table, model_name, report_paths, skipped_lines,
-                                     write_text_atomic)
+from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.report import Results, _table
 
 TARGETS = {
     "gain": 2.0,  # points of mean mAP50 over BatchNorm statistics, best method
@@ -29,7 +29,7 @@ def mean(res: Results, method: str) -> float:
 
 
 def best_method(res: Results) -> str:
-    return max((m for m in res.methods if m not in ("source", "bn")), key=lambda m: mean(res, m))
+    return max([m for m in res.methods if m not in ("source", "bn")] or ["bn"], key=lambda m: mean(res, m))
 
 
 def continual_line(results: dict) -> str:

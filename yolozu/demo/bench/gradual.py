@@ -21,7 +21,8 @@ import torch
 
 from yolozu.demo.bench import continual
 from yolozu.demo.bench.continual_report import TARGETS
-from yolozu.demo.bench.report import _table, model_name, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.report import _table
 from yolozu.demo.bench.runner import runner_from_args
 from yolozu.demo.bench.shift import data_root, default_docs, default_output
 from yolozu.demo.corruptions import CORRUPTIONS
@@ -63,7 +64,7 @@ class Stream:
         return list(dict.fromkeys(_parts(r["split"])[0] for r in self.corrupted(self.methods[0])))
 
     def best(self) -> str:
-        return max((m for m in self.methods if m not in ("source", "bn")), key=self.mean)
+        return max([m for m in self.methods if m not in ("source", "bn")] or ["bn"], key=self.mean)
 
 
 def gradual_line(results: dict) -> str:
@@ -98,7 +99,7 @@ def target_lines(s: Stream) -> list[str]:
 
 def tables(s: Stream) -> list[str]:
     """Mean mAP50 per severity (both ways through it) and per corruption (over its nine segments)."""
-    severities = sorted(set(SEVERITIES))
+    severities = sorted({_parts(r["split"])[1] for r in s.corrupted(s.methods[0])})
     per_severity = [[f"severity {v}", *(f"{s.mean(m, lambda _, x, v=v: x == v):.3f}" for m in s.methods)]
                     for v in severities]
     per_severity.append(["all segments", *(f"{s.mean(m):.3f}" for m in s.methods)])

@@ -5,12 +5,11 @@ The headline and baseline lines are computed here from the measured rows, never 
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from yolozu.demo.bench.pages import PROTOCOLS, provenance, report_paths, skipped_lines, write_text_atomic
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
 from yolozu.demo.corruptions import CORRUPTIONS
 
@@ -19,16 +18,6 @@ TARGETS = {
     "clean_drop": 1.0,  # points of clean mAP50 lost at most
     "tent_speed": 0.4,  # online Tent images/s relative to the no-TTT export
 }
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a
-    report."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-    return path
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -212,43 +201,6 @@ def plot_severity5(res: Results, path: Path) -> Path:
     return path
 
 
-def model_name(results: dict) -> str:
-    """The model a results file measured: the committed detector, or the adapter spec and its checkpoint."""
-    model = results.get("model") or {"adapter": "detector"}
-    if model == {"adapter": "detector"}:
-        return "the committed detector"
-    flags = ", ".join(f"{k} {v}" for k, v in model.items() if k != "adapter")
-    return f"adapter `{model['adapter']}`" + (f" ({flags})" if flags else "")
-
-
-def provenance(results: dict) -> str:
-    """When, how and where the results were measured."""
-    m = results["machine"]
-    return (
-        f"Measured on {results['date']} by `{results['command']}` (`make bench`: quick scope; `make bench-full`: "
-        f"every severity) on {m['processor']} ({m['platform']}), {m['torch_threads']} torch threads, device "
-        f"{m['device']}, torch {m['torch']}; {results['images_per_split']} images per split, {model_name(results)}, "
-        f"the same images and seeds for every method; {results['seconds'] / 60:.1f} minutes in all."
-    )
-
-
-def skipped_lines(results: dict) -> list[str]:
-    """One line per recipe the adapter could not run, with the reason."""
-    skipped = results.get("skipped") or {}
-    if not skipped:
-        return []
-    return ["## Not run", "", *(f"- {name}: {reason}" for name, reason in skipped.items()), ""]
-
-
-def report_paths(docs: Path, scope: str) -> tuple[Path, str]:
-    """Where the report goes: ``docs`` itself when it names a ``.md`` file, else ``docs/benchmarks[-scope].md``;
-    and the stem of its plots (beside it)."""
-    if docs.suffix == ".md":
-        return docs, docs.stem
-    return docs / ("benchmarks.md" if scope == "quick" else f"benchmarks-{scope}.md"), (
-        "benchmarks" if scope == "quick" else f"benchmarks-{scope}")
-
-
 def write_report(results: dict, docs: Path, scope: str, companions: dict | None = None) -> list[Path]:
     """Write the markdown report and plots; returns the paths written. ``companions``: other results the quick
     report summarises (``continual``, ``gradual``: those protocols'; ``seeds``: the quick scope on other data
@@ -270,8 +222,9 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
         + headline_lines(res, companions.get("continual"), companions.get("gradual"))
         + [
             "",
-            provenance(results),
+            provenance(results, companions.get("continual")),
             "",
+            *PROTOCOLS,
             "## Targets",
             "",
             *target_lines(res),
