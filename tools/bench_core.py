@@ -111,7 +111,15 @@ def make_variant(name: str, batch: int, args) -> callable:
         state = method.init_state(model, names)
         update(state, x, None)
         replays = update.replays()
-        return replays[-1] if replays else lambda: update(state, x, None)
+        if not replays:  # not on CUDA: nothing recorded
+            return lambda: update(state, x, None)
+        replay = replays[-1]
+
+        def run_graph():
+            replay()
+            return update  # holds the recording (its input and output tensors) as long as the graph is replayed
+
+        return run_graph
     if name in ("vmap8", "vmap8_captured", "vmap1"):
         tx = optim.adam(1e-3)
         method = tent_method(make_apply(model), tx)
