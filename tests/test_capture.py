@@ -115,6 +115,15 @@ def test_the_least_recently_used_recording_is_dropped():
     assert len(fn.replays()) == 2
 
 
+def test_inputs_of_other_strides_reuse_the_recording_and_are_read_correctly():
+    fn = captured(lambda x: (x * 2,), backend="rerun")
+    square = torch.arange(9.0).reshape(3, 3)
+    (first,) = fn(square)
+    (second,) = fn(square.t())  # same shape, dtype and device, other strides: copied in, not recorded again
+    assert fn.recordings() == 1
+    assert torch.equal(first, square * 2) and torch.equal(second, square.t() * 2)
+
+
 def test_a_replay_alone_recomputes_into_the_recorded_outputs():
     calls = []
     fn = captured(lambda x: (calls.append(1), x * 2)[1], backend="rerun", warmup=1)

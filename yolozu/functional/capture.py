@@ -7,7 +7,9 @@ safe: a call copies its inputs into the graph's own input tensors, replays, and 
 fresh tensors, so the caller's inputs are never written and a result stays valid after later calls. Inputs
 that ``fn`` passes through unchanged (frozen parameters, the source) are read where they are, not copied; a
 call that passes other tensors in their place captures again. A new shape (the last, smaller batch) is a new
-capture; on tensors that are not on CUDA, ``fn`` runs eagerly.
+capture; on tensors that are not on CUDA, ``fn`` runs eagerly. At small batches the host's work per call is
+what a captured step costs, so it is kept to a flatten, a check against the last recording, one multi-tensor
+copy in and one multi-tensor clone out.
 
 ``fn`` must be capturable: no reads of tensor values on the CPU (``.item()``, ``bool(t)``), no shapes that
 depend on values, randomness passed in as inputs (the core draws it from keys outside the step).
@@ -27,17 +29,14 @@ graph (an error elsewhere); ``rerun``: the captured path with ``fn`` run again i
 the input and output handling on any device."""
 
 
-def _signature(leaves: list, spec: Any) -> Hashable:
-    """What a recording is valid for: the tree's structure and each leaf's shape, dtype and device (or value)."""
-    parts = [
-        (tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, Tensor) else ("value", repr(x))
-        for x in leaves
-    ]
-    return (repr(spec), tuple(parts))
+def _metas(leaves: list) -> list:
+    """What a recording is valid for, leaf by leaf: each tensor's shape, dtype and device, other leaves' value
+    (strides need not match: inputs are copied into the recording's own tensors)."""
+    return [(x.shape, x.dtype, x.device) if isinstance(x, Tensor) else ("value", repr(x)) for x in leaves]
 
 
 def _address(t: Tensor) -> tuple:
-    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+    return t.data_ptr(), t.stride()
 
 
 def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
@@ -53,12 +52,15 @@ class _Recording(NamedTuple):
     place), its outputs, and for each output leaf where it comes from."""
 
     replay: Callable[[], None]
+    spec: Any  # the input tree's structure
+    metas: list  # ``_metas`` of the input leaves
     static_index: list[int]  # input leaf positions copied into ``statics``
     statics: list[Tensor]
     direct: dict[int, Tensor]  # input leaf position -> the tensor read in place (held: its memory stays its own)
+    direct_addresses: list[tuple[int, tuple]]  # (position, ``_address``) of each direct input
     out_spec: Any
-    out_leaves: list  # graph output tensors, or constants
-    out_source: list[int | None]  # output leaf -> the input leaf it passes through (None: a graph output)
+    graph_outputs: list[Tensor]  # the output tensors the graph writes (cloned out at every call)
+    out_plan: list[tuple[str, Any]]  # per output leaf: ("input", position), ("graph", index) or ("value", leaf)
 
 
 def _passed_through(fn: Callable, args: tuple, leaves: list) -> set[int]:
@@ -104,32 +106,49 @@ def _record(fn: Callable, args: tuple, backend: str, warmup: int, pool: Any) -> 
         replay = None
     out_leaves, out_spec = tree_flatten(out)
     ids = {id(x): i for i, x in enumerate(inputs) if isinstance(x, Tensor)}
-    out_source = [ids.get(id(x)) if isinstance(x, Tensor) else None for x in out_leaves]
+    graph_outputs: list[Tensor] = []
+    out_plan: list[tuple[str, Any]] = []
+    for x in out_leaves:
+        if isinstance(x, Tensor) and id(x) in ids:
+            out_plan.append(("input", ids[id(x)]))
+        elif isinstance(x, Tensor):
+            out_plan.append(("graph", len(graph_outputs)))
+            graph_outputs.append(x)
+        else:
+            out_plan.append(("value", x))
     if replay is None:  # rerun: run fn again on the same input tensors and copy its results into the outputs
 
         def replay() -> None:
             again, _ = tree_flatten(fn(*static_args))
-            pairs = [(o, a) for o, a, s in zip(out_leaves, again, out_source) if isinstance(o, Tensor) and s is None]
-            _copy_all([o for o, _ in pairs], [a for _, a in pairs])
+            fresh = [a for a, (kind, _) in zip(again, out_plan) if kind == "graph"]
+            _copy_all(graph_outputs, fresh)
 
     direct = {i: leaves[i] for i in through}
-    return _Recording(replay, static_index, statics, direct, out_spec, out_leaves, out_source)
+    addresses = [(i, _address(t)) for i, t in direct.items()]
+    return _Recording(replay, spec, _metas(leaves), static_index, statics, direct, addresses, out_spec,
+                      graph_outputs, out_plan)
 
 
 def _run(recording: _Recording, leaves: list) -> Any:
-    """Copy the inputs in, replay, and copy the outputs out into fresh tensors."""
+    """Copy the inputs in, replay, and clone the outputs into fresh tensors (one multi-tensor clone)."""
     _copy_all(recording.statics, [leaves[i] for i in recording.static_index])
     recording.replay()
-    fresh = [
-        torch.empty_like(x) if isinstance(x, Tensor) and s is None else None
-        for x, s in zip(recording.out_leaves, recording.out_source)
+    fresh = torch._foreach_clone(recording.graph_outputs) if recording.graph_outputs else []
+    result = [
+        leaves[where] if kind == "input" else fresh[where] if kind == "graph" else where
+        for kind, where in recording.out_plan
     ]
-    copied = [i for i, f in enumerate(fresh) if f is not None]
-    _copy_all([fresh[i] for i in copied], [recording.out_leaves[i] for i in copied])
-    result = []
-    for x, s, f in zip(recording.out_leaves, recording.out_source, fresh):
-        result.append(leaves[s] if s is not None else (f if f is not None else x))
     return tree_unflatten(result, recording.out_spec)
+
+
+def _valid(recording: _Recording | None, spec: Any, metas: list, leaves: list) -> bool:
+    """``recording`` fits inputs of this structure and these leaves (passed-through ones where they were)."""
+    return (
+        recording is not None
+        and recording.spec == spec
+        and recording.metas == metas
+        and all(_address(leaves[i]) == address for i, address in recording.direct_addresses)
+    )
 
 
 def _backend_for(leaves: list, backend: str) -> str:
@@ -157,14 +176,18 @@ def captured(fn: Callable, *, backend: str = "auto", warmup: int = 3, cache_size
 
     def call(*args: Any) -> Any:
         leaves, spec = tree_flatten(args)
+        metas = _metas(leaves)
+        recent = next(reversed(cache.values()), None)  # a loop calls with the same signature: checked first
+        if _valid(recent, spec, metas, leaves):
+            return _run(recent, leaves)
         kind = _backend_for(leaves, backend)
         if kind == "eager":
             return fn(*args)
         if kind == "cuda" and not pool:
             pool.append(torch.cuda.graph_pool_handle())
-        key = _signature(leaves, spec)
+        key = (spec, tuple(metas))
         recording = cache.pop(key, None)
-        if recording is None or any(_address(leaves[i]) != _address(t) for i, t in recording.direct.items()):
+        if not _valid(recording, spec, metas, leaves):
             recording = _record(fn, args, kind, warmup, pool[0] if pool else None)
             made[0] += 1
         cache[key] = recording
