@@ -1,4 +1,4 @@
-"""Property-based tests of update filters and of partition/combine/count."""
+"""Property-based tests of update filters and of the state helpers (partition, combine, count, copies)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from yolozu.functional import filters
-from yolozu.functional.state import combine, count, extract, partition
+from yolozu.functional.state import clone_all, combine, copy, count, extract, foreach_ready, partition
 
 
 class LoRALinear(nn.Linear):
@@ -180,3 +180,26 @@ def test_top_block_named_by_the_model_wins_and_a_model_without_one_is_an_error()
     assert filters.select(model, "norm_but_top") == ["1.1.weight", "1.1.bias", "2.1.weight", "2.1.bias"]
     with pytest.raises(ValueError, match="cannot tell the top block.*model.top_block"):
         filters.select(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), "norm_but_top")
+
+
+def test_clone_all_and_copy_give_fresh_equal_tensors_of_every_dtype():
+    tensors = [torch.arange(6.0).reshape(2, 3).t(), torch.tensor(3), torch.tensor([True, False]), torch.tensor(-0.0)]
+    fresh = clone_all(tensors)
+    for old, new in zip(tensors, fresh):
+        assert new.dtype == old.dtype and new.shape == old.shape and torch.equal(new, old)
+        assert new.data_ptr() != old.data_ptr()
+    assert torch.signbit(fresh[-1])  # bitwise copies: the sign of zero kept
+    copied = copy({"a": tensors[0], "b": tensors[1]})
+    tensors[0].add_(1)
+    assert torch.equal(copied["a"], torch.arange(6.0).reshape(2, 3).t()) and list(copied) == ["a", "b"]
+
+
+def test_foreach_ready_refuses_tensors_a_vmap_wraps():
+    seen = []
+
+    def probe(x):
+        seen.append(foreach_ready([x, x]))
+        return x
+
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    assert seen == [False] and foreach_ready([torch.ones(2)]) and not foreach_ready([])

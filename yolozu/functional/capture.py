@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from yolozu.functional.state import clone_all
+
 BACKENDS = ("auto", "eager", "cuda", "rerun")
 """``auto``: a CUDA graph when the inputs are on CUDA, else eager; ``eager``: ``fn`` itself; ``cuda``: a CUDA
 graph (an error elsewhere); ``rerun``: the captured path with ``fn`` run again instead of a replay, which checks
@@ -133,24 +135,12 @@ def _run(recording: _Recording, leaves: list) -> Any:
     """Copy the inputs in, replay, and clone the outputs into fresh tensors (one multi-tensor clone)."""
     _copy_all(recording.statics, [leaves[i] for i in recording.static_index])
     recording.replay()
-    fresh = _clone_all(recording.graph_outputs)
+    fresh = clone_all(recording.graph_outputs)
     result = [
         leaves[where] if kind == "input" else fresh[where] if kind == "graph" else where
         for kind, where in recording.out_plan
     ]
     return tree_unflatten(result, recording.out_spec)
-
-
-def _clone_all(tensors: list[Tensor]) -> list[Tensor]:
-    """Fresh copies of ``tensors``: one multi-tensor clone where torch has it (2.13 and later), else a fresh
-    tensor each and one multi-tensor copy."""
-    if not tensors:
-        return []
-    if hasattr(torch, "_foreach_clone"):
-        return torch._foreach_clone(tensors)
-    fresh = [torch.empty_like(t) for t in tensors]
-    _copy_all(fresh, tensors)
-    return fresh
 
 
 def _valid(recording: _Recording | None, spec: Any, metas: list, leaves: list) -> bool:
