@@ -3,11 +3,12 @@ clear errors (unsupported model, missing file, uncached weights, wrong class cou
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from tv_zoo import BUILDS, build, write_images, zoo_folder
+from tv_zoo import BUILDS, TORCHVISION, build, build_named, write_images, zoo_folder
 
 from yolozu.adapters.tv_adapter import TorchvisionAdapter
 from yolozu.export import main
@@ -70,6 +71,24 @@ def test_with_ttt_the_export_adapts_its_norms(dataset, checkpoint, tmp_path):
     report = doc["meta"]["ttt"]["report"]
     assert report["steps_run"] == 1 and report["updated_param_count"] > 0
     assert doc["predictions"] != json.loads(plain.read_text())
+
+
+def test_a_frozen_norm_retinanet_state_dict_exports_with_tent_on_norm_only(dataset, tmp_path, monkeypatch):
+    """A random-weight retinanet_resnet50_fpn whose norms are FrozenBatchNorm2d, saved as a state dict, exports with
+    --ttt --ttt-method tent --ttt-update-filter norm_only and updates parameters (torchvision's own builder, at
+    64 px instead of its 800 to keep the test short)."""
+    name, kwargs = BUILDS["retinanet"]
+    detection = TORCHVISION.models.detection
+    monkeypatch.setattr(detection, name, functools.partial(getattr(detection, name), **kwargs))
+    reference, _ = build_named(name, {}, 0.0, tmp_path)
+    frozen = TORCHVISION.ops.FrozenBatchNorm2d
+    assert any(isinstance(m, frozen) for m in reference.backbone.body.modules())
+    out = tmp_path / "retinanet.json"
+    ttt = ["--ttt", "--ttt-method", "tent", "--ttt-update-filter", "norm_only", "--wrap"]
+    assert _export(dataset, out, tmp_path / f"{name}.pt", *ttt, model=name) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["adapter"]["family"] == "retinanet" and doc["meta"]["adapter"]["frozen_norms_made_adaptable"]
+    assert doc["meta"]["ttt"]["report"]["updated_param_count"] > 0
 
 
 @pytest.mark.parametrize(
