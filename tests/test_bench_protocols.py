@@ -80,8 +80,8 @@ def _quick(seed: int, shift_by: float) -> dict:
 def test_the_seed_spread_is_computed_from_both_seeds_results():
     lines = seeds.seed_lines(_quick(0, 0.0), [_quick(1, 0.02)])
     assert lines[0] == ("Seeds: between data seeds 0 and 1 (10 images per split) the mean mAP50 at severity 5 moves "
-                        "by at most 2.0 points (tent), the points over BatchNorm statistics by at most 2.00 (tent); "
-                        "best method tent on seed 0, tent on seed 1.")
+                        "by at most 2.0 points (tent), the online methods' points over BatchNorm statistics by at most "
+                        "2.00 (tent; any recipe: 2.00, tent); best method tent on seed 0, tent on seed 1.")
     assert "| tent | 0.309 | 0.329 | +2.0 | +1.00 | +3.00 | +2.00 |" in lines
     other = _quick(1, 0.0) | {"images_per_split": 20}
     assert seeds.seed_lines(_quick(0, 0.0), [other])[0] == "Data seed 1: not compared (its images per split differ)."

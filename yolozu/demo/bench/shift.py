@@ -8,6 +8,8 @@ Peak memory is measured once per recipe on a fixed subset. Everything lands in o
 
     python -m yolozu.demo.bench.shift --quick       # make bench
     python -m yolozu.demo.bench.shift --full        # make bench-full
+    python -m yolozu.demo.bench.shift --quick --seed 1                      # the demo data made with seed 1
+    python -m yolozu.demo.bench.shift --quick --adapter pkg.mod:factory --checkpoint FILE   # another model
 """
 
 from __future__ import annotations
