@@ -121,7 +121,8 @@ bench-full: bench-continual bench-gradual
 	$(PY) -m yolozu.demo.bench.shift --full
 
 # make bench-tv: the quick scope on another model family through --adapter (a plug-in factory and its checkpoint),
-# in the torchvision venv (make test-torchvision makes it) -> runs/bench/quick-tv.json, docs/benchmarks-tv.md.
+# in the torchvision venv (make test-torchvision makes it) -> runs/bench/quick-<tag>.json, docs/benchmarks-<tag>.md
+# (<tag> from the adapter's module: tv_detector for FCOS-small), with the built-in detector's quick.json beside it.
 # Recipes the adapter cannot run (MIM without a reconstruction head) are skipped, with the reason in the report.
 TV_ADAPTER ?= yolozu.demo.tv_detector:adapter
 TV_CHECKPOINT ?= yolozu/models/checkpoints/fcos_small.pt
@@ -129,8 +130,7 @@ TV_CHECKPOINT ?= yolozu/models/checkpoints/fcos_small.pt
 bench-tv:
 	@test -x $(TV_VENV)/bin/python || { echo "no $(TV_VENV): run make test-torchvision first" >&2; exit 2; }
 	$(TV_VENV)/bin/python tools/make_demo_data.py --root data/demo --corruptions all --severities 5
-	$(TV_VENV)/bin/python -m yolozu.demo.bench.shift --quick --adapter $(TV_ADAPTER) --checkpoint $(TV_CHECKPOINT) \
-	  --output runs/bench/quick-tv.json --docs docs/benchmarks-tv.md
+	$(TV_VENV)/bin/python -m yolozu.demo.bench.shift --quick --adapter $(TV_ADAPTER) --checkpoint $(TV_CHECKPOINT)
 
 # make test-gpu: only the CUDA tests (they skip without a GPU; make test runs them too, skipped, and their CPU twins).
 .PHONY: test-gpu

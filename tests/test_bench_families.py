@@ -1,6 +1,8 @@
 """The two-families section of a quick report: figures computed from both results files, methods one family
 could not run marked as such, nothing for the built-in detector's own report."""
 
+import json
+
 from yolozu.demo.bench.families import family_rows, family_section
 
 
@@ -33,3 +35,26 @@ def test_no_section_without_a_reference_or_for_the_built_in_detector():
     reference = _results("detector", {"source": (0.9, 0.2, 0.4), "bn": (0.9, 0.4, 0.6)})
     assert family_section(reference, reference) == []
     assert family_section(_results("pkg.mod:factory", {"source": (0.8, 0.1, 0.3)}), None) == []
+
+
+def test_regenerating_another_familys_report_writes_its_own_page_with_the_comparison(tmp_path, monkeypatch):
+    """``python -m yolozu.demo.bench.report runs/bench/quick-<tag>.json`` rewrites that family's page (never the
+    built-in detector's docs/benchmarks.md) and sets it against the built-in detector's quick.json beside it."""
+    from test_bench import _results as full_results
+
+    from yolozu.demo.bench import report
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "bench"
+    runs.mkdir(parents=True)
+    built_in = full_results({"source": 0.2, "bn": 0.3, "tent": 0.32}, {m: 0.9 for m in ("source", "bn", "tent")},
+                            {m: 1.0 for m in ("source", "bn", "tent")})
+    other = {**full_results({"source": 0.1, "bn": 0.25, "tent": 0.25}, {m: 0.8 for m in ("source", "bn", "tent")},
+                            {m: 1.0 for m in ("source", "bn", "tent")}), "model": {"adapter": "pkg.small_det:adapter"}}
+    (runs / "quick.json").write_text(json.dumps(built_in))
+    (runs / "quick-small_det.json").write_text(json.dumps(other))
+    assert report.main([str(runs / "quick-small_det.json")]) == 0
+    assert not (tmp_path / "docs" / "benchmarks.md").exists()
+    page = (tmp_path / "docs" / "benchmarks-small_det.md").read_text()
+    assert "## Two families side by side" in page
+    assert "| tent over BatchNorm statistics, points | +2.0 | +0.0 |" in page

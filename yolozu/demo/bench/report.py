@@ -205,6 +205,7 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
     """Write the markdown report and plots; returns the paths written. ``companions``: other results the quick
     report summarises (``continual``, ``gradual``: those protocols'; ``seeds``: the quick scope on other data
     seeds; ``shift.companions``)."""
+    from yolozu.demo.bench.families import family_section
     from yolozu.demo.bench.seeds import seed_section
     from yolozu.demo.plot_log import plot_log
 
@@ -231,6 +232,7 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
             "",
             *skipped_lines(results),
             *seed_section(results, companions.get("seeds") or []),
+            *family_section(results, companions.get("reference")),
             "## Summary",
             "",
             "Images/s is each method's whole export (loading, adaptation, prediction) over all splits; peak memory "
@@ -283,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Write docs/benchmarks*.md and plots from a results JSON.")
     parser.add_argument("results")
-    parser.add_argument("--docs", default="docs")
+    parser.add_argument("--docs", help="a folder or a .md file (default: where the benchmark wrote it: docs for "
+                        "the built-in detector, docs/benchmarks-<tag>.md for another model)")
     args = parser.parse_args(argv)
-    from yolozu.demo.bench.shift import companions
+    from yolozu.demo.bench.shift import companions, default_docs
 
     results = json.loads(Path(args.results).read_text())
     results.setdefault("scope", "quick")
     results.setdefault("model", {"adapter": "detector"})
-    for path in write_report(results, Path(args.docs), results["scope"], companions(Path(args.results), results)):
+    docs = Path(args.docs) if args.docs else default_docs(results["scope"], results["model"]["adapter"])
+    for path in write_report(results, docs, results["scope"], companions(Path(args.results), results)):
         print(path)
     return 0
 
