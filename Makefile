@@ -28,7 +28,8 @@ test-torchvision:
 	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
 	$(TV_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(TV_VENV)/bin/python -m pip install -q -e '.[dev]'
-	$(TV_VENV)/bin/python -m pytest -q tests/test_adapter_torchvision.py tests/test_export_torchvision.py tests/test_adapter_plugins.py
+	$(TV_VENV)/bin/python -m pytest -q tests/test_adapter_torchvision.py tests/test_export_torchvision.py tests/test_adapter_plugins.py \
+	  tests/test_tv_detector.py
 
 # make demo-data: the offline demo shift benchmark under data/demo (clean train/val, 19 corruptions x 5 severities of val).
 .PHONY: demo-data
