@@ -14,7 +14,7 @@ def _results(adapter: str, scores: dict[str, tuple[float, float, float]]) -> dic
         for split, value in zip(("val", "val-fog-5", "val-snow-5"), values)
     ]
     return {"model": {"adapter": adapter, "checkpoint": f"{adapter}.pt"}, "recipes": {m: {} for m in scores},
-            "rows": rows, "images_per_split": 8, "date": "2026-01-01"}
+            "rows": rows, "splits": ["val", "val-fog-5", "val-snow-5"], "images_per_split": 8, "date": "2026-01-01"}
 
 
 def test_rows_give_each_familys_figures_and_points_over_batchnorm_statistics():

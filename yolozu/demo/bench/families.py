@@ -8,17 +8,16 @@ what BatchNorm statistics win over the source model, and what each method adds o
 from __future__ import annotations
 
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
+from yolozu.demo.bench.report import Results
 
 
-def _mean5(results: dict, method: str) -> float | None:
+def _mean5(res: Results, method: str) -> float | None:
     """Mean mAP50 of ``method`` over the severity-5 corruption splits; None where the method did not run."""
-    scores = [r["map50"] for r in results["rows"] if r["method"] == method and r["split"].endswith("-5")]
-    return sum(scores) / len(scores) if scores else None
+    return res.mean(method, 5) if method in res.methods else None
 
 
-def _clean(results: dict, method: str) -> float | None:
-    scores = [r["map50"] for r in results["rows"] if r["method"] == method and r["split"] == "val"]
-    return scores[0] if scores else None
+def _clean(res: Results, method: str) -> float | None:
+    return res.score(method, "val") if method in res.methods else None
 
 
 def _points(value: float | None, base: float | None) -> str:
@@ -33,19 +32,20 @@ def _model_name(results: dict) -> str:
 def family_rows(results: dict, reference: dict) -> list[tuple[str, str, str]]:
     """(what, on the reference detector, on this one) per comparison: source and BatchNorm statistics at
     severity 5 and clean, then each gradient method in points over BatchNorm statistics."""
+    both = (Results(reference), Results(results))
     rows = []
     for label, method in (("source, mean mAP50 at severity 5", "source"),
                           ("BatchNorm statistics, mean mAP50 at severity 5", "bn")):
-        values = [_mean5(r, method) for r in (reference, results)]
+        values = [_mean5(r, method) for r in both]
         rows.append((label, *("not run" if v is None else f"{v:.3f}" for v in values)))
-    clean = [_clean(r, "source") for r in (reference, results)]
+    clean = [_clean(r, "source") for r in both]
     rows.append(("source, clean mAP50", *("not run" if v is None else f"{v:.3f}" for v in clean)))
-    rows.append(("BatchNorm statistics over source, points", *(_points(_mean5(r, "bn"), _mean5(r, "source"))
-                                                              for r in (reference, results))))
+    rows.append(("BatchNorm statistics over source, points",
+                 *(_points(_mean5(r, "bn"), _mean5(r, "source")) for r in both)))
     for method in GRADIENT_METHODS:
-        if method in reference["recipes"] or method in results["recipes"]:
+        if any(method in r.methods for r in both):
             rows.append((f"{method} over BatchNorm statistics, points",
-                         *(_points(_mean5(r, method), _mean5(r, "bn")) for r in (reference, results))))
+                         *(_points(_mean5(r, method), _mean5(r, "bn")) for r in both)))
     return rows
 
 
