@@ -101,8 +101,8 @@ bench-distributed: $(STAMP)
 # val; runs/bench/continual.json, docs/benchmarks-continual.md), then the quick scope (clean val + 15 corruptions at
 # severity 5, reset per corruption, 128 images per split, the online recipes plus BatchNorm statistics and Tent
 # episodic; runs/bench/quick.json, docs/benchmarks.md with the continual line and, when runs/bench/quick-seed1.json
-# is there, the data-seed spread). Measured 2026-11-26: `time make bench` 43m56s (OMP_NUM_THREADS=1) on the 2 cores
-# shared with other jobs (load average 4-6); the benchmark's own minutes are in docs/benchmarks.md's provenance line.
+# is there, the data-seed spread). Measured 2026-11-26: `time make bench` 14m53s on the 2 cores with nothing else
+# running (43m56s with OMP_NUM_THREADS=1 while other jobs held the cores, load average 4-6).
 # make bench-gradual: severities 1-5-1 per corruption as one stream, 64 images per segment, then clean val
 # (runs/bench/gradual.json, docs/benchmarks-gradual.md). make bench-full: the continual and gradual protocols,
 # then every recipe on every severity 1-5, 300 images per split (docs/benchmarks-full.md); hours on 2 cores.
