@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -108,29 +108,47 @@ def add_flags(parser: argparse.ArgumentParser, images: int, protocol: str) -> No
     add_model_flags(parser)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, 64, "continual")
+def protocol_main(
+    argv: Sequence[str] | None,
+    protocol: str,
+    images: int,
+    stream: Sequence[str],
+    write_report: Callable[[dict, Path], list[Path]],
+    description: str | None = None,
+) -> int:
+    """The command line of a stream protocol (continual, gradual): every recipe once over ``stream``, then the
+    results file and, unless ``--docs ''``, the report ``write_report(results, docs)`` writes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, images, protocol)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dataset = data_root(args.dataset, args.seed)
-    results = run(dataset, args.recipes, args.images, args.device, stream_splits=STREAM,
-                  runner=runner_from_args(args, dataset))
+    results = run(dataset, args.recipes, args.images, args.device, stream_splits=stream,
+                  runner=runner_from_args(args, dataset), scope=protocol)
     results["data_seed"] = args.seed
-    results["command"] = " ".join(["python -m yolozu.demo.bench.continual", *(sys.argv[1:] if argv is None else argv)])
-    output = Path(args.output or default_output("continual", args.adapter, args.seed))
+    given = sys.argv[1:] if argv is None else argv
+    results["command"] = " ".join([f"python -m yolozu.demo.bench.{protocol}", *given])
+    output = Path(args.output or default_output(protocol, args.adapter, args.seed))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, results, indent=1)
     print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
     for reason in results["skipped"].items():
         print("skipped %s: %s" % reason, file=sys.stderr)
-    docs = default_docs("continual", args.adapter) if args.docs is None else args.docs
+    docs = default_docs(protocol, args.adapter) if args.docs is None else args.docs
     if docs and {"source", "bn"} <= set(results["recipes"]):
-        from yolozu.demo.bench.continual_report import write_continual_report
-
-        for path in write_continual_report(results, Path(docs)):
+        for path in write_report(results, Path(docs)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _write_report(results: dict, docs: Path) -> list[Path]:
+    from yolozu.demo.bench.continual_report import write_continual_report  # it imports this module
+
+    return write_continual_report(results, docs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return protocol_main(argv, "continual", 64, STREAM, _write_report, __doc__)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,17 @@ check on the last corruptions and clean val at the end. Same recipes, images and
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from yolozu.demo.bench import continual
 from yolozu.demo.bench.continual_report import TARGETS
 from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, write_text_atomic
 from yolozu.demo.bench.report import _table
-from yolozu.demo.bench.runner import runner_from_args
-from yolozu.demo.bench.shift import data_root, default_docs, default_output
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
-from yolozu.predictions import write_json_atomic
 
 SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 """The severities each corruption passes through, in order."""
@@ -153,24 +147,7 @@ def write_gradual_report(results: dict, docs: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    continual.add_flags(parser, IMAGES, "gradual")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    dataset = data_root(args.dataset, args.seed)
-    results = continual.run(dataset, args.recipes, args.images, args.device, stream_splits=STREAM,
-                            runner=runner_from_args(args, dataset), scope="gradual")
-    results["data_seed"] = args.seed
-    results["command"] = " ".join(["python -m yolozu.demo.bench.gradual", *(sys.argv[1:] if argv is None else argv)])
-    output = Path(args.output or default_output("gradual", args.adapter, args.seed))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, results, indent=1)
-    print(f"wrote {output} ({results['seconds']:.0f} s)", file=sys.stderr)
-    docs = default_docs("gradual", args.adapter) if args.docs is None else args.docs
-    if docs and {"source", "bn"} <= set(results["recipes"]):
-        for path in write_gradual_report(results, Path(docs)):
-            print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return continual.protocol_main(argv, "gradual", IMAGES, STREAM, write_gradual_report, __doc__)
 
 
 if __name__ == "__main__":
