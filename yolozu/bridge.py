@@ -11,21 +11,29 @@ of a process group is synchronised BatchNorm: ``yolozu.tta.distributed``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from yolozu.functional.norm_stats import mixed_stats, shrunk_stats
 from yolozu.functional.state import Params, copy
 from yolozu.functional.step import BN_MODES, Apply
 
 BN_PRIOR = 16.0
 """The default strength, in images, of the stored statistics in BatchNorm's ``mix`` mode (``step.BN_MODES``)."""
+BN_SHRINK = 8.0
+"""The default threshold, in standard errors, of BatchNorm's ``shrink`` mode (``step.BN_MODES``): the value chosen
+for single images on the held-out corruptions (clean drop within 1 point; docs/benchmark-notes.md)."""
 
 BatchStats = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 """``batch_stats(x) -> (mean, var, count)``: the per-channel mean and biased variance a BatchNorm layer normalises
 its input ``x`` (``(N, C, ...)``) with, and the number of values per channel they summarise (a 0-d tensor)."""
+Prior = Callable[..., tuple[Tensor, Tensor]]
+"""``prior(mean, var, source_mean, source_var, *, count, size) -> (mean, var)``: how the ``mix`` and ``shrink``
+modes combine a batch's statistics with the stored ones (``yolozu.functional.norm_stats``)."""
 
 
 def local_batch_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,23 +126,20 @@ def _hooked_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStat
     return forward
 
 
-def _mixed_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats | None, prior: float) -> Callable:
-    """``module``'s forward normalising with its stored statistics as a prior of ``prior`` images mixed with the
-    batch's (``step.BN_MODES``, ``mix``); running statistics are not updated. Under a shared ``batch_stats`` the
-    batch's image count is every rank's (its count of values per channel over the spatial size). A layer that
-    stores no statistics normalises with the batch's."""
+def _prior_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats | None, prior: Prior) -> Callable:
+    """``module``'s forward normalising with the batch's statistics combined with its stored ones by ``prior``
+    (``step.BN_MODES``, ``mix`` and ``shrink``); running statistics are not updated. Under a shared
+    ``batch_stats`` the batch is every rank's. A layer that stores no statistics normalises with the batch's."""
 
     def forward(x: Tensor) -> Tensor:
         if batch_stats is None:
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
-            images: Any = x.shape[0]
+            count: Any = x.numel() // x.shape[1]
         else:
             mean, var, count = batch_stats(x)
-            images = count / x[0, 0].numel()
         if module.running_mean is not None:
-            weight = prior / (prior + images)
-            mean = torch.lerp(mean, module.running_mean.to(mean.dtype), weight)
-            var = torch.lerp(var, module.running_var.to(var.dtype), weight)
+            source = (module.running_mean.to(mean.dtype), module.running_var.to(var.dtype))
+            mean, var = prior(mean, var, *source, count=count, size=x[0, 0].numel())
         return _normalise(module, x, mean, var)
 
     return forward
@@ -142,18 +147,15 @@ def _mixed_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats
 
 @contextlib.contextmanager
 def _norms_using(
-    norms: Sequence[nn.Module], batch_stats: BatchStats | None, prior: float | None = None
+    norms: Sequence[nn.Module], batch_stats: BatchStats | None, prior: Prior | None = None
 ) -> Iterator[None]:
     """Every BatchNorm layer of ``norms`` normalising with ``batch_stats`` for the duration (nothing without one),
-    or, given a ``prior``, with the stored statistics mixed with the batch's (``_mixed_norm``)."""
+    or, given a ``prior``, with the batch's statistics combined with the stored ones by it (``_prior_norm``)."""
     if batch_stats is None and prior is None:
         yield
         return
     for module in norms:
-        if prior is None:
-            module.forward = _hooked_norm(module, batch_stats)
-        else:
-            module.forward = _mixed_norm(module, batch_stats, prior)
+        module.forward = _hooked_norm(module, batch_stats) if prior is None else _prior_norm(module, batch_stats, prior)
     try:
         yield
     finally:
@@ -167,13 +169,15 @@ def make_apply(
     *,
     batch_stats: BatchStats | None = None,
     bn_prior: float = BN_PRIOR,
+    bn_shrink: float = BN_SHRINK,
 ) -> Apply:
     """``model`` as a pure forward over explicit tensors: ``apply(params, buffers, x, *, bn_mode="running",
     **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
     ``forward(model, x, **forward_kwargs)`` replaces ``model(x, ...)`` (e.g. a user's ``recon_fn``); it sees
     the module holding the given tensors. ``batch_stats`` (``BatchStats``), in the modes that normalise with
     batch statistics, gives the statistics every BatchNorm layer uses and updates its running ones with;
-    ``bn_prior`` is the strength, in images, of the stored statistics in the ``mix`` mode.
+    ``bn_prior`` is the strength, in images, of the stored statistics in the ``mix`` mode, ``bn_shrink`` the
+    threshold, in standard errors, of the ``shrink`` mode.
 
     The buffers passed in are never modified: in the modes that normalise with batch statistics the module
     updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
@@ -182,13 +186,15 @@ def make_apply(
     norms = [module for module in modules if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     slots = _slots(model)
     call = forward if forward is not None else (lambda module, x, **kwargs: module(x, **kwargs))
+    priors = {"mix": functools.partial(mixed_stats, prior=bn_prior),
+              "shrink": functools.partial(shrunk_stats, k=bn_shrink)}
 
     def apply(params: Params, buffers: Params, x: Any, *, bn_mode: str = "running", **kwargs: Any) -> tuple:
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         training = bn_mode != "eval"
         work = copy(buffers) if bn_mode in ("running", "batch") else buffers  # those update running statistics
-        prior = bn_prior if bn_mode == "mix" else None
+        prior = priors.get(bn_mode)
         with training_mode(modules, training), _norms_using(norms, batch_stats if training else None, prior):
             if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from yolozu.adapter_args import AdapterUsageError, adapter_from_args
-from yolozu.bridge import BN_PRIOR
+from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.determinism import set_deterministic
@@ -107,9 +107,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--tta-flip-prob must be in [0, 1] (a probability), got {args.tta_flip_prob}")
     if args.tta_seed is not None and args.tta_seed < 0:
         raise UsageError(f"--tta-seed must be >= 0, got {args.tta_seed}")
-    if args.bn_prior is not None and (args.bn_stats != "mix" or args.bn_prior < 0):
-        raise UsageError(f"--bn-prior applies to --bn-stats mix and must be >= 0 (images), got {args.bn_prior} with "
-                         f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode mix --ttt-bn-prior N")
+    for flag, mode, unit in (("--bn-prior", "mix", "images"), ("--bn-shrink", "shrink", "standard errors")):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and (args.bn_stats != mode or value < 0):
+            raise UsageError(f"{flag} applies to --bn-stats {mode} and must be >= 0 ({unit}), got {value} with "
+                             f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode {mode} --ttt{flag} N")
     flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only")
     given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
     if given and not args.tta:
@@ -165,9 +167,14 @@ def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: P
     return predictions, report
 
 
-def _bn_prior(args: argparse.Namespace) -> float:
-    """``--bn-prior``, or its default."""
-    return BN_PRIOR if args.bn_prior is None else args.bn_prior
+def _norm_options(args: argparse.Namespace) -> dict[str, float]:
+    """The strength of the stored statistics ``--bn-stats`` mixes with the batch's: ``--bn-prior`` (mix) or
+    ``--bn-shrink`` (shrink), or its default; nothing for the other modes."""
+    if args.bn_stats == "mix":
+        return {"bn_prior": BN_PRIOR if args.bn_prior is None else args.bn_prior}
+    if args.bn_stats == "shrink":
+        return {"bn_shrink": BN_SHRINK if args.bn_shrink is None else args.bn_shrink}
+    return {}
 
 
 def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
@@ -179,7 +186,7 @@ def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Par
             bar.update(len(records))
         else:
             bn = "eval" if args.bn_stats == "running" else args.bn_stats
-            predictor = Predictor(adapter, tta=tta, bn_prior=_bn_prior(args))
+            predictor = Predictor(adapter, tta=tta, **_norm_options(args))
             predictions = predictor.predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
     return predictions, disabled_report(config)
 
@@ -193,7 +200,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         "seed": args.seed,
         "deterministic": args.deterministic,
         "bn_stats": args.bn_stats,
-        **({"bn_prior": _bn_prior(args)} if args.bn_stats == "mix" else {}),
+        **_norm_options(args),
         "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }

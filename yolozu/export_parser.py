@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from yolozu.adapter_args import add_adapter_flags
-from yolozu.bridge import BN_PRIOR
+from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.flip_tta import MERGES, FlipTTAConfig
 from yolozu.image_loader import default_workers
 from yolozu.scaleout import DIST_SYNC
@@ -39,17 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     general.add_argument(
         "--bn-stats",
-        choices=("running", "batch", "mix"),
+        choices=("running", "batch", "mix", "shrink"),
         default="running",
         help="without --ttt: normalise with the stored running statistics (default), the test batch's statistics "
-        "(BatchNorm adaptation, no gradient step) or the stored ones as a prior of --bn-prior images mixed with "
-        "the batch's (mix; for small batches and single images)",
+        "(BatchNorm adaptation, no gradient step), the stored ones as a prior of --bn-prior images mixed with "
+        "the batch's (mix) or the batch's soft-thresholded towards the stored ones at --bn-shrink standard errors "
+        "(shrink); mix and shrink are for small batches and single images",
     )
     general.add_argument(
         "--bn-prior",
         type=float,
         help=f"--bn-stats mix: the stored statistics' strength in images (Schneider et al. 2020's N; default "
         f"{BN_PRIOR:g})",
+    )
+    general.add_argument(
+        "--bn-shrink",
+        type=float,
+        help=f"--bn-stats shrink: the threshold in standard errors of the batch's statistics (Gong et al. 2022's "
+        f"instance-aware BatchNorm; default {BN_SHRINK:g})",
     )
     general.add_argument("--quiet", action="store_true", help="no progress bars")
     general.add_argument(

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from yolozu.adapter import Prediction, Record, missing_ttt_hooks
-from yolozu.bridge import BN_PRIOR, BatchStats, make_apply
+from yolozu.bridge import BN_PRIOR, BN_SHRINK, BatchStats, make_apply
 from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
 
@@ -72,7 +72,8 @@ class Predictor:
     """Decoded predictions of ``adapter`` for given params and buffers (default: the model's own), normalised
     with BatchNorm mode ``bn``: ``eval``, the stored running statistics, ``batch``, the statistics of the test
     batch (nothing updated; ``batch_stats``, a ``bridge.BatchStats`` hook, gives them: e.g. every rank's batch),
-    or ``mix``, the stored ones as a prior of ``bn_prior`` images mixed with the batch's."""
+    ``mix``, the stored ones as a prior of ``bn_prior`` images mixed with the batch's, or ``shrink``, the batch's
+    soft-thresholded towards the stored ones at ``bn_shrink`` standard errors (``step.BN_MODES``)."""
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class Predictor:
         tta: FlipTTAConfig | None = None,
         batch_stats: BatchStats | None = None,
         bn_prior: float = BN_PRIOR,
+        bn_shrink: float = BN_SHRINK,
     ) -> None:
         missing = missing_predict_hooks(adapter)
         if missing:
@@ -91,7 +93,7 @@ class Predictor:
         self.adapter = adapter
         self.model = adapter.get_model()
         self.tta = tta
-        self._apply = make_apply(self.model, batch_stats=batch_stats, bn_prior=bn_prior)
+        self._apply = make_apply(self.model, batch_stats=batch_stats, bn_prior=bn_prior, bn_shrink=bn_shrink)
         self.non_finite: list[str] = []
         """Images whose model output had a non-finite value, in prediction order (each once)."""
         self._non_finite_seen: set[str] = set()

@@ -19,7 +19,7 @@ from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
 from yolozu.functional.state import Params, combine, extract, partition
 
-BN_MODES = ("running", "batch", "eval", "mix")
+BN_MODES = ("running", "batch", "eval", "mix", "shrink")
 """How BatchNorm normalises while adapting:
 
 - ``running``: batch statistics; running statistics updated and returned in the new buffers (train mode,
@@ -29,7 +29,10 @@ BN_MODES = ("running", "batch", "eval", "mix")
 - ``mix``: the stored statistics as a prior of strength N images mixed with a batch of n images' own,
   ``mean = N/(N+n) mean_source + n/(N+n) mean_batch`` and the same for the variance (Schneider et al., NeurIPS
   2020, "Improving robustness against common corruptions by covariate shift adaptation"); nothing updated. For
-  small batches and single images, where batch statistics alone are noisy and cost clean accuracy.
+  small batches and single images, where batch statistics alone are noisy and cost clean accuracy;
+- ``shrink``: the batch's deviation from the stored statistics soft-thresholded at k standard errors (Gong et al.,
+  NeurIPS 2022, instance-aware BatchNorm; ``yolozu.functional.norm_stats.shrunk_stats``); nothing updated. For
+  single images: a clean image keeps the source statistics, a strongly shifted one moves to its own.
 """
 
 

@@ -20,7 +20,7 @@ from yolozu.functional.guards import GuardLimits
 from yolozu.functional.methods import METHODS, MethodEntry, entry
 from yolozu.functional.optim import OPTIMIZERS
 from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
-from yolozu.bridge import BN_PRIOR
+from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.functional.step import BN_MODES
 from yolozu.tta.presets import PRESETS, preset_values
 
@@ -71,11 +71,15 @@ COMMON = {
     "bn_mode": setting(
         "running",
         "BatchNorm while adapting: running (batch statistics, running stats updated), batch (batch statistics "
-        "only), eval (stored stats), mix (stored stats as a prior of bn_prior images mixed with the batch's)",
+        "only), eval (stored stats), mix (stored stats as a prior of bn_prior images mixed with the batch's), "
+        "shrink (the batch's deviation from the stored stats soft-thresholded at bn_shrink standard errors)",
         one_of(*BN_MODES),
     ),
     "bn_prior": setting(
         BN_PRIOR, "bn_mode mix: the stored statistics' strength in images (Schneider et al. 2020's N)", number(0)
+    ),
+    "bn_shrink": setting(
+        BN_SHRINK, "bn_mode shrink: the threshold in standard errors (Gong et al. 2022's instance-aware BN)", number(0)
     ),
     "streams": setting(1, "sample reset: images adapted at once, vmapped", number(1, integer=True)),
     "online_predict": setting(

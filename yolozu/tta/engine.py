@@ -50,7 +50,7 @@ def build_method(
         optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
     build = entry(config.method).build
     stats = shared.batch_stats() if shared is not None else None
-    apply = make_apply(model, forward, batch_stats=stats, bn_prior=config.bn_prior)
+    apply = make_apply(model, forward, batch_stats=stats, bn_prior=config.bn_prior, bn_shrink=config.bn_shrink)
     if shared is not None:
         optimizer = optim.chain(shared.gradients(), optimizer)
     method = build(apply, optimizer, config.method_settings(), readout=readout, bn=config.bn_mode, **method_options)

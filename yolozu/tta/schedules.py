@@ -207,7 +207,7 @@ def adapt_and_predict(
     if missing_predict_hooks(adapter):
         return _predict_with_own_predict(adapter, records, config, progress, calibration, tta)
     stats = part.shared.batch_stats() if part.shared is not None else None
-    predictor = Predictor(adapter, tta=tta, batch_stats=stats, bn_prior=config.bn_prior)
+    predictor = Predictor(adapter, tta=tta, batch_stats=stats, bn_prior=config.bn_prior, bn_shrink=config.bn_shrink)
     if config.reset == "stream" and config.schedule == "pre":
         predictions, report = _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part)
     else:
