@@ -92,6 +92,21 @@ def test_headline_and_targets_are_computed_from_the_rows(tmp_path):
     assert (tmp_path / "benchmarks-severity5.png").stat().st_size > 1000 and len(written) == 2
 
 
+def test_episodic_targets_compare_clean_drop_and_severity_5_with_per_image_statistics_alone():
+    sev5 = {"source": 0.20, "bn": 0.30, "bn-image": 0.33, "bn-sample": 0.34, "tent-sample": 0.32, "tent-image": 0.31}
+    clean = {"source": 0.90, "bn": 0.895, "bn-image": 0.85, "bn-sample": 0.895, "tent-sample": 0.88, "tent-image": 0.8}
+    res = report.Results(_results(sev5, clean, {m: 1.0 for m in sev5}))
+    lines = report.episodic_lines(res)
+    assert len(lines) == 2  # the two -sample recipes
+    assert re.search(r"per image, shrunk.* no lower than BatchNorm statistics only \(per image, alone\): clean drop "
+                     r"0\.5, severity 5 \+1\.00 points: \*\*met\*\*", lines[0])
+    # Tent episodic is measured against Tent on per-image statistics alone, and its clean drop of 2 points fails
+    assert re.search(r"Tent, episodic keeps .* than Tent, episodic, per-image statistics alone: clean drop 2\.0, "
+                     r"severity 5 \+1\.00 points: \*\*not met\*\*", lines[1])
+    without = {m: v for m, v in sev5.items() if m != "bn-image"}
+    assert report.episodic_lines(report.Results(_results(without, clean, {m: 1.0 for m in without}))) == []
+
+
 def test_benchmark_runs_end_to_end_on_a_tiny_dataset(tmp_path):
     write_split(tmp_path, "val", 4, seed=5, spec=SynthSpec(image_size=160))
     write_corrupted_split(tmp_path, "fog", 5, seed=0)

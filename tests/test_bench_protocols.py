@@ -5,7 +5,7 @@ import json
 
 from test_bench import _results
 
-from yolozu.demo.bench import continual, gradual, report, seeds, shift
+from yolozu.demo.bench import continual, gradual, pages, recipes, report, seeds, shift
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import write_corrupted_split
 from yolozu.demo.synth import SynthSpec, write_split
@@ -111,3 +111,17 @@ def test_the_protocols_command_lines_write_results_and_reports(tmp_path, monkeyp
         results = json.loads((tmp_path / f"{name}.json").read_text())
         assert results["scope"] == name and results["data_seed"] == 0 and results["model"] == {"adapter": "detector"}
         assert (tmp_path / "docs" / f"benchmarks-{name}.md").read_text().startswith(f"# Shift benchmark ({name})")
+
+
+def test_stream_protocols_run_each_method_with_its_long_stream_settings_and_the_page_says_which():
+    for name in continual.CONTINUAL:
+        online, stream = recipes.RECIPES[name], recipes.stream_recipe(name)
+        changes = recipes.STREAM_SETTINGS.get(name, {})
+        assert stream.ttt == (None if online.ttt is None else {**online.ttt, **changes})
+        assert stream.config().enabled == (online.ttt is not None)
+    assert recipes.stream_recipe("eata") is recipes.RECIPES["eata"]  # no change, the online recipe itself
+    results = {"recipes": {n: recipes.stream_recipe(n).meta() for n in ("source", "bn", "tent", "eata")}}
+    line = pages.stream_settings_line(results)
+    assert line.endswith(f"tent lr {recipes.STREAM_SETTINGS['tent']['lr']:g}.") and "eata" not in line
+    online = {"recipes": {n: recipes.RECIPES[n].meta() for n in ("source", "bn", "tent")}}
+    assert pages.stream_settings_line(online) == "Every method runs its online recipe along the stream."

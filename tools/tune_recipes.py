@@ -5,11 +5,11 @@ the ImageNet-C validation protocol), never on the 15 test corruptions.
 Every candidate runs on the held-out splits at severities 3 and 5 (300 images each) and is scored by mean mAP50,
 printed against BatchNorm statistics alone on the same images. Each run starts from the source weights.
 
-    python tools/tune_recipes.py [--methods tent mim cotta eata sar episodic_mix bn_prior] [--images 300]
-                                 [--clean] [--output runs/bench/tuning.json]
+    python tools/tune_recipes.py [--methods tent mim cotta eata sar episodic_mix episodic_shrink bn_prior bn_shrink]
+                                 [--images 300] [--clean] [--output runs/bench/tuning.json]
 
-``--clean`` (and ``bn_prior``) also score each candidate's clean mAP50 drop against the source model on clean
-training images (in-distribution, and no test split).
+``--clean`` (and ``bn_prior``, ``bn_shrink``) also score each candidate's clean mAP50 drop against the source model
+on clean training images (in-distribution, and no test split).
 """
 
 import argparse
@@ -60,16 +60,22 @@ CANDIDATES = {
     ],
     "episodic_mix": [  # Tent episodic normalising with per-image statistics, alone or mixed with the source's
         {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2, "bn_mode": "batch"},
-        *({"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2, "bn_prior": n} for n in (2.0, 3.0, 4.0)),
-        {"method": "tent", **EPISODIC, "lr": 3e-2, "steps": 2, "bn_prior": 4.0},
+        *({"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2, "bn_mode": "mix", "bn_prior": n}
+          for n in (2.0, 3.0, 4.0)),
+        {"method": "tent", **EPISODIC, "lr": 3e-2, "steps": 2, "bn_mode": "mix", "bn_prior": 4.0},
+    ],
+    "episodic_shrink": [  # Tent episodic normalising with per-image statistics shrunk towards the source's
+        *({"method": "tent", **EPISODIC, "lr": lr, "steps": 2, "bn_shrink": k}
+          for lr, k in ((1e-2, 8.0), (3e-2, 8.0), (1e-2, 11.0))),
     ],
     "sar": [  # the paper's selection: norm layers minus the top block
         *({"method": "sar", **ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (3e-3, 1e-2)),
         {"method": "sar", **EPISODIC, "lr": 1e-2, "steps": 2, "update_filter": "norm_but_top"},
     ],
 }
-BN_PRIORS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-"""Strengths of the stored BatchNorm statistics tried for per-image normalisation (``--methods bn_prior``)."""
+PER_IMAGE = {"bn_prior": (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0), "bn_shrink": (1.0, 4.0, 8.0, 11.0, 16.0, 64.0)}
+"""Strengths of the stored BatchNorm statistics tried for per-image normalisation: prior images (``--methods
+bn_prior``, the ``mix`` mode) and thresholds in standard errors (``--methods bn_shrink``, the ``shrink`` mode)."""
 ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
     ({"method": "tent", **ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
     ({"method": "tent", **ONLINE, "lr": 1e-2}, {"tent_peaks": 16}),
@@ -95,16 +101,16 @@ class CleanDrop:
         return self.source - self.map50(recipe)
 
 
-def tune_bn_prior(args: argparse.Namespace, score, clean_drop: CleanDrop) -> list[dict]:
-    """Per-image BatchNorm statistics mixed with the stored ones, for each strength of ``--bn-priors``: the held-out
-    mean and the clean drop."""
+def tune_per_image(kind: str, strengths: list[float], score, clean_drop: CleanDrop) -> list[dict]:
+    """Per-image BatchNorm statistics combined with the stored ones, ``kind`` ``bn_prior`` (mixed) or ``bn_shrink``
+    (soft-thresholded), for each of ``strengths``: the held-out mean and the clean drop."""
     found = []
-    for prior in args.bn_priors:
-        recipe = Recipe("candidate", "candidate", bn_stats=True, bn_batch=1, bn_prior=prior)
+    for strength in strengths:
+        recipe = Recipe("candidate", "candidate", bn_stats=True, bn_batch=1, **{kind: strength})
         mean, per_split = score(recipe)
         drop = clean_drop(recipe)
-        found.append({"bn_prior": prior, "mean": mean, "splits": per_split, "clean_drop": drop})
-        print(f"per-image BN, prior {prior}: held-out {mean:.4f}, clean drop {100 * drop:+.2f} points", flush=True)
+        found.append({kind: strength, "mean": mean, "splits": per_split, "clean_drop": drop})
+        print(f"per-image BN, {kind} {strength}: held-out {mean:.4f}, clean drop {100 * drop:+.2f} points", flush=True)
     return found
 
 
@@ -112,10 +118,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="data/demo")
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=[*CANDIDATES, "bn_prior"],
-                        help="bn_prior: per-image BatchNorm statistics with each prior strength of --bn-priors")
-    parser.add_argument("--bn-priors", type=float, nargs="+", default=list(BN_PRIORS), metavar="N",
+    parser.add_argument("--methods", nargs="+", default=list(CANDIDATES), choices=[*CANDIDATES, *PER_IMAGE],
+                        help="bn_prior / bn_shrink: per-image BatchNorm statistics with each strength of --bn-priors /"
+                        " --bn-shrinks")
+    parser.add_argument("--bn-priors", type=float, nargs="+", default=list(PER_IMAGE["bn_prior"]), metavar="N",
                         help="strengths (images) tried by --methods bn_prior (0: per-image statistics alone)")
+    parser.add_argument("--bn-shrinks", type=float, nargs="+", default=list(PER_IMAGE["bn_shrink"]), metavar="K",
+                        help="thresholds (standard errors) tried by --methods bn_shrink")
     parser.add_argument("--clean", action="store_true", help="also the clean mAP50 drop of every candidate")
     parser.add_argument("--output", default="runs/bench/tuning.json")
     args = parser.parse_args(argv)
@@ -130,10 +139,11 @@ def main(argv=None) -> int:
     bn, bn_splits = score(Recipe("bn", "bn", bn_stats=True))
     print(f"BatchNorm statistics only: mean mAP50 {bn:.4f} over {', '.join(splits)}", flush=True)
     results = {"splits": splits, "bn": {"mean": bn, "splits": bn_splits}, "candidates": []}
-    clean_drop = CleanDrop(runner, args.dataset, args.images) if args.clean or "bn_prior" in args.methods else None
-    if "bn_prior" in args.methods:
-        results["bn_prior"] = tune_bn_prior(args, score, clean_drop)
-    runs = [(ttt, {}) for m in args.methods if m != "bn_prior" for ttt in CANDIDATES[m]]
+    per_image = [m for m in args.methods if m in PER_IMAGE]
+    clean_drop = CleanDrop(runner, args.dataset, args.images) if args.clean or per_image else None
+    for kind in per_image:
+        results[kind] = tune_per_image(kind, getattr(args, kind + "s"), score, clean_drop)
+    runs = [(ttt, {}) for m in args.methods if m not in PER_IMAGE for ttt in CANDIDATES[m]]
     runs += [run for run in ADAPTER_CANDIDATES if "tent" in args.methods]
     for ttt, adapter in runs:
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """The continual protocol (CoTTA's): the 15 corruptions at severity 5, in the standard order, as one stream that
 is never reset, then clean val at the end of the stream (what the adaptation forgot).
 
-Each recipe adapts once over the whole stream (online schedule; BatchNorm statistics over consecutive batches);
+Each recipe adapts once over the whole stream (online schedule, with the settings tuned for long streams,
+``recipes.STREAM_SETTINGS``; BatchNorm statistics over consecutive batches);
 its predictions are scored per corruption as the stream passes it. Episodic recipes restart from the source at
 every image, so the stream changes nothing for them and they are left out. Results land in
 ``runs/bench/continual.json``; ``yolozu.demo.bench.continual_report`` writes docs/benchmarks-continual.md and the
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from yolozu.data import build_manifest
-from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES
+from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, stream_recipe
 from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args
 from yolozu.demo.bench.shift import data_root, default_docs, default_output, machine, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS
@@ -32,11 +33,11 @@ from yolozu.predictions import write_json_atomic
 
 STREAM = [corrupted_split_name(c, 5) for c in CORRUPTIONS] + ["val"]
 """The stream, in order: ImageNet-C's standard corruption order at severity 5, then clean val."""
-CONTINUAL = tuple(name for name in BENCHMARKED if not name.endswith("-sample"))
+CONTINUAL = tuple(name for name in BENCHMARKED if not RECIPES[name].episodic)
 """The recipes whose state carries along a stream (episodic ones restart at every image)."""
 
 
-def _stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
+def stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
     """One row per segment of one recipe's stream: its slice of the predictions scored, its share of the time."""
     total = sum(len(records) for _, records in segments)
     rows, at = [], 0
@@ -71,8 +72,8 @@ def run(
     rows, started = [], time.perf_counter()
     for name in chosen:
         start = time.perf_counter()
-        predictions, report = runner.predict(RECIPES[name], stream)
-        rows += _stream_rows(name, predictions, segments, time.perf_counter() - start)
+        predictions, report = runner.predict(stream_recipe(name), stream)
+        rows += stream_rows(name, predictions, segments, time.perf_counter() - start)
         if progress:
             corrupted = [r for r in rows[-len(segments):] if r["split"] != "val"]
             mean = sum(r["map50"] for r in corrupted) / max(1, len(corrupted))
@@ -87,7 +88,7 @@ def run(
         "model": runner.describe(),
         "images_per_split": images,
         "splits": list(stream_splits),
-        "recipes": {n: RECIPES[n].meta() for n in chosen},
+        "recipes": {n: stream_recipe(n).meta() for n in chosen},
         "skipped": skipped,
         "rows": rows,
         "seconds": time.perf_counter() - started,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
 from yolozu.demo.bench.report import Results, _table
 
 TARGETS = {
@@ -108,6 +108,8 @@ def write_continual_report(results: dict, docs: Path) -> list[Path]:
         f"torch {m['torch']}; {model_name(results)}; {results['seconds'] / 60:.1f} minutes in all. Episodic recipes "
         "restart at every image, so the stream changes nothing for them: their figures are in "
         "[benchmarks.md](benchmarks.md).",
+        "",
+        stream_settings_line(results),
         "",
         "## Targets",
         "",

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from yolozu.demo.bench import continual
 from yolozu.demo.bench.continual_report import TARGETS
-from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
 from yolozu.demo.bench.report import _table
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
@@ -139,7 +139,8 @@ def write_gradual_report(results: dict, docs: Path) -> list[Path]:
         f"{results['images_per_split']} images per segment (the same images at every severity). Measured on "
         f"{results['date']} by `{results['command']}` on {m['processor']}, {m['torch_threads']} torch threads, device "
         f"{m['device']}, torch {m['torch']}; {model_name(results)}; {results['seconds'] / 60:.1f} minutes in all.",
-        "", "## Targets", "", *target_lines(s), "", *skipped_lines(results), *tables(s),
+        "", stream_settings_line(results), "",
+        "## Targets", "", *target_lines(s), "", *skipped_lines(results), *tables(s),
         "## mAP50 along the stream", "", f"![mAP50 along the stream]({plot.name})", "",
     ]
     write_text_atomic(path, "\n".join(lines))

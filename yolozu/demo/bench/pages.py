@@ -27,6 +27,24 @@ def model_name(results: dict) -> str:
     return f"adapter `{model['adapter']}`" + (f" ({flags})" if flags else "")
 
 
+def stream_settings_line(results: dict) -> str:
+    """What a stream protocol's results ran with that differs from each method's online recipe (the settings
+    tuned for long streams, ``recipes.STREAM_SETTINGS``), as the page states it."""
+    from yolozu.demo.bench.recipes import RECIPES
+
+    changed = []
+    for name, meta in results["recipes"].items():
+        online = RECIPES[name].ttt if name in RECIPES else None
+        if meta.get("ttt") and online:
+            diff = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in meta["ttt"].items()
+                    if online.get(k) != v]
+            changed += [f"{name} {', '.join(diff)}"] if diff else []
+    if not changed:
+        return "Every method runs its online recipe along the stream."
+    return ("Every method runs its online recipe along the stream, with the settings tuned for long streams on a "
+            f"held-out stream (`python tools/tune_continual.py`): {'; '.join(changed)}.")
+
+
 def provenance(results: dict, continual: dict | None = None) -> str:
     """When, how and where the results were measured (and, with the continual stream's results, make bench's
     total)."""

@@ -133,7 +133,7 @@ class Runner:
             )
             return predictions, report.to_dict()
         if recipe.bn_stats:
-            predictor = Predictor(adapter, **({} if recipe.bn_prior is None else {"bn_prior": recipe.bn_prior}))
+            predictor = Predictor(adapter, **recipe.norm_options())
             return predictor.predict(records, bn=recipe.bn, batch_size=recipe.bn_batch), None
         return adapter.predict(records), None
 

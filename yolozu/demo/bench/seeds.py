@@ -29,7 +29,7 @@ def seed_spread(results: dict, other: dict) -> dict:
     mine, theirs = Results(results), Results(other)
     methods = [m for m in mine.methods if m in theirs.methods]
     rows = {m: (*_figures(mine, m), *_figures(theirs, m)) for m in methods}
-    gradient = [m for m in methods if m not in ("source", "bn", "bn-sample")]
+    gradient = [m for m in methods if results["recipes"][m]["ttt"] is not None]
     online = [m for m in GRADIENT_METHODS if m in methods] or gradient or methods
     best = [max(gradient, key=lambda m, r=r: r.mean(m, 5)) if gradient else None for r in (mine, theirs)]
     return {

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Tune the continual protocol's recipes on a held-out stream only: the four validation corruptions (speckle_noise,
+gaussian_blur, spatter, saturate) at severity 5 in sequence, never reset, then clean training images (what the
+stream made the model forget). Never the 15 test corruptions.
+
+Each candidate runs once over the stream; it is scored by its mean mAP50 over the corrupted segments and its
+lowest segment, both against BatchNorm statistics alone on the same stream, and by its clean mAP50 drop against
+the source model at the end of the stream. The stream settings (``recipes.STREAM_SETTINGS``) are the best
+mean whose clean mAP50 after the stream is no lower than BatchNorm statistics'.
+
+    python tools/tune_continual.py [--images 192] [--clean-images 96] [--output runs/bench/tuning-continual.json]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from yolozu.data import build_manifest  # noqa: E402
+from yolozu.demo.bench.continual import stream_rows  # noqa: E402
+from yolozu.demo.bench.recipes import ONLINE, RECIPES, Recipe  # noqa: E402
+from yolozu.demo.bench.runner import Runner  # noqa: E402
+from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
+from yolozu.demo.data import corrupted_split_name  # noqa: E402
+from yolozu.predictions import write_json_atomic  # noqa: E402
+
+CANDIDATES = [
+    *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3)),
+    *({"method": "cotta", **ONLINE, "lr": lr, "cotta_ema_momentum": m}
+      for lr, m in ((3e-2, 0.8), (1e-2, 0.9), (1e-2, 0.99), (3e-3, 0.99))),
+    *({"method": "eata", **ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
+    *({"method": "sar", **ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (1e-3, 3e-3)),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="data/demo")
+    parser.add_argument("--images", type=int, default=192, help="images per corrupted segment (default 192)")
+    parser.add_argument("--clean-images", type=int, default=96, help="clean training images at the end (default 96)")
+    parser.add_argument("--output", default="runs/bench/tuning-continual.json")
+    args = parser.parse_args(argv)
+    splits = [corrupted_split_name(c, 5) for c in HELDOUT_CORRUPTIONS]
+    segments = [(s, build_manifest(args.dataset, s)[: args.images]) for s in splits]
+    segments.append(("train", build_manifest(args.dataset, "train")[: args.clean_images]))
+    stream = [record for _, records in segments for record in records]
+    runner = Runner(dataset=args.dataset)
+
+    def scores(recipe: Recipe) -> list[float]:
+        predictions = runner.predict(recipe, stream)[0]
+        return [row["map50"] for row in stream_rows(recipe.name, predictions, segments, 0.0)]
+
+    source, bn = scores(RECIPES["source"]), scores(RECIPES["bn"])
+    found = {"splits": [s for s, _ in segments], "source": source, "bn": bn, "candidates": []}
+    print(f"BatchNorm statistics: mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; source clean {source[-1]:.4f}",
+          flush=True)
+    for ttt in CANDIDATES:
+        start = time.perf_counter()
+        got = scores(Recipe("candidate", "candidate", ttt))
+        over = [100 * (a - b) for a, b in zip(got[:-1], bn[:-1])]
+        row = {"ttt": ttt, "map50": got, "over_bn": statistics.fmean(over), "lowest_over_bn": min(over),
+               "clean_drop": 100 * (source[-1] - got[-1])}
+        found["candidates"].append(row)
+        print(f"{row['over_bn']:+.2f} over BN (lowest segment {row['lowest_over_bn']:+.2f}), clean drop "
+              f"{row['clean_drop']:+.2f} points, {time.perf_counter() - start:3.0f}s {ttt}", flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.output, found, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
