@@ -1,5 +1,6 @@
-"""BatchNorm's ``mix`` mode: the stored statistics as a prior of N images mixed with the batch's (Schneider et al.
-2020), in the bridge, the TTT config, the episodic schedule and the export's ``--bn-stats mix``."""
+"""BatchNorm's ``mix`` mode (the stored statistics as a prior of N images mixed with the batch's, Schneider et al.
+2020) in the bridge, and both modes that combine the stored statistics with a batch's (``mix``, ``shrink``) in the
+TTT config, the episodic schedule and the export's ``--bn-stats``."""
 
 import json
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from toy import TinyClassifier, seeded
 from torch import nn
 
-from yolozu.bridge import make_apply
+from yolozu.bridge import BN_PRIOR, BN_SHRINK, make_apply
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.export import main
 from yolozu.functional.state import extract
@@ -64,16 +65,17 @@ def test_mix_runs_from_batch_statistics_to_stored_ones():
     assert not torch.allclose(apply(params, buffers, x, bn_mode="batch")[0], far, atol=1e-3)
 
 
-def test_episodic_streams_mix_one_image_each_and_adapt():
+@pytest.mark.parametrize("mode, strength", [("mix", {"bn_prior": 4.0}), ("shrink", {"bn_shrink": 2.0})])
+def test_episodic_streams_normalise_one_image_each_with_the_stored_statistics_and_adapt(mode, strength):
     model = seeded(TinyClassifier)
-    config = TTTConfig(enabled=True, method="tent", lr=1e-2, update_filter="norm_only", bn_mode="mix", bn_prior=4.0)
-    assert config.prediction_bn == "mix"
+    config = TTTConfig(enabled=True, method="tent", lr=1e-2, update_filter="norm_only", bn_mode=mode, **strength)
+    assert config.prediction_bn == mode
     method, names = build_method(model, config)
     state = replicate(method.init_state(model, names), 3)
     xs = torch.rand(3, 1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     new, metrics = streams_update(method)(state, xs)
     assert torch.isfinite(metrics["loss"]).all() and (metrics["update_norm"] > 0).all()
-    for k in state.buffers:  # mix never updates running statistics
+    for k in state.buffers:  # neither mode updates running statistics
         assert torch.equal(new.buffers[k], state.buffers[k])
 
 
@@ -89,25 +91,38 @@ def _export(dataset, out, *flags) -> int:
     return main([*args, *flags])
 
 
-def test_export_bn_stats_mix_sits_between_running_and_batch_and_is_recorded(tmp_path, dataset):
+@pytest.mark.parametrize("mode, key, default", [("mix", "bn_prior", BN_PRIOR), ("shrink", "bn_shrink", BN_SHRINK)])
+def test_export_prior_modes_sit_between_running_and_batch_and_are_recorded(tmp_path, dataset, mode, key, default):
+    flag = "--" + key.replace("_", "-")
     scores = {}
     for name, flags in {
         "running": [],
         "batch": ["--bn-stats", "batch", "--batch-size", "1"],
-        "mix0": ["--bn-stats", "mix", "--bn-prior", "0", "--batch-size", "1"],
-        "mix": ["--bn-stats", "mix", "--bn-prior", "8", "--batch-size", "1"],
+        "zero": ["--bn-stats", mode, flag, "0", "--batch-size", "1"],  # no weight on the stored statistics
+        "default": ["--bn-stats", mode, "--batch-size", "1"],
     }.items():
         out = tmp_path / f"{name}.json"
         assert _export(dataset, out, *flags) == 0
         doc = json.loads(out.read_text())
         scores[name] = [d["score"] for p in doc["predictions"] for d in p["detections"]]
-        if name == "mix":
-            assert doc["meta"]["bn_stats"] == "mix" and doc["meta"]["bn_prior"] == 8.0
-    assert scores["mix0"] == pytest.approx(scores["batch"], abs=1e-5)
-    assert scores["mix"] != scores["batch"] and scores["mix"] != scores["running"]
+        if name == "default":
+            assert doc["meta"]["bn_stats"] == mode and doc["meta"][key] == default
+            assert ({"bn_prior", "bn_shrink"} - {key}).isdisjoint(doc["meta"])  # only its own strength
+    assert scores["zero"] == pytest.approx(scores["batch"], abs=1e-5)
+    assert scores["default"] != scores["batch"] and scores["default"] != scores["running"]
 
 
-def test_bn_prior_without_mix_is_a_usage_error(tmp_path, dataset, capsys):
-    assert _export(dataset, tmp_path / "p.json", "--bn-prior", "8") == 2
-    assert "--bn-prior applies to --bn-stats mix" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bn-prior", "8"], "--bn-prior applies to --bn-stats mix"),
+        (["--bn-stats", "shrink", "--bn-prior", "8"], "--bn-prior applies to --bn-stats mix"),
+        (["--bn-shrink", "8"], "--bn-shrink applies to --bn-stats shrink"),
+        (["--bn-stats", "mix", "--bn-shrink", "8"], "--bn-shrink applies to --bn-stats shrink"),
+        (["--bn-stats", "shrink", "--bn-shrink", "-1"], "--bn-shrink applies to --bn-stats shrink"),
+    ],
+)
+def test_a_strength_without_its_mode_or_negative_is_a_usage_error(tmp_path, dataset, capsys, flags, message):
+    assert _export(dataset, tmp_path / "p.json", *flags) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()

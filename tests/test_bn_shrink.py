@@ -1,23 +1,16 @@
 """BatchNorm's ``shrink`` mode: the batch's statistics soft-thresholded towards the stored ones at k standard
-errors (Gong et al. 2022's instance-aware BatchNorm), in the pure core, the bridge, the episodic schedule and the
-export's ``--bn-stats shrink``."""
-
-import json
+errors (Gong et al. 2022's instance-aware BatchNorm), in the pure core and the bridge (the episodic schedule and
+the export's ``--bn-stats shrink``: tests/test_bn_prior.py, with ``mix``)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_bn_prior import _export, _norm_model
-from toy import TinyClassifier, seeded
+from test_bn_prior import _norm_model
 
 from yolozu.bridge import make_apply
-from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.functional.norm_stats import shrunk_stats, soft_threshold
 from yolozu.functional.state import extract
-from yolozu.functional.streams import replicate, streams_update
-from yolozu.tta.config import TTTConfig
-from yolozu.tta.engine import build_method
 
 floats = st.floats(-10.0, 10.0, allow_nan=False)
 
@@ -63,50 +56,3 @@ def test_shrink_runs_from_batch_statistics_to_stored_ones():
     assert new_buffers is buffers  # nothing updated
     between = make_apply(model, bn_shrink=2.0)(params, buffers, x, bn_mode="shrink")[0]
     assert not torch.allclose(between, batch, atol=1e-4) and not torch.allclose(between, stored, atol=1e-4)
-
-
-def test_episodic_streams_shrink_one_image_each_and_adapt():
-    model = seeded(TinyClassifier)
-    config = TTTConfig(enabled=True, method="tent", lr=1e-2, update_filter="norm_only", bn_mode="shrink", bn_shrink=2.0)
-    assert config.prediction_bn == "shrink"
-    method, names = build_method(model, config)
-    state = replicate(method.init_state(model, names), 3)
-    xs = torch.rand(3, 1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    new, metrics = streams_update(method)(state, xs)
-    assert torch.isfinite(metrics["loss"]).all() and (metrics["update_norm"] > 0).all()
-    for k in state.buffers:  # shrink never updates running statistics
-        assert torch.equal(new.buffers[k], state.buffers[k])
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bn_shrink")
-    write_split(root, "val", 4, seed=5, spec=SynthSpec(image_size=160))
-    return root
-
-
-def test_export_bn_stats_shrink_sits_between_running_and_batch_and_is_recorded(tmp_path, dataset):
-    scores = {}
-    for name, flags in {
-        "running": [],
-        "batch": ["--bn-stats", "batch", "--batch-size", "1"],
-        "shrink0": ["--bn-stats", "shrink", "--bn-shrink", "0", "--batch-size", "1"],
-        "shrink": ["--bn-stats", "shrink", "--batch-size", "1"],
-    }.items():
-        out = tmp_path / f"{name}.json"
-        assert _export(dataset, out, *flags) == 0
-        doc = json.loads(out.read_text())
-        scores[name] = [d["score"] for p in doc["predictions"] for d in p["detections"]]
-        if name == "shrink":
-            assert doc["meta"]["bn_stats"] == "shrink" and doc["meta"]["bn_shrink"] == 8.0
-            assert "bn_prior" not in doc["meta"]
-    assert scores["shrink0"] == pytest.approx(scores["batch"], abs=1e-5)
-    assert scores["shrink"] != scores["batch"] and scores["shrink"] != scores["running"]
-
-
-@pytest.mark.parametrize("flags", [["--bn-shrink", "8"], ["--bn-stats", "mix", "--bn-shrink", "8"],
-                                   ["--bn-stats", "shrink", "--bn-shrink", "-1"]])
-def test_bn_shrink_without_shrink_or_negative_is_a_usage_error(tmp_path, dataset, capsys, flags):
-    assert _export(dataset, tmp_path / "p.json", *flags) == 2
-    assert "--bn-shrink applies to --bn-stats shrink" in capsys.readouterr().err
-    assert not (tmp_path / "p.json").exists()

@@ -70,8 +70,8 @@ PROTOCOLS = [
     "15 corruptions at severity 5 as one stream, never reset: [benchmarks-continual.md](benchmarks-continual.md), "
     "`make bench-continual`) and **gradual** (severities 1-5-1 per corruption as one stream: "
     "[benchmarks-gradual.md](benchmarks-gradual.md), `make bench-gradual`). `make bench` runs the quick scope "
-    "(online recipes, BatchNorm statistics and Tent episodic) and the continual stream; `make bench-full` every "
-    "protocol and every recipe.", "",
+    "(the online recipes; BatchNorm statistics and Tent, episodic; BatchNorm statistics per image alone) and the "
+    "continual stream; `make bench-full` every protocol and every recipe.", "",
 ]
 
 
