@@ -87,13 +87,29 @@ def test_the_seed_spread_is_computed_from_both_seeds_results():
     assert seeds.seed_lines(_quick(0, 0.0), [other])[0] == "Data seed 1: not compared (its images per split differ)."
 
 
+def test_the_continual_seed_spread_reads_the_stream_and_its_last_segments():
+    mine, theirs = _quick(0, 0.0), _quick(1, 0.0)
+    mine["scope"] = theirs["scope"] = "continual"
+    for row in theirs["rows"]:  # tent 3 points better on seed 1's last segment only
+        if row["method"] == "tent" and row["split"] == f"val-{CORRUPTIONS[-1]}-5":
+            row["map50"] += 0.03
+    lines = seeds.continual_seed_lines(mine, [theirs])
+    assert lines[0] == (f"Continual: between data seeds 0 and 1 (10 images per segment) a method's points over "
+                        f"BatchNorm statistics along the stream move by at most 0.20 (tent); on a single segment of "
+                        f"the last 5, by up to 3.00 (tent, val-{CORRUPTIONS[-1]}-5).")
+    assert seeds.continual_seed_lines(None, [theirs]) == []
+    other = theirs | {"images_per_split": 20}
+    assert seeds.continual_seed_lines(mine, [other])[0] == "Continual, data seed 1: not compared (its images per " \
+        "split differ)."
+
+
 def test_the_quick_report_reads_the_protocols_and_other_seeds_beside_its_results(tmp_path):
     results = _quick(0, 0.0)
     out = tmp_path / "quick.json"
     (tmp_path / "quick-seed1.json").write_text(json.dumps(_quick(1, 0.02)))
     (tmp_path / "continual.json").write_text(json.dumps({"model": {"adapter": "other:factory"}}))
     found = shift.companions(out, results)
-    assert set(found) == {"seeds"} and found["seeds"][0]["data_seed"] == 1
+    assert set(found) == {"seeds", "continual_seeds"} and found["seeds"][0]["data_seed"] == 1
     assert shift.companions(out, _quick(1, 0.0)) == {}  # only the seed-0 report compares
     text = report.write_report(results, tmp_path / "docs", "quick", found)[0].read_text()
     assert "## Data seeds" in text and "moves by at most 2.0 points (tent)" in text

@@ -3,10 +3,15 @@
 The quick scope run on data made with another seed (``tools/make_demo_data.py --seed 1 --root data/demo-seed1``,
 then ``python -m yolozu.demo.bench.shift --quick --seed 1``) writes ``runs/bench/quick-seed1.json``; the seed-0
 report compares each method's mean mAP50 at severity 5 and its points over BatchNorm statistics between the seeds.
+The continual stream on the other seed (``python -m yolozu.demo.bench.continual --seed 1``,
+``runs/bench/continual-seed1.json``) gives the same comparison for the ``Continual:`` line.
 """
 
 from __future__ import annotations
 
+import statistics
+
+from yolozu.demo.bench.continual_report import TARGETS, corruptions
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
 from yolozu.demo.bench.report import Results, _table
 
@@ -72,11 +77,50 @@ def seed_lines(results: dict, others: list[dict]) -> list[str]:
     return out
 
 
-def seed_section(results: dict, others: list[dict]) -> list[str]:
-    """The ``Data seeds`` section: how far the figures move on demo data made with other seeds."""
+def continual_seed_lines(continual: dict | None, others: list[dict]) -> list[str]:
+    """How far the continual stream's points over BatchNorm statistics move on another data seed
+    (``continual-seed<S>.json``): along the stream (the ``Continual:`` line's figure) and on a single segment of
+    the last five (what its no-collapse check reads)."""
+    if continual is None:
+        return []
+    out: list[str] = []
+    mine = Results(continual)
+    for other in others:
+        why = comparable(continual, other)
+        if why:
+            out += [f"Continual, data seed {other.get('data_seed')}: not compared ({why}).", ""]
+            continue
+        theirs = Results(other)
+        methods = [m for m in mine.methods if m in theirs.methods and m not in ("source", "bn")]
+        stream = corruptions(mine)
+        last = stream[-TARGETS["last"]:]
+
+        def over(res: Results, method: str, splits: list[str]) -> list[float]:
+            return [100 * (res.score(method, s) - res.score("bn", s)) for s in splits]
+
+        along = {m: abs(statistics.fmean(over(theirs, m, stream)) - statistics.fmean(over(mine, m, stream)))
+                 for m in methods}
+        single = {(m, s): abs(b - a) for m in methods
+                  for s, a, b in zip(last, over(mine, m, last), over(theirs, m, last))}
+        a, (b_method, b_split) = max(along, key=along.get), max(single, key=single.get)
+        out += [
+            f"Continual: between data seeds {continual.get('data_seed', 0)} and {other.get('data_seed')} "
+            f"({continual['images_per_split']} images per segment) a method's points over BatchNorm statistics along "
+            f"the stream move by at most {along[a]:.2f} ({a}); on a single segment of the last {len(last)}, by up "
+            f"to {single[b_method, b_split]:.2f} ({b_method}, {b_split}).",
+            "",
+        ]
+    return out
+
+
+def seed_section(results: dict, others: list[dict], continual: dict | None = None,
+                 continual_others: list[dict] | None = None) -> list[str]:
+    """The ``Data seeds`` section: how far the figures move on demo data made with other seeds (the quick scope's
+    ``others``; the continual stream's ``continual_others``, against ``continual``)."""
     if not others:
         return []
     return ["## Data seeds", "", "The same scope, recipes and image counts on demo data made with another seed "
             "(`tools/make_demo_data.py --seed S --root data/demo-seedS --n-train 0 --corruptions all --severities 5`, "
             "then `python -m yolozu.demo.bench.shift --quick --seed S`): how far the figures move when only the "
-            "images change.", "", *seed_lines(results, others)]
+            "images change.", "", *seed_lines(results, others),
+            *continual_seed_lines(continual, continual_others or [])]

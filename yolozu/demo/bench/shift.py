@@ -205,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def companions(output: Path, results: dict) -> dict:
     """The results the quick report reads beside its own in ``output``'s folder: the continual and gradual
-    protocols' (same model), the quick scope's on other data seeds (``quick-seed<S>.json``) and, for another
+    protocols' (same model), the quick scope's and the continual stream's on other data seeds
+    (``quick-seed<S>.json``, ``continual-seed<S>.json``) and, for another
     family, the built-in detector's (``quick.json``: ``families``)."""
     if results["scope"] != "quick":
         return {}
@@ -217,8 +218,8 @@ def companions(output: Path, results: dict) -> dict:
         if data and data.get("model", {"adapter": "detector"}) == results["model"]:
             found[protocol] = data
     if results.get("data_seed", 0) == 0:
-        seeds = sorted(output.parent.glob(f"quick{tag}-seed*.json"))
-        found["seeds"] = [json.loads(p.read_text()) for p in seeds]
+        for key, scope in (("seeds", "quick"), ("continual_seeds", "continual")):
+            found[key] = [json.loads(p.read_text()) for p in sorted(output.parent.glob(f"{scope}{tag}-seed*.json"))]
     reference = output.parent / "quick.json"  # the built-in detector's, beside another family's
     if tag and reference.is_file():
         found["reference"] = json.loads(reference.read_text())
