@@ -55,8 +55,8 @@ def main(argv=None) -> int:
 
     source, bn = scores(RECIPES["source"]), scores(RECIPES["bn"])
     found = {"splits": [s for s, _ in segments], "source": source, "bn": bn, "candidates": []}
-    print(f"BatchNorm statistics: mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; source clean {source[-1]:.4f}",
-          flush=True)
+    print(f"BatchNorm statistics: mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; "
+          f"source clean {source[-1]:.4f}", flush=True)
     for ttt in CANDIDATES:
         start = time.perf_counter()
         got = scores(Recipe("candidate", "candidate", ttt))

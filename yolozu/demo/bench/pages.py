@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from yolozu.demo.bench.recipes import RECIPES
+
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a
@@ -30,8 +32,6 @@ def model_name(results: dict) -> str:
 def stream_settings_line(results: dict) -> str:
     """What a stream protocol's results ran with that differs from each method's online recipe (the settings
     tuned for long streams, ``recipes.STREAM_SETTINGS``), as the page states it."""
-    from yolozu.demo.bench.recipes import RECIPES
-
     changed = []
     for name, meta in results["recipes"].items():
         online = RECIPES[name].ttt if name in RECIPES else None
