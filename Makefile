@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test setup
+.PHONY: test setup lint
 
 setup: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# make lint: ruff's checks (pyproject.toml [tool.ruff]); make test runs them first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # make test-torchvision: the torchvision adapter's tests in their own venv, .venv-tv (torch 2.14.1 with
 # torchvision 0.29.1, the pair that loads together from PyPI's wheels; about 5.5 GB).

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from toy import TinyClassifier, seeded
-from yolozu.export import main as export_main
+
+from yolozu.cli.export import main as export_main
+from yolozu.parallel.collectives import SharedModel, all_reduce_sum
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.distributed import SharedModel, all_reduce_sum
 from yolozu.tta.engine import Adaptation
 
 SPLITS = [(2, 2), (3, 1), (1, 3), (2, 0), (0, 2)]

@@ -24,8 +24,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from yolozu import faults  # noqa: E402
-from yolozu.export import main as export  # noqa: E402
+from yolozu.cli.export import main as export  # noqa: E402
+from yolozu.runtime import faults  # noqa: E402
 
 
 def _prepare(folder: Path, previous: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from yolozu.adapters import build_adapter
 from yolozu.adapters.detector import DetectorAdapter, ImageLoadError
 from yolozu.functional.readout import Readout, gather_positions, peak_indices
 from yolozu.functional.tent import tent_loss
-from yolozu.predictions import validate_predictions
+from yolozu.io.predictions import validate_predictions
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,9 @@ def test_loader_processes_give_the_same_batches_predictions_and_errors(adapter, 
     batches = list(workers.build_loader(records, batch_size=1))
     assert all(torch.equal(a, b) for a, b in zip(batches, adapter.build_loader(records, batch_size=1)))
     assert workers.predict(records) == DetectorAdapter(batch_size=1).predict(records)
-    from yolozu.predict import Predictor  # BatchNorm-statistics and flip-TTA exports read through the loader too
+    from yolozu.inference.predictor import (
+        Predictor,  # BatchNorm-statistics and flip-TTA exports read through the loader too
+    )
 
     in_process = Predictor(DetectorAdapter(batch_size=1)).predict(records, bn="batch", batch_size=1)
     assert Predictor(workers).predict(records, bn="batch", batch_size=1) == in_process

@@ -14,7 +14,7 @@ from PIL import Image
 
 from yolozu.adapters import UnknownAdapterError, adapter_names, build_adapter
 from yolozu.adapters.plugins import ENTRY_POINT_GROUP, PluginError
-from yolozu.export import main
+from yolozu.cli.export import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "adapters.md"

@@ -18,7 +18,7 @@ from yolozu.adapters.tv_forward import dense_flip_index
 from yolozu.adapters.tv_models import FAMILIES as BUILDER_FAMILIES
 from yolozu.adapters.tv_models import SUPPORTED, num_classes_in
 from yolozu.functional import filters
-from yolozu.predict import Predictor
+from yolozu.inference.predictor import Predictor
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 

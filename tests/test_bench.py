@@ -5,12 +5,12 @@ import re
 
 import pytest
 
+from yolozu.cli.export import build_parser, ttt_config
 from yolozu.demo.bench import recipes, report, shift
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import write_corrupted_split
 from yolozu.demo.plot_log import load_rows, plot_log
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.export import build_parser, ttt_config
 
 
 @pytest.mark.parametrize("name", list(recipes.RECIPES))

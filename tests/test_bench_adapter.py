@@ -6,8 +6,8 @@ import json
 import attrs
 import pytest
 
-from yolozu.adapter_args import AdapterUsageError
 from yolozu.adapters.detector import DetectorAdapter
+from yolozu.cli.adapter_flags import AdapterUsageError
 from yolozu.demo.bench import continual, recipes, shift
 from yolozu.demo.bench.runner import Runner, family_tag
 from yolozu.demo.data import write_corrupted_split

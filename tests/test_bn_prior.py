@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toy import TinyClassifier, seeded
 from torch import nn
+from toy import TinyClassifier, seeded
 
 from yolozu.bridge import BN_PRIOR, BN_SHRINK, make_apply
+from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.export import main
 from yolozu.functional.state import extract
 from yolozu.functional.streams import replicate, streams_update
 from yolozu.tta.config import TTTConfig
@@ -59,7 +59,8 @@ def test_mix_runs_from_batch_statistics_to_stored_ones():
     params, buffers = extract(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     apply = make_apply(model, bn_prior=0.0)
-    torch.testing.assert_close(apply(params, buffers, x, bn_mode="mix")[0], apply(params, buffers, x, bn_mode="batch")[0])
+    mixed, batch = (apply(params, buffers, x, bn_mode=mode)[0] for mode in ("mix", "batch"))
+    torch.testing.assert_close(mixed, batch)
     far = make_apply(model, bn_prior=1e12)(params, buffers, x, bn_mode="mix")[0]
     torch.testing.assert_close(far, apply(params, buffers, x, bn_mode="eval")[0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(apply(params, buffers, x, bn_mode="batch")[0], far, atol=1e-3)

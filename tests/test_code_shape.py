@@ -127,3 +127,128 @@ def test_library_modules_and_functions_stay_small():
     long_functions = {str(p.relative_to(ROOT)): f for p in LIBRARY if (f := _long_functions(p.read_text(), 60))}
     assert long_modules == {} and long_functions == {}
     assert _long_functions("def f():\n" + "    x = 1\n" * 60, 60) == ["f (61 lines)"]
+
+
+PACKAGE = ROOT / "yolozu"
+LAYERS = {
+    "runtime": 0, "functional": 1, "io": 1, "data": 1, "bridge": 2, "models": 2, "adapter": 3, "adapters": 3,
+    "metrics": 3, "inference": 4, "tta": 5, "parallel": 6, "cli": 7, "demo": 8,
+}
+"""Each top-level part of the package and its floor: a module imports only from lower floors or its own part."""
+LAYER_GROUPS = {"adapter": "adapters"}
+UPWARD_SHIMS = {"yolozu.export", "yolozu.eval"}
+"""Old import paths kept for one release: they re-export a command from above, so they may point up."""
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return inside
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """The ``yolozu`` modules ``source`` imports, at module level or inside functions (imports under ``if
+    TYPE_CHECKING`` are annotations, not imports). ``from a import b`` names ``a.b`` when that is a module.
+    ``package`` resolves relative imports."""
+    tree = ast.parse(source)
+    skip = _type_checking_nodes(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
+    return {m for m in found if m.split(".")[0] == "yolozu"}
+
+
+def _part(module: str) -> str:
+    part = module.split(".")[1] if "." in module else ""
+    return LAYER_GROUPS.get(part, part)
+
+
+def upward_imports() -> list[str]:
+    """Every import in the package that points to a higher floor of ``LAYERS`` or across one floor."""
+    found = []
+    for name, path in MODULES.items():
+        if name in UPWARD_SHIMS or _part(name) not in LAYERS:
+            continue
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for target in imported_modules(path.read_text(), package):
+            mine, theirs = _part(name), _part(target)
+            if theirs in LAYERS and theirs != mine and LAYERS[theirs] >= LAYERS[mine]:
+                found.append(f"{name} imports {target}")
+    return found
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports() == []
+    assert set(LAYERS) | {"", "export", "eval"} >= {_part(m) for m in MODULES}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module in ``graph`` (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycle_anywhere():
+    graph = {}
+    for name, path in MODULES.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in imported_modules(path.read_text(), package) if m in MODULES and m != name}
+    assert import_cycles(graph) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_import_checks_see_local_and_relative_imports():
+    source = "import torch\ndef f():\n    from yolozu.tta import config\nfrom . import sibling\n"
+    assert imported_modules(source, "yolozu.functional") == {"yolozu.tta.config", "yolozu.functional.sibling"}
+    annotation_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import yolozu.cli\n"
+    assert imported_modules(annotation_only, "x") == set()
+
+
+def test_few_modules_at_the_top_of_the_package():
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 5, top

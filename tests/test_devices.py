@@ -12,8 +12,8 @@ import pytest
 import torch
 from toy import TinyAutoencoder, TinyClassifier, seeded
 
+from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.export import main
 from yolozu.functional import rng
 from yolozu.functional.driver import make_driver, start
 from yolozu.functional.methods import METHODS
@@ -100,7 +100,7 @@ def test_export_schedules_run_and_repeat_bitwise_on_the_device(tmp_path, dataset
 
 
 def test_deterministic_switch_sets_kernels_cudnn_and_the_cublas_workspace(monkeypatch):
-    from yolozu.determinism import CUBLAS_WORKSPACE, set_deterministic
+    from yolozu.runtime.determinism import CUBLAS_WORKSPACE, set_deterministic
 
     was = torch.are_deterministic_algorithms_enabled()
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)

@@ -12,21 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_job
 import pytest
 import torch
 import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
-
-import dist_job
 from toy import TinyClassifier, seeded
+
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.bridge import local_batch_stats, make_apply
+from yolozu.cli.export import build_parser, main, ttt_config
 from yolozu.data import build_manifest
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.export import build_parser, main, ttt_config
 from yolozu.functional.state import extract
-from yolozu.scaleout import contiguous_batches, global_batch_parts
+from yolozu.parallel.plan import contiguous_batches, global_batch_parts
 from yolozu.tta.part import Part
 from yolozu.tta.presets import apply_ttt_preset_args
 from yolozu.tta.schedules import adapt_and_predict

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolozu.eval import EvaluationError, evaluate, main
-from yolozu.predictions import (
+from yolozu.cli.eval import main
+from yolozu.io.predictions import (
     PredictionsError,
     load_predictions,
     validate_predictions,
     wrap,
     write_json_atomic,
 )
+from yolozu.metrics import EvaluationError, evaluate
 
 LABELS = [
     [

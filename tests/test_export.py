@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from yolozu.adapters.detector import DetectorAdapter
+from yolozu.cli.export import build_parser, main
 from yolozu.data import build_manifest
 from yolozu.demo.data import write_corrupted_split
 from yolozu.demo.synth import SynthSpec, render_sample, write_split
-from yolozu.export import build_parser, main
-from yolozu.predictions import validate_predictions
+from yolozu.io.predictions import validate_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def test_preset_values_apply_and_explicit_flags_win(tmp_path, dataset):
 
 def _confident_boxes_match(first, second, score=0.3):
     """Every confident box of each list has a same-class box in the other with IoU > 0.5 and a close score."""
-    from yolozu.flip_tta import iou
+    from yolozu.inference.flip import iou
 
     def covered(xs, ys):
         return all(
@@ -327,7 +327,7 @@ def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
 
 
 def test_tta_flip_prob_gives_each_image_the_flip_branch_by_its_seeded_draw(tmp_path, dataset):
-    from yolozu.flip_tta import FlipTTAConfig
+    from yolozu.inference.flip import FlipTTAConfig
 
     names = [Path(r["image"]).name for r in build_manifest(dataset, "val-fog-5")]
     seed = next(s for s in range(50) if len({FlipTTAConfig(flip_prob=0.5, seed=s).flips(n) for n in names}) == 2)
@@ -357,7 +357,7 @@ def test_workers_change_nothing_in_the_output(tmp_path, dataset, capsys):
 
 
 def test_flip_draw_is_seeded_per_image_and_near_its_probability():
-    from yolozu.flip_tta import FlipTTAConfig
+    from yolozu.inference.flip import FlipTTAConfig
 
     images = [f"img{i}.png" for i in range(2000)]
     half = [FlipTTAConfig(flip_prob=0.3, seed=1).flips(i) for i in images]

@@ -11,7 +11,7 @@ import torch
 from tv_zoo import BUILDS, TORCHVISION, build, build_named, write_images, zoo_folder
 
 from yolozu.adapters.tv_adapter import TorchvisionAdapter
-from yolozu.export import main
+from yolozu.cli.export import main
 
 
 @pytest.fixture(scope="module")

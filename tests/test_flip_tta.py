@@ -2,7 +2,7 @@
 
 import pytest
 
-from yolozu.flip_tta import FlipTTAConfig, iou, merge_flip, mirror_detections, nms_merge, weighted_box_fusion
+from yolozu.inference.flip import FlipTTAConfig, iou, merge_flip, mirror_detections, nms_merge, weighted_box_fusion
 
 
 def det(cls, score, cx, cy=0.5, w=0.2, h=0.2):

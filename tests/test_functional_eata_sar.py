@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from toy import TensorAdapter, TinyClassifier, seeded
 from torch import nn
+from toy import TensorAdapter, TinyClassifier, seeded
 
 from yolozu.bridge import make_apply
 from yolozu.functional import eata, filters, optim, rng, sar, streams

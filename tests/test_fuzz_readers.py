@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from yolozu.data import ManifestError, build_manifest
 from yolozu.data.manifest import parse_label_file
-from yolozu.predictions import PredictionsError, load_predictions, validate_predictions
+from yolozu.io.predictions import PredictionsError, load_predictions, validate_predictions
 
 
 @pytest.fixture(scope="module")

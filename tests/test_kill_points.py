@@ -1,6 +1,6 @@
 """Fault injection: an export killed with SIGKILL at any of its kill points (every adapted batch, every predicted
 batch, every output file written and synced, the commit) leaves the previous predictions and logs byte-identical,
-creates no folder and leaves no temporary file. The kill points are named and counted (``yolozu.faults``), so
+creates no folder and leaves no temporary file. The kill points are named and counted (``yolozu.runtime.faults``), so
 each run dies at an exact moment: no timing is involved. The runner (tests/kill_runner.py) forks the runs from
 one warmed-up process."""
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from yolozu import outputs
 from yolozu.demo.synth import SynthSpec, write_split
+from yolozu.io import commit
 
 pytestmark = pytest.mark.skipif(
-    not outputs.ANONYMOUS, reason="needs anonymous temporary files (Linux O_TMPFILE and /proc/self/fd)"
+    not commit.ANONYMOUS, reason="needs anonymous temporary files (Linux O_TMPFILE and /proc/self/fd)"
 )
 
 HERE = Path(__file__).resolve().parent

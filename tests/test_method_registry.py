@@ -38,8 +38,8 @@ def sharp_method(apply, optimizer, settings=SharpSettings(), *, readout, bn="run
 def registered(monkeypatch):
     """The one registry line, and the config class and export flags generated from the registry."""
     monkeypatch.setitem(METHODS, "sharp", MethodEntry(sharp_method, SharpSettings, "sharp_"))
-    from yolozu import ttt_flags
     from yolozu.tta import config
+    from yolozu.tta import flags as ttt_flags
 
     cls = config.config_class(METHODS)
     monkeypatch.setattr(config, "TTTConfig", cls)
@@ -48,7 +48,7 @@ def registered(monkeypatch):
 
 
 def test_a_new_method_gets_fields_flags_meta_and_runs(registered):
-    from yolozu.export import build_parser, ttt_config, ttt_meta
+    from yolozu.cli.export import build_parser, ttt_config, ttt_meta
     from yolozu.tta import run_ttt
 
     args = build_parser().parse_args(

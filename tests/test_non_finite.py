@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.export import main
-from yolozu.predict import NON_FINITE, finite_per_image
+from yolozu.inference.predictor import NON_FINITE, finite_per_image
 
 OLD = b'["the previous run"]\n'
 DIVERGE = ["--ttt", "--ttt-lr", "1e30", "--ttt-steps", "2", "--ttt-batch-size", "2"]

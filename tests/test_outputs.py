@@ -1,5 +1,5 @@
 """Outputs are all written or none, never onto an input, a device, a FIFO or each other; failed runs leave every
-file and folder as it was (yolozu.outputs, and the export and eval commands that use it)."""
+file and folder as it was (yolozu.io.commit, and the export and eval commands that use it)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from yolozu import outputs
-from yolozu.eval import main as eval_main
-from yolozu.export import main as export_main
-from yolozu.output_paths import OutputPathError, check_outputs
-from yolozu.outputs import write_outputs
+from yolozu.cli.eval import main as eval_main
+from yolozu.cli.export import main as export_main
+from yolozu.io import commit
+from yolozu.io.commit import write_outputs
+from yolozu.io.paths import OutputPathError, check_outputs
 
 OLD = b'["the previous run"]\n'
 TTA_LOG = ("--adapter", "detector", "--tta", "--tta-log-out")
@@ -69,9 +69,9 @@ def test_a_log_that_cannot_be_written_leaves_the_predictions_as_they_were(tmp_pa
 @pytest.fixture(params=["anonymous", "named"])
 def temp_kind(request, monkeypatch) -> str:
     """Both kinds of temporary file: anonymous (Linux) and hidden named files (the fallback elsewhere)."""
-    if request.param == "anonymous" and not outputs.ANONYMOUS:
+    if request.param == "anonymous" and not commit.ANONYMOUS:
         pytest.skip("no anonymous temporary files here")
-    monkeypatch.setattr(outputs, "ANONYMOUS", request.param == "anonymous")
+    monkeypatch.setattr(commit, "ANONYMOUS", request.param == "anonymous")
     return request.param
 
 
@@ -95,7 +95,7 @@ def test_write_outputs_is_all_or_none(tmp_path, monkeypatch, temp_kind):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(outputs.os, "fsync", fsync)
+    monkeypatch.setattr(commit.os, "fsync", fsync)
     with pytest.raises(OSError, match=f"cannot write {second}: No space left on device"):
         write_outputs([(first, {"new": 1}, None), (second, {"new": 2}, None)])
     assert first.read_bytes() == OLD and not second.exists()
@@ -125,7 +125,7 @@ def test_a_failed_commit_removes_the_folders_it_made(tmp_path, monkeypatch, temp
     def fail(staged):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(outputs, "_name_in_place", fail)
+    monkeypatch.setattr(commit, "_name_in_place", fail)
     with pytest.raises(OSError, match="Input/output error"):
         write_outputs([(tmp_path / "new" / "sub" / "a.json", [], None)])
     assert list(tmp_path.iterdir()) == []

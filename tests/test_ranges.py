@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from yolozu.cli.eval import main as eval_main
+from yolozu.cli.export import main as export_main
 from yolozu.data import ManifestError, build_manifest
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.eval import main as eval_main
-from yolozu.export import main as export_main
-from yolozu.flip_tta import FlipTTAConfig
-from yolozu.predictions import PredictionsError, load_predictions, validate_predictions
+from yolozu.inference.flip import FlipTTAConfig
+from yolozu.io.predictions import PredictionsError, load_predictions, validate_predictions
 
 GOOD = {
     "image": "a.png",

@@ -89,7 +89,7 @@ def test_to_dict_is_json_ready():
 def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
     import attrs
 
-    from yolozu.export import build_parser, flag_of
+    from yolozu.cli.export import build_parser, flag_of
 
     actions = {a.dest: a for a in build_parser()._actions}
     flags = [f for f in attrs.fields(TTTConfig) if f.name not in ("enabled", "preset")]
@@ -104,7 +104,7 @@ def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
 
 
 def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
-    from yolozu.export import build_parser, ttt_config, ttt_meta
+    from yolozu.cli.export import build_parser, ttt_config, ttt_meta
     from yolozu.functional.cotta import CoTTASettings
 
     argv = ["--dataset", "d", "--output", "o", "--ttt", "--ttt-method", "cotta", "--ttt-cotta-augmentations",

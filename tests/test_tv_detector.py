@@ -23,8 +23,8 @@ except ImportError as e:  # the library runs without it; these tests need it
 from tv_zoo import randomise_norms, write_images  # noqa: E402
 
 from yolozu.adapters.tv_adapter import TorchvisionAdapter, to_predictions  # noqa: E402
+from yolozu.cli.export import main as export  # noqa: E402
 from yolozu.demo.tv_detector import DEFAULT_CHECKPOINT, adapter, build_fcos_small  # noqa: E402
-from yolozu.export import main as export  # noqa: E402
 from yolozu.functional import filters  # noqa: E402
 from yolozu.tta.config import TTTConfig  # noqa: E402
 from yolozu.tta.engine import Adaptation  # noqa: E402

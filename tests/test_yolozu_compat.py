@@ -7,8 +7,8 @@ import json
 import attrs
 import pytest
 import torch
-from toy import TensorAdapter, TinyAutoencoder, TinyClassifier, seeded, snapshot
 from torch import nn
+from toy import TensorAdapter, TinyAutoencoder, TinyClassifier, seeded, snapshot
 
 from yolozu.adapter import DummyAdapter, ModelAdapter
 from yolozu.functional import filters, optim
@@ -174,7 +174,7 @@ def test_adapter_filters_never_select_the_base_weights_a_lora_wraps():
 
 
 def _args(*flags):
-    from yolozu.export import build_parser
+    from yolozu.cli.export import build_parser
 
     return build_parser().parse_args(["--dataset", "d", "--output", "o", *flags])
 
@@ -205,7 +205,7 @@ def test_adapter_hooks_and_a_yolozu_style_adapter_with_ttt():
 
 
 def test_cli_flags_of_every_method_and_appending_augmentations():
-    from yolozu.export import ttt_config
+    from yolozu.cli.export import ttt_config
 
     flags = ["--ttt", "--ttt-method", "eata", "--ttt-eata-conf-min", "0.3", "--ttt-eata-max-skip-streak", "5",
              "--ttt-sar-rho", "0.1", "--ttt-sar-adaptive", "--ttt-cotta-augmentations", "identity",
@@ -216,7 +216,7 @@ def test_cli_flags_of_every_method_and_appending_augmentations():
 
 
 def test_ttt_log_out_needs_ttt_and_carries_a_timestamp(tmp_path):
-    from yolozu.export import main
+    from yolozu.cli.export import main
 
     dataset = tmp_path / "data"
     (dataset / "images" / "val").mkdir(parents=True)

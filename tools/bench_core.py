@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from yolozu.bridge import make_apply
 from yolozu.demo.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
-from yolozu.bridge import make_apply
 from yolozu.functional.step import init_state, make_update
 from yolozu.functional.tent import make_tent_step, tent_method
 

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from yolozu.cli.export import main as export
 from yolozu.data.manifest import build_manifest
 from yolozu.demo.bench.recipes import export_flags
-from yolozu.export import main as export
 
 VARIANTS = {
     "none": [],

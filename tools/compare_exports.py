@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yolozu.data import build_manifest  # noqa: E402
-from yolozu.eval import evaluate  # noqa: E402
-from yolozu.predictions import load_predictions  # noqa: E402
+from yolozu.io.predictions import load_predictions  # noqa: E402
+from yolozu.metrics import evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from yolozu.data import build_manifest  # noqa: E402
 from yolozu.demo.bench.recipes import ONLINE, Recipe  # noqa: E402
 from yolozu.demo.bench.shift import Runner  # noqa: E402
-from yolozu.eval import evaluate  # noqa: E402
+from yolozu.metrics import evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:

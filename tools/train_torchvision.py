@@ -39,8 +39,8 @@ from yolozu.demo.tv_detector import (  # noqa: E402
     adapter,
     build_fcos_small,
 )
-from yolozu.eval import evaluate  # noqa: E402
-from yolozu.predictions import write_json_atomic  # noqa: E402
+from yolozu.io.predictions import write_json_atomic  # noqa: E402
+from yolozu.metrics import evaluate  # noqa: E402
 
 
 @attrs.frozen

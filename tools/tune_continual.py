@@ -25,7 +25,7 @@ from yolozu.demo.bench.recipes import ONLINE, RECIPES, Recipe  # noqa: E402
 from yolozu.demo.bench.runner import Runner  # noqa: E402
 from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.demo.data import corrupted_split_name  # noqa: E402
-from yolozu.predictions import write_json_atomic  # noqa: E402
+from yolozu.io.predictions import write_json_atomic  # noqa: E402
 
 CANDIDATES = [
     *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3)),

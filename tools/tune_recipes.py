@@ -24,8 +24,8 @@ from yolozu.data import build_manifest  # noqa: E402
 from yolozu.demo.bench.recipes import EPISODIC, ONLINE, Recipe  # noqa: E402
 from yolozu.demo.bench.shift import Runner, splits_for  # noqa: E402
 from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
-from yolozu.eval import evaluate  # noqa: E402
-from yolozu.predictions import write_json_atomic  # noqa: E402
+from yolozu.io.predictions import write_json_atomic  # noqa: E402
+from yolozu.metrics import evaluate  # noqa: E402
 
 CANDIDATES = {
     "tent": [

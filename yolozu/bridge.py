@@ -5,7 +5,7 @@ functional core (``yolozu.functional``) runs a model: the module is a template w
 with the given tensors for the duration of the call. ``write_into`` is the one place adapted tensors are
 copied back into a module. ``make_apply(model, batch_stats=hook)`` normalises every BatchNorm layer with the
 statistics the hook returns instead of the layer's own batch statistics (a hook that sums them over the ranks
-of a process group is synchronised BatchNorm: ``yolozu.tta.distributed``).
+of a process group is synchronised BatchNorm: ``yolozu.parallel.collectives``).
 """
 
 from __future__ import annotations

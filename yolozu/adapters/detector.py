@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from yolozu.adapter import ModelAdapter, Prediction, Record
-from yolozu.image_loader import ImageLoadError, image_batches
+from yolozu.adapters.images import ImageLoadError, image_batches
 from yolozu.functional.readout import Readout, peak_class_logits
 from yolozu.models.checkpoint import load_detector
 from yolozu.models.decode import decode as decode_outputs

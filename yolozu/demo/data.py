@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from yolozu.data.manifest import IMAGE_SUFFIXES, parse_label_file
-from yolozu.predictions import write_json_atomic
 from yolozu.demo.corruptions import (
     ALL_CORRUPTIONS,
     CORRUPTIONS,
@@ -32,6 +31,7 @@ from yolozu.demo.corruptions import (
     corrupt_with_labels,
 )
 from yolozu.demo.synth import SynthSpec, format_labels, image_seed, publish_split, save_png, write_split
+from yolozu.io.predictions import write_json_atomic
 
 __all__ = ["corrupted_split_name", "write_corrupted_split", "spec_for_size", "main"]
 

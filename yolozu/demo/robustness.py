@@ -16,9 +16,9 @@ import torch
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
 from yolozu.demo.corruptions import CORRUPTIONS
-from yolozu.eval import evaluate
-from yolozu.predict import Predictor
-from yolozu.predictions import write_json_atomic
+from yolozu.inference.predictor import Predictor
+from yolozu.io.predictions import write_json_atomic
+from yolozu.metrics import evaluate
 
 
 def evaluate_split(adapter: Any, root: Path, split: str, *, batch_stats: int = 0) -> dict[str, Any]:

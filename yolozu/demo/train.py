@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.data import build_manifest
 from yolozu.demo.synth import SynthSpec, render_sample, write_split
-from yolozu.eval import evaluate
 from yolozu.functional.losses import masked_reconstruction_loss
 from yolozu.functional.masking import apply_mask, block_mask
 from yolozu.functional.rng import fold_in, key
+from yolozu.metrics import evaluate
 from yolozu.models.checkpoint import DEFAULT_CHECKPOINT, build_detector, save_detector
 from yolozu.models.detector import OUTPUT_STRIDE, CenterNetDetector, count_parameters
 from yolozu.models.losses import detection_loss

@@ -15,12 +15,12 @@ from typing import Any, Mapping
 
 import attrs
 
+from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.functional.filters import FILTERS
 from yolozu.functional.guards import GuardLimits
 from yolozu.functional.methods import METHODS, MethodEntry, entry
 from yolozu.functional.optim import OPTIMIZERS
 from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
-from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.functional.step import BN_MODES
 from yolozu.tta.presets import PRESETS, preset_values
 

@@ -26,7 +26,7 @@ from yolozu.tta.config import TTTConfig
 from yolozu.tta.report import TTTReport
 
 if TYPE_CHECKING:
-    from yolozu.tta.distributed import SharedModel
+    from yolozu.parallel.collectives import SharedModel
 
 
 def build_method(

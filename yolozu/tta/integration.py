@@ -117,7 +117,7 @@ def run_ttt(
     if config.reset != "stream":
         raise ValueError(
             f"run_ttt adapts one stream before prediction; reset={config.reset!r} adapts every image from "
-            f"the source weights and belongs to the export flow (yolozu.export), not to run_ttt"
+            f"the source weights and belongs to the export flow (yolozu.cli.export), not to run_ttt"
         )
     start = time.perf_counter()
     adaptation, batches_used = adapt_stream(adapter, records, config, progress=progress, calibration=calibration)

@@ -1,6 +1,6 @@
 """``Part``: the share of a run one process adapts and predicts when a run is spread over several.
 
-The default ``WHOLE`` is a run on its own. A rank of a distributed export (``yolozu.scaleout``) gets the index at
+The default ``WHOLE`` is a run on its own. A rank of a distributed export (``yolozu.parallel.plan``) gets the index at
 which its records start in the whole run (so random keys and log rows use the whole run's indices), the hooks
 of a model shared with the other ranks, and the batches it must step through in lockstep with them.
 """

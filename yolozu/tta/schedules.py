@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from yolozu.adapter import Prediction, Record
-from yolozu.flip_tta import FlipTTAConfig
-from yolozu.predict import Predictor, chunks, missing_predict_hooks, non_finite_warning
+from yolozu.inference.flip import FlipTTAConfig
+from yolozu.inference.predictor import Predictor, chunks, missing_predict_hooks, non_finite_warning
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 from yolozu.tta.integration import adapt_stream, adaptation_for, loader_of, require_ttt_hooks, run_ttt

@@ -23,13 +23,14 @@ from typing import Callable, Sequence
 import torch
 
 from yolozu.data import build_manifest
+from yolozu.demo.bench.continual_report import write_continual_report
+from yolozu.demo.bench.pages import data_root, default_docs, default_output, machine
 from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, stream_recipe
-from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args
-from yolozu.demo.bench.shift import data_root, default_docs, default_output, machine, skipped_recipes
+from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
-from yolozu.eval import evaluate
-from yolozu.predictions import write_json_atomic
+from yolozu.io.predictions import write_json_atomic
+from yolozu.metrics import evaluate
 
 STREAM = [corrupted_split_name(c, 5) for c in CORRUPTIONS] + ["val"]
 """The stream, in order: ImageNet-C's standard corruption order at severity 5, then clean val."""
@@ -143,8 +144,6 @@ def protocol_main(
 
 
 def _write_report(results: dict, docs: Path) -> list[Path]:
-    from yolozu.demo.bench.continual_report import write_continual_report  # it imports this module
-
     return write_continual_report(results, docs)
 
 

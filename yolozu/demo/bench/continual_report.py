@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
-from yolozu.demo.bench.report import Results, _table
+from yolozu.demo.bench.results import Results, table
 
 TARGETS = {
     "gain": 2.0,  # points of mean mAP50 over BatchNorm statistics, best method
@@ -119,7 +119,7 @@ def write_continual_report(results: dict, docs: Path) -> list[Path]:
         "",
         f"![mAP50 along the stream]({plot.name})",
         "",
-        *_table(header, rows),
+        *table(header, rows),
         "",
     ]
     write_text_atomic(path, "\n".join(lines))

@@ -8,7 +8,7 @@ what BatchNorm statistics win over the source model, and what each method adds o
 from __future__ import annotations
 
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
-from yolozu.demo.bench.report import Results
+from yolozu.demo.bench.results import Results
 
 
 def _mean5(res: Results, method: str) -> float | None:

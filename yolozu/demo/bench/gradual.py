@@ -19,7 +19,7 @@ from typing import Sequence
 from yolozu.demo.bench import continual
 from yolozu.demo.bench.continual_report import TARGETS
 from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
-from yolozu.demo.bench.report import _table
+from yolozu.demo.bench.results import table
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
 
@@ -99,9 +99,9 @@ def tables(s: Stream) -> list[str]:
     per_severity.append(["all segments", *(f"{s.mean(m):.3f}" for m in s.methods)])
     per_severity.append(["clean val at the end", *(f"{s.clean(m):.3f}" for m in s.methods)])
     per_corruption = [[c, *(f"{s.mean(m, lambda n, _, c=c: n == c):.3f}" for m in s.methods)] for c in s.corruptions()]
-    return ["## Mean mAP50 per severity", "", *_table(["segments", *s.methods], per_severity), "",
+    return ["## Mean mAP50 per severity", "", *table(["segments", *s.methods], per_severity), "",
             "## Mean mAP50 per corruption (its severities 1-5-1)", "",
-            *_table(["corruption", *s.methods], per_corruption), ""]
+            *table(["corruption", *s.methods], per_corruption), ""]
 
 
 def plot_stream(s: Stream, path: Path) -> Path:

@@ -3,11 +3,16 @@ recipes an adapter could not run, and what each protocol is."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import tempfile
 from pathlib import Path
 
+import torch
+
 from yolozu.demo.bench.recipes import RECIPES
+from yolozu.demo.bench.runner import family_tag
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -90,3 +95,56 @@ def report_paths(docs: Path, scope: str) -> tuple[Path, str]:
         return docs, docs.stem
     return docs / ("benchmarks.md" if scope == "quick" else f"benchmarks-{scope}.md"), (
         "benchmarks" if scope == "quick" else f"benchmarks-{scope}")
+
+
+def machine(device: str) -> dict:
+    """Where a benchmark ran (for its provenance line)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+    }
+
+
+def data_root(dataset: str | None, seed: int) -> str:
+    """``--dataset``, else the demo data of ``--seed`` (``data/demo`` for 0, ``data/demo-seed<S>`` for others)."""
+    return dataset or ("data/demo" if seed == 0 else f"data/demo-seed{seed}")
+
+
+def default_output(scope: str, adapter: str, seed: int) -> Path:
+    """``runs/bench/<scope>[-<adapter tag>][-seed<S>].json``: the built-in detector on seed 0 is ``<scope>.json``."""
+    tag = "" if adapter == "detector" else f"-{family_tag(adapter)}"
+    return Path(f"runs/bench/{scope}{tag}{'' if seed == 0 else f'-seed{seed}'}.json")
+
+
+def default_docs(scope: str, adapter: str) -> Path:
+    """``docs`` for the built-in detector; else ``docs/benchmarks[-<scope>]-<adapter tag>.md``, so another model's
+    report never replaces the detector's."""
+    if adapter == "detector":
+        return Path("docs")
+    return Path(f"docs/benchmarks{'' if scope == 'quick' else f'-{scope}'}-{family_tag(adapter)}.md")
+
+
+def companions(output: Path, results: dict) -> dict:
+    """The results the quick report reads beside its own in ``output``'s folder: the continual and gradual
+    protocols' (same model), the quick scope's and the continual stream's on other data seeds
+    (``quick-seed<S>.json``, ``continual-seed<S>.json``) and, for another
+    family, the built-in detector's (``quick.json``: ``families``)."""
+    if results["scope"] != "quick":
+        return {}
+    tag = "" if results["model"]["adapter"] == "detector" else f"-{family_tag(results['model']['adapter'])}"
+    found = {}
+    for protocol in ("continual", "gradual"):
+        path = output.parent / f"{protocol}{tag}.json"
+        data = json.loads(path.read_text()) if path.is_file() else None
+        if data and data.get("model", {"adapter": "detector"}) == results["model"]:
+            found[protocol] = data
+    if results.get("data_seed", 0) == 0:
+        for key, scope in (("seeds", "quick"), ("continual_seeds", "continual")):
+            found[key] = [json.loads(p.read_text()) for p in sorted(output.parent.glob(f"{scope}{tag}-seed*.json"))]
+    reference = output.parent / "quick.json"  # the built-in detector's, beside another family's
+    if tag and reference.is_file():
+        found["reference"] = json.loads(reference.read_text())
+    return found

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from yolozu.export import flag_of
+from yolozu.cli.export import flag_of
 from yolozu.tta.config import TTTConfig
 
 

@@ -5,13 +5,23 @@ The headline and baseline lines are computed here from the measured rows, never 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
-from typing import Iterable
 
-from yolozu.demo.bench.pages import PROTOCOLS, provenance, report_paths, skipped_lines, write_text_atomic
+from yolozu.demo.bench.continual_report import continual_line
+from yolozu.demo.bench.families import family_section
+from yolozu.demo.bench.gradual import gradual_line
+from yolozu.demo.bench.pages import (
+    PROTOCOLS,
+    companions,
+    default_docs,
+    provenance,
+    report_paths,
+    skipped_lines,
+    write_text_atomic,
+)
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
-from yolozu.demo.corruptions import CORRUPTIONS
+from yolozu.demo.bench.results import Results, table
+from yolozu.demo.bench.seeds import seed_section
 
 TARGETS = {
     "gain": 10.0,  # points of mean mAP50 over source at severity 5, best method
@@ -20,55 +30,10 @@ TARGETS = {
 }
 
 
-def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
-class Results:
-    """Lookups over a results dict: score(method, split), timing and memory."""
-
-    def __init__(self, results: dict) -> None:
-        self.raw = results
-        self.methods = list(results["recipes"])
-        self.rows = {(r["split"], r["method"]): r for r in results["rows"]}
-        self.splits = results["splits"]
-
-    def score(self, method: str, split: str, metric: str = "map50") -> float:
-        return self.rows[(split, method)][metric]
-
-    def clean_drop(self, method: str) -> float:
-        """Points of clean mAP50 (``val``) the method loses against source."""
-        return 100 * (self.score("source", "val") - self.score(method, "val"))
-
-    def severity_splits(self, severity: int) -> list[str]:
-        return [f"val-{c}-{severity}" for c in CORRUPTIONS if f"val-{c}-{severity}" in self.splits]
-
-    def severities(self) -> list[int]:
-        return sorted({int(s.rsplit("-", 1)[1]) for s in self.splits if s != "val"})
-
-    def mean(self, method: str, severity: int, metric: str = "map50") -> float:
-        return statistics.fmean(self.score(method, s, metric) for s in self.severity_splits(severity))
-
-    def speed_ratio(self, method: str) -> float:
-        """Images/s of the method's export over the no-TTT (source) export, from total time over all splits."""
-        source = sum(self.rows[(s, "source")]["seconds"] for s in self.splits)
-        mine = sum(self.rows[(s, method)]["seconds"] for s in self.splits)
-        return source / mine
-
-    def images_per_second(self, method: str) -> float:
-        return sum(self.rows[(s, method)]["images"] for s in self.splits) / sum(
-            self.rows[(s, method)]["seconds"] for s in self.splits
-        )
-
-
 def headline_lines(res: Results, continual: dict | None = None, gradual: dict | None = None) -> list[str]:
     """The benchmark's summary lines at severity 5: the best method, the BatchNorm statistics baseline, the
     continual and gradual streams' best methods (from their results, when given) and every online gradient
     method over BN."""
-    from yolozu.demo.bench.continual_report import continual_line
-    from yolozu.demo.bench.gradual import gradual_line
 
     source = res.mean("source", 5)
     candidates = [m for m in res.methods if not m.startswith(("source", "bn"))] or ["bn"]
@@ -161,7 +126,7 @@ def episodic_lines(res: Results) -> list[str]:
     return out
 
 
-def summary_table(res: Results) -> list[str]:
+def summarytable(res: Results) -> list[str]:
     header = ["method", "mean mAP50 sev 5", "mean mAP sev 5", "vs source", "vs BN stats", "clean mAP50",
               "clean vs source", "images/s", "speed vs no-TTT", "peak MB"]
     rows = []
@@ -181,10 +146,10 @@ def summary_table(res: Results) -> list[str]:
                 f"{res.raw['peak_memory_bytes'][m] / 1e6:.0f}",
             ]
         )
-    return _table(header, rows)
+    return table(header, rows)
 
 
-def corruption_table(res: Results, severity: int, metric: str = "map50") -> list[str]:
+def corruptiontable(res: Results, severity: int, metric: str = "map50") -> list[str]:
     header = ["corruption"] + res.methods
     rows = []
     for split in res.severity_splits(severity):
@@ -193,13 +158,13 @@ def corruption_table(res: Results, severity: int, metric: str = "map50") -> list
         cells = [f"**{v:.3f}**" if v == top else f"{v:.3f}" for v in values]
         rows.append([split.split("-", 1)[1].rsplit("-", 1)[0]] + cells)
     rows.append(["**mean**"] + [f"**{res.mean(m, severity, metric):.3f}**" for m in res.methods])
-    return _table(header, rows)
+    return table(header, rows)
 
 
-def severity_table(res: Results) -> list[str]:
+def severitytable(res: Results) -> list[str]:
     header = ["method"] + [f"sev {s}" for s in res.severities()]
     rows = [[m] + [f"{res.mean(m, s):.3f}" for s in res.severities()] for m in res.methods]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def plot_severity5(res: Results, path: Path) -> Path:
@@ -230,8 +195,6 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
     """Write the markdown report and plots; returns the paths written. ``companions``: other results the quick
     report summarises (``continual``, ``gradual``: those protocols'; ``seeds``: the quick scope on other data
     seeds; ``shift.companions``)."""
-    from yolozu.demo.bench.families import family_section
-    from yolozu.demo.bench.seeds import seed_section
     from yolozu.demo.plot_log import plot_log
 
     res = Results(results)
@@ -265,24 +228,24 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
             f"is the largest extra allocation while exporting {results['memory_images']} images of "
             f"{results['memory_split']}.",
             "",
-            *summary_table(res),
+            *summarytable(res),
             "",
             "## mAP50 per corruption at severity 5",
             "",
             f"![mAP50 per corruption at severity 5]({bars.name})",
             "",
-            *corruption_table(res, 5),
+            *corruptiontable(res, 5),
             "",
             "## mAP@[.5:.95] per corruption at severity 5",
             "",
-            *corruption_table(res, 5, "map"),
+            *corruptiontable(res, 5, "map"),
             "",
         ]
     )
     if len(res.severities()) > 1:
-        lines += ["## Mean mAP50 per severity", "", *severity_table(res), ""]
+        lines += ["## Mean mAP50 per severity", "", *severitytable(res), ""]
         for severity in res.severities()[:-1]:
-            lines += [f"## mAP50 per corruption at severity {severity}", "", *corruption_table(res, severity), ""]
+            lines += [f"## mAP50 per corruption at severity {severity}", "", *corruptiontable(res, severity), ""]
     if len(written) > 1:
         lines += [
             "## A TTT log",
@@ -293,7 +256,7 @@ def write_report(results: dict, docs: Path, scope: str, companions: dict | None 
             "",
         ]
     lines += ["## Methods", ""]
-    lines += _table(["method", "settings"], ([m, f"`{results['recipes'][m]}`"] for m in res.methods))
+    lines += table(["method", "settings"], ([m, f"`{results['recipes'][m]}`"] for m in res.methods))
     lines += [
         "",
         "How the settings were chosen, and why the gradient methods add little over BatchNorm statistics: "
@@ -314,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", help="a folder or a .md file (default: where the benchmark wrote it: docs for "
                         "the built-in detector, docs/benchmarks-<tag>.md for another model)")
     args = parser.parse_args(argv)
-    from yolozu.demo.bench.shift import companions, default_docs
 
     results = json.loads(Path(args.results).read_text())
     results.setdefault("scope", "quick")

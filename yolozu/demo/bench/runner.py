@@ -1,5 +1,5 @@
 """The benchmark's model: the adapter ``--adapter`` names (built in, installed or ``package.module:factory``),
-built as the export builds it (``yolozu.adapter_args``), and which recipes it can run.
+built as the export builds it (``yolozu.cli.adapter_flags``), and which recipes it can run.
 
 A recipe's ``adapter`` options are meant for the built-in detector: another adapter gets them only if its
 factory takes them, else the recipe is skipped with the reason. So is a recipe the adapter cannot run (MIM on a
@@ -13,12 +13,12 @@ import inspect
 import re
 from typing import Any, Sequence
 
-from yolozu.adapter_args import MODEL_FLAGS, AdapterUsageError, adapter_options
 from yolozu.adapters import UnknownAdapterError, adapter_factory, build_adapter
 from yolozu.adapters.plugins import PluginError
+from yolozu.cli.adapter_flags import MODEL_FLAGS, AdapterUsageError, adapter_options, add_adapter_flags
 from yolozu.data import build_manifest
-from yolozu.demo.bench.recipes import Recipe
-from yolozu.predict import Predictor
+from yolozu.demo.bench.recipes import RECIPES, Recipe
+from yolozu.inference.predictor import Predictor
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.schedules import adapt_and_predict
 
@@ -140,7 +140,6 @@ class Runner:
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The export's model flags (``--adapter`` default ``detector``, ``--checkpoint``, ``--model``, ...)."""
-    from yolozu.adapter_args import add_adapter_flags
 
     add_adapter_flags(parser.add_argument_group("model (as yolozu export takes it)"))
     parser.set_defaults(adapter=BUILT_IN)
@@ -150,3 +149,10 @@ def runner_from_args(args: argparse.Namespace, dataset: str) -> Runner:
     """The Runner of parsed ``add_model_flags`` arguments."""
     flags = {name: getattr(args, name) for name in ("checkpoint", *MODEL_FLAGS)}
     return Runner(args.device, dataset, args.adapter, **flags)
+
+
+def skipped_recipes(runner: Runner, recipes: Sequence[str], records: Sequence[dict]) -> dict[str, str]:
+    """The recipes the runner's adapter cannot run, with the reason (``Runner.unsupported``), probed on
+    ``records``."""
+    reasons = {name: runner.unsupported(RECIPES[name], records) for name in recipes}
+    return {name: reason for name, reason in reasons.items() if reason}

@@ -13,7 +13,7 @@ import statistics
 
 from yolozu.demo.bench.continual_report import TARGETS, corruptions
 from yolozu.demo.bench.recipes import GRADIENT_METHODS
-from yolozu.demo.bench.report import Results, _table
+from yolozu.demo.bench.results import Results, table
 
 
 def comparable(results: dict, other: dict) -> str | None:
@@ -66,7 +66,7 @@ def seed_lines(results: dict, others: list[dict]) -> list[str]:
             f"recipe: {abs(rows[c][3] - rows[c][1]):.2f}, {c}); best method {spread['best'][0]} on seed {seed}, "
             f"{spread['best'][1]} on seed {theirs}.",
             "",
-            *_table(
+            *table(
                 ["method", f"mAP50 seed {seed}", f"mAP50 seed {theirs}", "moves (points)", f"over BN seed {seed}",
                  f"over BN seed {theirs}", "moves (points)"],
                 ([m, f"{r[0]:.3f}", f"{r[2]:.3f}", f"{100 * (r[2] - r[0]):+.1f}", f"{r[1]:+.2f}", f"{r[3]:+.2f}",

@@ -15,8 +15,6 @@ Peak memory is measured once per recipe on a fixed subset. Everything lands in o
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from datetime import date
@@ -27,22 +25,14 @@ import torch
 
 from yolozu.data import build_manifest
 from yolozu.demo.bench.memory import peak_bytes
+from yolozu.demo.bench.pages import companions, data_root, default_docs, default_output, machine
 from yolozu.demo.bench.recipes import BENCHMARKED, QUICK, RECIPES, Recipe
-from yolozu.demo.bench.runner import Runner, add_model_flags, family_tag, runner_from_args
+from yolozu.demo.bench.report import write_report
+from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS, HELDOUT_CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
-from yolozu.eval import evaluate
-from yolozu.predictions import write_json_atomic
-
-def machine(device: str) -> dict:
-    """Where a benchmark ran (for its provenance line)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "torch": torch.__version__,
-    }
+from yolozu.io.predictions import write_json_atomic
+from yolozu.metrics import evaluate
 
 
 def splits_for(corruptions: Sequence[str], severities: Sequence[int]) -> list[str]:
@@ -65,13 +55,6 @@ def _row(runner: Runner, recipe: Recipe, split: str, records: list[dict], log_di
             write_json_atomic(Path(log_dir) / f"{recipe.name}__{split}.json",
                               {"output": None, "ttt": {"method": recipe.name, "report": report}})
     return row
-
-
-def skipped_recipes(runner: Runner, recipes: Sequence[str], records: Sequence[dict]) -> dict[str, str]:
-    """The recipes the runner's adapter cannot run, with the reason (``Runner.unsupported``), probed on
-    ``records``."""
-    reasons = {name: runner.unsupported(RECIPES[name], records) for name in recipes}
-    return {name: reason for name, reason in reasons.items() if reason}
 
 
 def run(
@@ -135,25 +118,6 @@ SCOPES = {
 """Each scope's severities, default images per split and default recipes (``--quick`` is make bench's)."""
 
 
-def data_root(dataset: str | None, seed: int) -> str:
-    """``--dataset``, else the demo data of ``--seed`` (``data/demo`` for 0, ``data/demo-seed<S>`` for others)."""
-    return dataset or ("data/demo" if seed == 0 else f"data/demo-seed{seed}")
-
-
-def default_output(scope: str, adapter: str, seed: int) -> Path:
-    """``runs/bench/<scope>[-<adapter tag>][-seed<S>].json``: the built-in detector on seed 0 is ``<scope>.json``."""
-    tag = "" if adapter == "detector" else f"-{family_tag(adapter)}"
-    return Path(f"runs/bench/{scope}{tag}{'' if seed == 0 else f'-seed{seed}'}.json")
-
-
-def default_docs(scope: str, adapter: str) -> Path:
-    """``docs`` for the built-in detector; else ``docs/benchmarks[-<scope>]-<adapter tag>.md``, so another model's
-    report never replaces the detector's."""
-    if adapter == "detector":
-        return Path("docs")
-    return Path(f"docs/benchmarks{'' if scope == 'quick' else f'-{scope}'}-{family_tag(adapter)}.md")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scope = parser.add_mutually_exclusive_group()
@@ -196,34 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("skipped %s: %s" % reason, file=sys.stderr)
     docs = default_docs(name, args.adapter) if args.docs is None else args.docs
     if docs and name != "heldout" and {"source", "bn"} <= set(results["recipes"]):
-        from yolozu.demo.bench.report import write_report
-
         for path in write_report(results, Path(docs), name, companions(output, results)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
-
-
-def companions(output: Path, results: dict) -> dict:
-    """The results the quick report reads beside its own in ``output``'s folder: the continual and gradual
-    protocols' (same model), the quick scope's and the continual stream's on other data seeds
-    (``quick-seed<S>.json``, ``continual-seed<S>.json``) and, for another
-    family, the built-in detector's (``quick.json``: ``families``)."""
-    if results["scope"] != "quick":
-        return {}
-    tag = "" if results["model"]["adapter"] == "detector" else f"-{family_tag(results['model']['adapter'])}"
-    found = {}
-    for protocol in ("continual", "gradual"):
-        path = output.parent / f"{protocol}{tag}.json"
-        data = json.loads(path.read_text()) if path.is_file() else None
-        if data and data.get("model", {"adapter": "detector"}) == results["model"]:
-            found[protocol] = data
-    if results.get("data_seed", 0) == 0:
-        for key, scope in (("seeds", "quick"), ("continual_seeds", "continual")):
-            found[key] = [json.loads(p.read_text()) for p in sorted(output.parent.glob(f"{scope}{tag}-seed*.json"))]
-    reference = output.parent / "quick.json"  # the built-in detector's, beside another family's
-    if tag and reference.is_file():
-        found["reference"] = json.loads(reference.read_text())
-    return found
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from yolozu.outputs import write_outputs
+from yolozu.io.commit import write_outputs
 
 SCHEMA_VERSION = 1
 BBOX_KEYS = ("cx", "cy", "w", "h")
@@ -132,7 +132,7 @@ def wrap(predictions: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | Non
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (``yolozu.outputs.write_outputs`` with one document).
+    """Write ``obj`` as JSON to ``path`` atomically (``yolozu.io.commit.write_outputs`` with one document).
 
     Readers see either the old file or the complete new one; if anything fails (serialisation included),
     no file is left behind. A missing or unwritable folder is a clear error.

@@ -9,7 +9,7 @@ it was, creates no folder and leaves no temporary file behind.
 The commit itself is a few system calls per file: POSIX has no rename of several files at once. Ctrl-C is held
 back until it is done, the documents are renamed in the order given (put the file readers look at first, the
 predictions, last), and a hidden file that a process killed inside those microseconds left behind is removed
-by the next write of the same output. Paths are checked beforehand by ``yolozu.output_paths``.
+by the next write of the same output. Paths are checked beforehand by ``yolozu.io.paths``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import attrs
 
-from yolozu.faults import kill_point
-from yolozu.output_paths import PathLike, existing_folder
+from yolozu.io.paths import PathLike, existing_folder
+from yolozu.runtime.faults import kill_point
 
 
 @attrs.define

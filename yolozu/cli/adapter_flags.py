@@ -10,8 +10,8 @@ import argparse
 from typing import Any
 
 from yolozu.adapters import ADAPTERS, UnknownAdapterError, build_adapter, parse_device
+from yolozu.adapters.images import default_workers
 from yolozu.adapters.plugins import PluginError
-from yolozu.image_loader import default_workers
 
 MODEL_FLAGS = ("model", "num_classes", "frozen_bn_eps", "image_size")
 """Options of the torchvision adapter (and of plug-ins, which get the ones given)."""

@@ -24,9 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if args[0] == "export":
-        from yolozu.export import main as run
+        from yolozu.cli.export import main as run
     else:
-        from yolozu.eval import main as run
+        from yolozu.cli.eval import main as run
     return run(args[1:])
 
 

@@ -21,8 +21,8 @@ from torch.func import vmap
 
 from yolozu.adapter import Prediction, Record, missing_ttt_hooks
 from yolozu.bridge import BN_PRIOR, BN_SHRINK, BatchStats, make_apply
-from yolozu.flip_tta import FlipTTAConfig, merge_flip
 from yolozu.functional.state import Params, combine, extract, tree_map
+from yolozu.inference.flip import FlipTTAConfig, merge_flip
 
 PREDICT_HOOKS = ("get_model", "load_batch", "decode")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from yolozu.adapter_args import add_adapter_flags
+from yolozu.adapters.images import default_workers
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
-from yolozu.flip_tta import MERGES, FlipTTAConfig
-from yolozu.image_loader import default_workers
-from yolozu.scaleout import DIST_SYNC
+from yolozu.cli.adapter_flags import add_adapter_flags
+from yolozu.inference.flip import MERGES, FlipTTAConfig
+from yolozu.parallel.plan import DIST_SYNC
+from yolozu.tta.flags import flag_kwargs, flag_of, ttt_fields
 from yolozu.tta.presets import PRESETS
-from yolozu.ttt_flags import flag_kwargs, flag_of, ttt_fields
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,348 @@
+"""``yolozu export`` / ``tools/export_predictions.py``: manifest -> adapter -> [TTT] -> predict -> [TTA] -> write.
+
+Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(records)``: byte-identical to
+a build without test-time training. Every output path is checked before any work (``yolozu.io.paths``: no two
+outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
+when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
+line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C. Under torchrun the
+ranks share the records (``yolozu.parallel.plan``) and rank 0 writes the outputs (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from yolozu.bridge import BN_PRIOR, BN_SHRINK
+from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
+from yolozu.cli.export_parser import build_parser, flip_tta_of
+from yolozu.data import build_manifest
+from yolozu.data.manifest import dataset_files, find_split
+from yolozu.inference.predictor import NON_FINITE, Predictor
+from yolozu.io.commit import write_outputs
+from yolozu.io.paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
+from yolozu.io.predictions import wrap
+from yolozu.parallel.plan import check_dist_sync, in_order, merge_reports, part_for, plan_for
+from yolozu.parallel.world import DistributedError, RankFailed, World, commit, gather_to_root, joined, run_everywhere
+from yolozu.runtime.determinism import set_deterministic
+from yolozu.runtime.faults import kill_point
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.flags import flag_kwargs, flag_of, ttt_config, ttt_fields, ttt_meta  # noqa: F401 (re-exported)
+from yolozu.tta.integration import disabled_report
+from yolozu.tta.part import WHOLE, Part
+from yolozu.tta.presets import apply_ttt_preset_args
+from yolozu.tta.report import TTTReport
+from yolozu.tta.schedules import adapt_and_predict
+
+SCHEMA_VERSION = 1
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+class TTTError(Exception):
+    """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
+
+
+class NonFiniteError(Exception):
+    """The adapted model's outputs were non-finite and ``--ttt-allow-non-finite`` was not given (exit code 1)."""
+
+
+OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
+
+
+class _Progress:
+    """A tqdm bar on stderr whose every update is also a kill point named after it (``yolozu.runtime.faults``)."""
+
+    def __init__(self, desc: str, total: int, quiet: bool) -> None:
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        kill_point(self.desc)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
+    """The output paths, checked before any work; a symbolic link followed is said on stderr."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in OUTPUT_FLAGS}
+    checkpoint = [("the --checkpoint", args.checkpoint)] if args.checkpoint else []
+    try:
+        outputs = check_outputs(given, checkpoint)
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    for note in link_notes(outputs):
+        print(note, file=sys.stderr)
+    return {out.flag: out for out in outputs}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The general flags' ranges (usage errors, before any work)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 < args.tta_iou <= 1:
+        raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
+    if args.tta_flip_prob is not None and not 0 <= args.tta_flip_prob <= 1:
+        raise UsageError(f"--tta-flip-prob must be in [0, 1] (a probability), got {args.tta_flip_prob}")
+    if args.tta_seed is not None and args.tta_seed < 0:
+        raise UsageError(f"--tta-seed must be >= 0, got {args.tta_seed}")
+    for flag, mode, unit in (("--bn-prior", "mix", "images"), ("--bn-shrink", "shrink", "standard errors")):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and (args.bn_stats != mode or value < 0):
+            raise UsageError(f"{flag} applies to --bn-stats {mode} and must be >= 0 ({unit}), got {value} with "
+                             f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode {mode} --ttt{flag} N")
+    flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only")
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given and not args.tta:
+        raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
+
+
+def _adapter(args: argparse.Namespace, rank_device: str | None = None):
+    try:
+        return adapter_from_args(args, rank_device)
+    except AdapterUsageError as e:
+        raise UsageError(str(e)) from None
+
+
+def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
+    """The dataset's records (label class ids checked against the model's classes), none of whose files is an
+    output."""
+    split = args.split or find_split(args.dataset)
+    records = build_manifest(args.dataset, split, num_classes=getattr(adapter, "num_classes", None))
+    try:
+        check_not_inputs(list(outputs.values()), dataset_files(args.dataset, split, records))
+    except OutputPathError as e:
+        raise UsageError(str(e)) from None
+    return records if args.max_images is None else records[: args.max_images]
+
+
+def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
+    """Predictions after test-time training and the report; non-finite outputs are an error unless
+    ``--ttt-allow-non-finite``, then a warning on stderr (and in the report). A method that calibrates on
+    in-distribution data (EATA's ``--ttt-eata-fisher-data``) reads that split of the dataset. ``part``: this
+    rank's share of a distributed run."""
+    try:
+        split = config.calibration_split()
+        predictions, report = adapt_and_predict(
+            adapter,
+            records,
+            config,
+            tta=tta,
+            batch_size=args.batch_size,
+            progress=lambda desc, total: _Progress(desc, total, args.quiet),
+            calibration=build_manifest(args.dataset, split) if split else None,
+            part=part,
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        raise TTTError(str(e)) from e
+    non_finite = [w for w in report.warnings if w.startswith(NON_FINITE)]
+    if non_finite and not args.allow_non_finite:
+        raise NonFiniteError(
+            f"{non_finite[0]}. Nothing was written. Lower --ttt-lr or keep the guards on (--ttt-stop-on-non-finite, "
+            "--ttt-rollback-on-stop); --ttt-allow-non-finite writes these predictions anyway"
+        )
+    for warning in non_finite:
+        print(f"warning: {warning}", file=sys.stderr)
+    return predictions, report
+
+
+def _norm_options(args: argparse.Namespace) -> dict[str, float]:
+    """The strength of the stored statistics ``--bn-stats`` mixes with the batch's: ``--bn-prior`` (mix) or
+    ``--bn-shrink`` (shrink), or its default; nothing for the other modes."""
+    if args.bn_stats == "mix":
+        return {"bn_prior": BN_PRIOR if args.bn_prior is None else args.bn_prior}
+    if args.bn_stats == "shrink":
+        return {"bn_shrink": BN_SHRINK if args.bn_shrink is None else args.bn_shrink}
+    return {}
+
+
+def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
+    """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
+    del part
+    with _Progress("predict", len(records), args.quiet) as bar:
+        if tta is None and args.bn_stats == "running":
+            predictions = adapter.predict(records)
+            bar.update(len(records))
+        else:
+            bn = "eval" if args.bn_stats == "running" else args.bn_stats
+            predictor = Predictor(adapter, tta=tta, **_norm_options(args))
+            predictions = predictor.predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+    return predictions, disabled_report(config)
+
+
+def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTConfig, report: dict, tta) -> dict:
+    return {
+        "adapter": adapter.describe() if callable(getattr(adapter, "describe", None)) else {"adapter": args.adapter},
+        "dataset": str(args.dataset),
+        "split": args.split,
+        "images": len(records),
+        "seed": args.seed,
+        "deterministic": args.deterministic,
+        "bn_stats": args.bn_stats,
+        **_norm_options(args),
+        "ttt": ttt_meta(config, report if config.enabled else None),
+        "tta": tta.to_dict() if tta is not None else {"enabled": False},
+    }
+
+
+def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions: list, meta: dict) -> None:
+    """Every output at once: the logs, then the predictions (so new predictions mean new logs)."""
+    documents = []
+    for flag, key in (("--ttt-log-out", "ttt"), ("--tta-log-out", "tta")):
+        if flag in outputs:
+            log = {"output": str(args.output), key: meta[key]}
+            if key == "ttt":  # YOLOZU's TTT log carries when it was written
+                log = {"output": log["output"], "timestamp": datetime.now(timezone.utc).isoformat(), "ttt": meta[key]}
+            documents.append((outputs[flag].target, log, 2))
+    documents.append((outputs["--output"].target, wrap(predictions, meta) if args.wrap else predictions, None))
+    write_outputs(documents)
+
+
+def _describe(error: Exception) -> tuple[int, str | None]:
+    """The exit code and the line ``main`` prints for an error (None for one it does not expect)."""
+    if isinstance(error, TTTError):
+        return 1, f"TTT failed: {error}"
+    if isinstance(error, UsageError):
+        return 2, f"error: {error}"
+    known = (NonFiniteError, OSError, ValueError, DistributedError)
+    return 1, f"error: {error}" if isinstance(error, known) else None
+
+
+def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
+    """The export in one process."""
+    adapter = _adapter(args)
+    records = _records(args, adapter, outputs)
+    run = _adapted if config.enabled else _plain
+    predictions, report = run(args, adapter, records, config, tta, WHOLE)
+    meta = _meta(args, adapter, records, config, report.to_dict(), tta)
+    _write(args, outputs, predictions, meta)
+    return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+
+
+def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, world: World) -> dict | None:
+    """The export as one rank of a torchrun job: its shard, then rank 0 gathers and writes (returns the document;
+    None on the other ranks). A failure on any rank fails every rank, and nothing is written."""
+    mine = argparse.Namespace(**{**vars(args), "quiet": args.quiet or world.rank != 0})
+    run = _adapted if config.enabled else _plain
+
+    def work(lockstep):
+        adapter = _adapter(mine, world.device)
+        records = _records(mine, adapter, outputs)
+        plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
+        shard = [records[i] for i in plan.indices(world.rank)]
+        part = part_for(plan, world.rank, records, lockstep)
+        return adapter, records, plan, run(mine, adapter, shard, config, tta, part)
+
+    adapter, records, plan, result = run_everywhere(world, work, _describe)
+    gathered = gather_to_root(world, result)
+    document = None
+
+    def write() -> None:
+        nonlocal document
+        predictions = in_order(plan, [g[0] for g in gathered])
+        report = merge_reports(plan, [g[1] for g in gathered])
+        meta = _meta(args, adapter, records, config, report.to_dict(), tta)
+        meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)
+        _write(args, outputs, predictions, meta)
+        document = {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+
+    commit(world, write, _describe)
+    return document
+
+
+def run_export(args: argparse.Namespace) -> dict | None:
+    """The whole flow; returns the wrapped document (written to ``args.output`` and the logs). Under torchrun
+    (``WORLD_SIZE`` > 1) the ranks share the work and rank 0 writes; the other ranks return None."""
+    outputs = _outputs(args)
+    _check_numbers(args)
+    if args.ttt_preset and not args.ttt:
+        raise UsageError("--ttt-preset needs --ttt")
+    if args.ttt_log_out and not args.ttt:
+        raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
+    apply_ttt_preset_args(args)
+    set_deterministic(args.deterministic)
+    torch.manual_seed(args.seed)
+    try:
+        config = ttt_config(args)
+    except ValueError as e:
+        raise TTTError(str(e)) from e
+    if args.dist_sync and not args.ttt:
+        raise UsageError("--ttt-dist-sync needs --ttt (it says how the ranks' test-time training is shared)")
+    try:
+        check_dist_sync(config, args.dist_sync or "none")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tta = flip_tta_of(args)
+    with joined(args.device, os.environ) as world:
+        if world is None:
+            return _export(args, outputs, config, tta)
+        return _export_ranks(args, outputs, config, tta, world)
+
+
+def _summary(document: dict, output: str) -> str:
+    """The line a successful run prints: how many predictions, where, and what TTT did."""
+    ttt = document["meta"]["ttt"]
+    summary = f"wrote {len(document['predictions'])} predictions to {output}"
+    if ttt["enabled"]:
+        report = ttt["report"]
+        changed = report["updated_param_count"] if report["steps_run"] else 0
+        stopped = f", stopped: {report['stop_reason']}" if report["stopped_early"] else ""
+        summary += f" (TTT {ttt['method']}: {report['steps_run']} steps, {changed} parameters changed{stopped})"
+    spread = document["meta"].get("distributed")
+    return summary + (f" on {spread['world_size']} ranks ({spread['semantics']})" if spread else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``yolozu export``: 0 on success, 2 for a bad command line, 1 for a failed run, 130 for Ctrl-C; every
+    error is one line on stderr and leaves every output as it was."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        document = run_export(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except TTTError as e:
+        print(f"TTT failed: {e}", file=sys.stderr)
+        return 1
+    except RankFailed as e:
+        if e.shown and e.code == 2:
+            parser.print_usage(sys.stderr)
+        if e.shown:
+            print(e, file=sys.stderr)
+        return e.code
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteError, ImportError, OSError, ValueError, DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if document is not None and not args.quiet:
+        print(_summary(document, args.output), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

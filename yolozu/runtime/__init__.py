@@ -1,0 +1,1 @@
+"""Process-wide switches: deterministic kernels and named fault points."""
