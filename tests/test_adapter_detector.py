@@ -13,8 +13,8 @@ from PIL import Image
 from yolozu.adapter import DummyAdapter
 from yolozu.adapters import build_adapter
 from yolozu.adapters.detector import DetectorAdapter, ImageLoadError
+from yolozu.functional.methods.tent import tent_loss
 from yolozu.functional.readout import Readout, gather_positions, peak_indices
-from yolozu.functional.tent import tent_loss
 from yolozu.io.predictions import validate_predictions
 
 

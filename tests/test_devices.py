@@ -1,4 +1,5 @@
-"""Every method, K streams with guards, and the export's schedules on each device.
+"""The export's schedules and its determinism switches on each device (each method's own device checks are in
+tests/test_method_conformance.py).
 
 Each test runs on CPU in every suite (so the test itself cannot rot) and on CUDA where a GPU is present
 (``cuda`` marker; ``make test-gpu`` runs only those). On CUDA it also checks that no tensor a step makes is left
@@ -10,58 +11,12 @@ import json
 
 import pytest
 import torch
-from toy import TinyAutoencoder, TinyClassifier, seeded
 
 from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
-from yolozu.functional import rng
-from yolozu.functional.driver import make_driver, start
-from yolozu.functional.methods import METHODS
-from yolozu.tta.config import TTTConfig
-from yolozu.tta.engine import build_method
 
 ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 DEVICES = ["cpu", pytest.param("cuda", marks=ON_CUDA)]
-CONFIGS = {
-    "tent": {},
-    "mim": {"mim_patch_size": 4, "mim_mask_prob": 0.5},
-    "cotta": {"cotta_restore_prob": 0.5},  # the stochastic restore runs at every step
-    "eata": {"eata_conf_min": 0.0, "eata_entropy_min": 0.0, "eata_e_margin": 10.0},
-    "sar": {"sar_e_margin": 10.0, "sar_adaptive": True},
-}
-
-
-def _leaves(tree) -> list[torch.Tensor]:
-    return [x for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-
-
-def _drive(name: str, device: str):
-    model = seeded(TinyAutoencoder if name == "mim" else TinyClassifier).to(device)
-    config = TTTConfig(enabled=True, method=name, lr=1e-2, update_filter="norm_only", **CONFIGS[name])
-    method, names = build_method(model, config)
-    xs = torch.rand(3, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
-    xs[1] = float("nan")  # stream 1 trips the non-finite guard and is rolled back
-    drive = make_driver(method, config.guard_limits())
-    return drive(start(method.init_state(model, names), 3), xs, [0, 1, 2], 2, rng.key(0))
-
-
-def test_every_method_is_registered_here():
-    assert set(CONFIGS) == set(METHODS)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_every_method_drives_guarded_streams_on_the_device(device, name):
-    carry, records = _drive(name, device)
-    assert records[0].kept.tolist() == [True, False, True]
-    made = _leaves(carry) + [t for r in records for t in _leaves((r.metrics, r.verdict, r.kept, r.taken))]
-    assert made and all(t.device.type == device for t in made), "a step made a tensor off its state's device"
-    if device == "cuda":
-        on_cpu, _ = _drive(name, "cpu")
-        for got, want in zip(_leaves(carry.state.trainable), _leaves(on_cpu.state.trainable)):
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("devices")

@@ -6,9 +6,9 @@ from toy import TinyAutoencoder, TinyClassifier, seeded
 from yolozu.bridge import make_apply
 from yolozu.functional import filters, guards, optim, rng, streams
 from yolozu.functional.driver import Carry, make_driver, start
-from yolozu.functional.mim import MIMSettings, mim_method
+from yolozu.functional.methods.mim import MIMSettings, mim_method
+from yolozu.functional.methods.tent import tent_method
 from yolozu.functional.step import make_step
-from yolozu.functional.tent import tent_method
 
 NO_LIMITS = guards.GuardLimits()
 

@@ -6,8 +6,9 @@ from torch import nn
 from toy import TinyClassifier, seeded
 
 from yolozu.bridge import make_apply
-from yolozu.functional import cotta, filters, optim, rng, streams
-from yolozu.functional.cotta import CoTTASettings
+from yolozu.functional import filters, optim, rng, streams
+from yolozu.functional.methods import cotta
+from yolozu.functional.methods.cotta import CoTTASettings
 from yolozu.functional.readout import Readout
 from yolozu.functional.step import make_step, make_update
 

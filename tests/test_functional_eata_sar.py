@@ -8,9 +8,10 @@ from torch import nn
 from toy import TensorAdapter, TinyClassifier, seeded
 
 from yolozu.bridge import make_apply
-from yolozu.functional import eata, filters, optim, rng, sar, streams
+from yolozu.functional import filters, optim, rng, streams
 from yolozu.functional.driver import make_driver, start
 from yolozu.functional.guards import GuardLimits
+from yolozu.functional.methods import eata, sar
 from yolozu.functional.readout import Readout
 from yolozu.functional.step import make_update
 from yolozu.tta import TTTConfig, run_ttt

@@ -9,9 +9,9 @@ from toy import TinyAutoencoder, TinyClassifier, seeded
 from yolozu.bridge import make_apply
 from yolozu.functional import filters, optim, rng, streams
 from yolozu.functional.losses import softmax_entropy
-from yolozu.functional.mim import MIMSettings, mim_method
+from yolozu.functional.methods.mim import MIMSettings, mim_method
+from yolozu.functional.methods.tent import make_tent_step
 from yolozu.functional.step import grad_params, in_transform, init_state, make_step, make_update
-from yolozu.functional.tent import make_tent_step
 
 
 def _batch(seed=0, n=6, size=12):

@@ -105,7 +105,7 @@ def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
 
 def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
     from yolozu.cli.export import build_parser, ttt_config, ttt_meta
-    from yolozu.functional.cotta import CoTTASettings
+    from yolozu.functional.methods.cotta import CoTTASettings
 
     argv = ["--dataset", "d", "--output", "o", "--ttt", "--ttt-method", "cotta", "--ttt-cotta-augmentations",
             "identity", "--ttt-cotta-augmentations", "hflip", "--ttt-include", "bn", "lora", "--ttt-max-batches", "3",

@@ -37,8 +37,8 @@ from yolozu.bridge import make_apply
 from yolozu.demo.bench.memory import peak_bytes, sync
 from yolozu.functional import filters, optim, streams
 from yolozu.functional.losses import softmax_entropy
+from yolozu.functional.methods.tent import make_tent_step, tent_method
 from yolozu.functional.step import init_state, make_update
-from yolozu.functional.tent import make_tent_step, tent_method
 
 
 class Block(nn.Module):

@@ -2,7 +2,7 @@
 
 The settings every method shares are declared here; the guards' beside the guards
 (``yolozu.functional.guards.GuardLimits``) and each method's beside the method (its settings class in the
-method registry, ``yolozu.functional.methods``), taken over as fields named ``prefix + name``. Each field
+method registry, ``yolozu.tta.methods``), taken over as fields named ``prefix + name``. Each field
 carries its help text and its validator's range or choices, from which the command-line flags, ``--help``,
 validation messages and ``meta.ttt`` are generated. A bad value is a ``ValueError`` naming the field and what
 it accepts. Defaults keep TTT off; presets (``yolozu.tta.presets``) bundle tested settings, and an explicitly
@@ -18,10 +18,11 @@ import attrs
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.functional.filters import FILTERS
 from yolozu.functional.guards import GuardLimits
-from yolozu.functional.methods import METHODS, MethodEntry, entry
+from yolozu.functional.methods import MethodEntry
 from yolozu.functional.optim import OPTIMIZERS
 from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
 from yolozu.functional.step import BN_MODES
+from yolozu.tta.methods import METHODS, entry
 from yolozu.tta.presets import PRESETS, preset_values
 
 RESETS = ("stream", "sample")

@@ -18,11 +18,11 @@ from yolozu.bridge import make_apply, write_into
 from yolozu.functional import guards, optim, rng, streams
 from yolozu.functional.driver import ROW_METRICS, Carry, StepRecord, make_driver, start
 from yolozu.functional.filters import select
-from yolozu.functional.methods import entry
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.state import Params, count
 from yolozu.functional.step import Method
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.methods import entry
 from yolozu.tta.report import TTTReport
 
 if TYPE_CHECKING:
