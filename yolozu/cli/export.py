@@ -40,7 +40,6 @@ from yolozu.tta.presets import apply_ttt_preset_args
 from yolozu.tta.report import TTTReport
 from yolozu.tta.schedules import adapt_and_predict
 
-SCHEMA_VERSION = 1
 
 class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
@@ -237,7 +236,7 @@ def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TT
     predictions, report = run(args, adapter, records, config, tta, WHOLE)
     meta = _meta(args, adapter, records, config, report.to_dict(), tta)
     _write(args, outputs, predictions, meta)
-    return {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+    return wrap(predictions, meta)
 
 
 def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, world: World) -> dict | None:
@@ -265,7 +264,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         meta = _meta(args, adapter, records, config, report.to_dict(), tta)
         meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)
         _write(args, outputs, predictions, meta)
-        document = {"schema_version": SCHEMA_VERSION, "predictions": predictions, "meta": meta}
+        document = wrap(predictions, meta)
 
     commit(world, write, _describe)
     return document

@@ -35,10 +35,6 @@ class TentConfig(TTTConfig):
     method: str = attrs.field(default="tent", validator=one_of("tent"))
     log_every: int = setting(0, "log the counters every this many steps (0: never)", number(0, integer=True))
 
-    def to_ttt_config(self) -> TTTConfig:
-        """The equivalent plain ``TTTConfig``."""
-        return TTTConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(TTTConfig)})
-
 
 class TentRunner:
     """Tent on a module, one ``adapt_step(batch)`` at a time; the module holds the adapted weights after each."""
