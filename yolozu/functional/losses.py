@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,6 +15,12 @@ def softmax_entropy(logits: Tensor, dim: int = 1) -> Tensor:
     """
     log_p = F.log_softmax(logits, dim=dim)
     return -(log_p.exp() * log_p).sum(dim=dim)
+
+
+def entropy_margin(e_margin: float | None, classes: int) -> float:
+    """The entropy threshold E0 below which a sample counts as reliable: ``e_margin``, else 0.4 ln C (EATA, Niu
+    et al. 2022; SAR, Niu et al. 2023)."""
+    return e_margin if e_margin is not None else 0.4 * math.log(classes)
 
 
 def binary_entropy(logits: Tensor) -> Tensor:

@@ -76,11 +76,14 @@ class TTTState(NamedTuple):
 
 
 class LossOutput(NamedTuple):
-    """What a method's loss function returns beside the loss: new buffers, extra metrics, the raw output."""
+    """What a method's loss function returns beside the loss: new buffers, extra metrics, the raw output and,
+    for a method whose own state moves with the forward (EATA's moving probabilities), its new state (``()``,
+    an empty tree that ``vmap`` passes through: unchanged). Nothing in it carries gradients out of the step."""
 
     buffers: Params
     metrics: dict
     output: Any
+    method_state: Any = ()
 
 
 LossFn = Callable[[Params, Params, Any, Any], tuple[Tensor, LossOutput]]
@@ -178,6 +181,17 @@ def _detach_tree(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
+def _autograd(fn: Callable[..., tuple[Tensor, Any]], params: Params, *args: Any) -> tuple[Params, Tensor, Any]:
+    """``(grads, value, aux)`` of ``fn(params, *args) -> (scalar value, aux)`` by ``torch.autograd.grad``: the
+    one place the core differentiates outside ``torch.func``. Parameters the value does not reach get zeros."""
+    leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+    with torch.enable_grad():
+        value, aux = fn(leaves, *args)
+        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
+    return grads, value, aux
+
+
 def gradients_autograd(
     loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any
 ) -> tuple[Params, Tensor, LossOutput]:
@@ -185,12 +199,17 @@ def gradients_autograd(
 
     Also the right tool for K streams: the loss of a vmapped forward is a vector whose sum has each stream's
     gradients in its own slice of the stacked params, and autograd keeps only what the backward needs.
+
+    Returns:
+      ``(grads, loss, aux)``: gradients keyed like ``trainable``; the loss (0-d, or ``(K,)`` for K streams),
+      detached; the loss function's ``LossOutput`` with its metrics and output detached.
     """
-    leaves = {name: t.detach().requires_grad_(True) for name, t in trainable.items()}
-    with torch.enable_grad():
+
+    def summed(leaves: Params) -> tuple[Tensor, tuple[Tensor, LossOutput]]:
         loss, aux = loss_fn(combine(frozen, leaves), buffers, batch, extra)
-        found = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
-    grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
+        return loss.sum(), (loss, aux)
+
+    grads, _, (loss, aux) = _autograd(summed, trainable)
     # running statistics are updated outside autograd, so only the metrics and the raw output need detaching
     metrics = {name: value.detach() for name, value in aux.metrics.items()}
     return grads, loss.detach(), aux._replace(metrics=metrics, output=_detach_tree(aux.output))
@@ -214,26 +233,46 @@ def apply_gradients(
     """The optimiser step on ``grads``: the new state and the step's metrics.
 
     Metrics (0-d tensors): ``loss`` (before the update), ``grad_norm`` (before clipping), ``update_norm``,
-    ``total_update_norm`` (||trainable - source||), ``initial_loss``, ``finite`` (loss, gradients and update
-    all finite; non-finite batch statistics make the loss non-finite), plus the loss function's own.
+    ``initial_loss``, ``finite`` (loss, gradients and update all finite; non-finite batch statistics make the
+    loss non-finite), plus the loss function's own. The method's state becomes ``aux.method_state`` when the
+    loss function returned one.
     """
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optim.apply_updates(state.trainable, updates)
-    grad_norm, update_norm, total_norm = optim.global_norms(grads, updates, optim.tree_sub(trainable, state.source))
+    grad_norm, update_norm = optim.global_norms(grads, updates)
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(update_norm)
     initial_loss = torch.where(state.step == 0, loss, state.initial_loss)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "update_norm": update_norm,
-        "total_update_norm": total_norm,
         "initial_loss": initial_loss,
         "finite": finite,
         **aux.metrics,
     }
+    moved = not (isinstance(aux.method_state, tuple) and len(aux.method_state) == 0)
+    method_state = aux.method_state if moved else state.method_state
     new_state = state._replace(
-        trainable=trainable, buffers=aux.buffers, opt_state=opt_state, step=state.step + 1, initial_loss=initial_loss
+        trainable=trainable, buffers=aux.buffers, opt_state=opt_state, step=state.step + 1,
+        initial_loss=initial_loss, method_state=method_state,
     )
+    return new_state, metrics
+
+
+def step_from_gradients(
+    method: "Method", state: TTTState, grads: Params, loss: Tensor, aux: LossOutput, noise: Any
+) -> tuple[TTTState, dict]:
+    """The rest of one update once the gradients are known: the optimiser step (``apply_gradients``), the
+    method's ``finish`` (which may undo or change it: EATA's skip, SAR's recovery, CoTTA's restore), then
+    ``total_update_norm`` = ||trainable - source|| of the state the step leaves, measured here only.
+
+    Returns:
+      ``(new_state, metrics)``, the metrics as ``apply_gradients`` and ``finish`` give them plus
+      ``total_update_norm``.
+    """
+    new_state, metrics = apply_gradients(method.optimizer, state, grads, loss, aux)
+    new_state, metrics = method.finish(state, new_state, metrics, noise)
+    metrics["total_update_norm"] = optim.global_norm(optim.tree_sub(new_state.trainable, new_state.source))
     return new_state, metrics
 
 
@@ -246,18 +285,16 @@ def grad_params(fn: Callable[..., Any], params: Params, *args: Any, has_aux: boo
     """Gradients of the scalar ``fn(params, *args)`` w.r.t. ``params`` (and its aux output with ``has_aux``).
 
     Inside a ``torch.func`` transform (K vmapped streams) this is ``torch.func.grad``; outside, plain
-    ``torch.autograd.grad``, which also differentiates operators that ``torch.func`` cannot transform (a
-    custom op without functorch support, such as torchvision's ``roi_align``). Parameters a loss does not reach
-    get zero gradients.
+    ``torch.autograd.grad`` (``_autograd``), which also differentiates operators that ``torch.func`` cannot
+    transform (a custom op without functorch support, such as torchvision's ``roi_align``). Parameters a loss
+    does not reach get zero gradients.
+
+    Returns:
+      the gradients keyed like ``params``; with ``has_aux``, ``(grads, aux)`` with ``aux`` detached.
     """
     if in_transform():
         return torch.func.grad(fn, has_aux=has_aux)(params, *args)
-    leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
-    with torch.enable_grad():
-        result = fn(leaves, *args)
-        value, aux = result if has_aux else (result, None)
-        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
+    grads, _, aux = _autograd(lambda p, *a: fn(p, *a) if has_aux else (fn(p, *a), None), params, *args)
     return (grads, _detach_tree(aux)) if has_aux else grads
 
 
@@ -280,8 +317,7 @@ def make_update(
     def update(state: TTTState, batch: Any, noise: Any = None) -> tuple[TTTState, dict]:
         extra = method.prepare(state, batch, noise)
         grads, loss, aux = gradients(method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra)
-        new_state, metrics = apply_gradients(method.optimizer, state, grads, loss, aux)
-        new_state, metrics = method.finish(state, new_state, metrics, noise)
+        new_state, metrics = step_from_gradients(method, state, grads, loss, aux, noise)
         if keep_output:
             metrics["output"] = aux.output
         return new_state, metrics

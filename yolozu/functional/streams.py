@@ -28,7 +28,7 @@ from torch.func import vmap
 from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
 from yolozu.functional.state import combine, stack, tree_map, unstack
-from yolozu.functional.step import LossOutput, Method, TTTState, apply_gradients, gradients_autograd, pass_noise
+from yolozu.functional.step import LossOutput, Method, TTTState, gradients_autograd, pass_noise, step_from_gradients
 
 __all__ = [
     "as_stacked",
@@ -140,14 +140,14 @@ def streams_update(method: Method, *, keep_output: bool = False, capture: bool |
 
         grads, losses, aux = gradients_autograd(stacked_loss, state.trainable, {}, state.buffers, batches, extra)
 
-        def finish(p, g, loss, buffers, loss_metrics, n):
+        def finish(p, g, loss, buffers, loss_metrics, method_state, n):
             old = _single(state, p)
-            new, metrics = apply_gradients(method.optimizer, old, g, loss, LossOutput(buffers, loss_metrics, None))
-            new, metrics = method.finish(old, new, metrics, n)
+            aux_k = LossOutput(buffers, loss_metrics, None, method_state)
+            new, metrics = step_from_gradients(method, old, g, loss, aux_k, n)
             return _per_stream(new), metrics
 
-        new_parts, metrics = vmap(finish, in_dims=(0, 0, 0, 0, 0, _dim(noises)))(
-            parts, grads, losses, aux.buffers, aux.metrics, noises
+        new_parts, metrics = vmap(finish, in_dims=(0, 0, 0, 0, 0, _dim(aux.method_state), _dim(noises)))(
+            parts, grads, losses, aux.buffers, aux.metrics, aux.method_state, noises
         )
         if keep_output:
             metrics["output"] = aux.output

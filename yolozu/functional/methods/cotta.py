@@ -173,7 +173,6 @@ def teacher_finish(settings: CoTTASettings):
             **metrics,
             "ema_momentum": torch.full_like(metrics["loss"], settings.ema_momentum),
             "restored_count": count,
-            "total_update_norm": optim.global_norm(optim.tree_sub(restored, old.source)),
         }
         return new._replace(trainable=restored, method_state=CoTTAState(teacher)), metrics
 

@@ -21,7 +21,6 @@ a row, or a kept fraction below ``selected_ratio_min``, stop the run (``Method.s
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import attrs
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from yolozu.functional import optim
+from yolozu.functional.losses import entropy_margin, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params, combine, tree_where
@@ -109,27 +109,23 @@ def anchor_penalty(trainable: Params, source: Params, fisher: Params, s: EATASet
 
 def eata_loss(apply: Apply, readout: Readout, s: EATASettings, bn: str):
     """EATA's loss ``(params, buffers, batch, (eata_state, source))``: the weighted entropy of the kept samples
-    plus the anti-forgetting penalty; metrics carry the kept count, the kept fraction and the new moving
-    probabilities (for ``finish``)."""
+    plus the anti-forgetting penalty; metrics carry the kept count and the kept fraction, and the method state
+    returned beside them carries the new moving probabilities."""
 
     def loss_fn(params, buffers, batch, extra):
         eata, source = extra
         output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
         logits = readout.class_rows(output)
-        log_p = F.log_softmax(logits, dim=1)
-        probs = log_p.exp()
-        entropy = -(probs * log_p).sum(dim=1)
-        e0 = s.e_margin if s.e_margin is not None else 0.4 * math.log(logits.shape[1])
+        probs = F.log_softmax(logits, dim=1).exp()
+        entropy = softmax_entropy(logits, dim=1)
+        e0 = entropy_margin(s.e_margin, logits.shape[1])
         keep = selection(probs.detach(), entropy.detach(), eata.probs, e0, s)
         weight = torch.exp(e0 - entropy.detach()) * keep
         loss = (entropy * weight).sum() / keep.sum().clamp_min(1)
         loss = loss + anchor_penalty({n: params[n] for n in source}, source, eata.fisher, s)
-        metrics = {
-            "selected": keep.sum().to(loss.dtype),
-            "selected_ratio": keep.to(loss.dtype).mean(),
-            "moving_probs": moving_probs(eata.probs, probs.detach(), keep),
-        }
-        return loss, LossOutput(new_buffers, metrics, output)
+        metrics = {"selected": keep.sum().to(loss.dtype), "selected_ratio": keep.to(loss.dtype).mean()}
+        moved = eata._replace(probs=moving_probs(eata.probs, probs.detach(), keep))
+        return loss, LossOutput(new_buffers, metrics, output, moved)
 
     return loss_fn
 
@@ -141,7 +137,6 @@ def skip_or_keep(s: EATASettings):
     def finish(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
         del noise
         metrics = dict(metrics)
-        probs = metrics.pop("moving_probs")
         skipped = metrics["selected"] < s.min_valid_dets
         trainable = tree_where(skipped, old.trainable, new.trainable)
         opt_state = tree_where(skipped, old.opt_state, new.opt_state)
@@ -150,11 +145,10 @@ def skip_or_keep(s: EATASettings):
         metrics.update(
             skipped=skipped,
             update_norm=torch.where(skipped, torch.zeros_like(metrics["update_norm"]), metrics["update_norm"]),
-            total_update_norm=optim.global_norm(optim.tree_sub(trainable, old.source)),
             eata_max_skip_streak_exceeded=streak > s.max_skip_streak,
             eata_selected_ratio_below_min=metrics["selected_ratio"] < s.selected_ratio_min,
         )
-        state = EATAState(probs, streak, old.method_state.fisher)
+        state = new.method_state._replace(skip_streak=streak)
         return new._replace(trainable=trainable, opt_state=opt_state, method_state=state), metrics
 
     return finish

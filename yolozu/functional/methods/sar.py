@@ -18,15 +18,14 @@ distributions (``Readout.class_rows``; independent sigmoid scores normalised ove
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from yolozu.functional import optim
+from yolozu.functional.losses import entropy_margin, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting
 from yolozu.functional.state import Params, combine, tree_where
@@ -56,10 +55,8 @@ class SARSettings:
 
 def reliable_entropy(logits: Tensor, e_margin: float | None) -> tuple[Tensor, Tensor]:
     """Per-sample entropies of class rows ``(N, C)`` and which are reliable (below E0, default 0.4 ln C)."""
-    log_p = F.log_softmax(logits, dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1)
-    e0 = e_margin if e_margin is not None else 0.4 * math.log(logits.shape[1])
-    return entropy, entropy.detach() < e0
+    entropy = softmax_entropy(logits, dim=1)
+    return entropy, entropy.detach() < entropy_margin(e_margin, logits.shape[1])
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -96,7 +93,6 @@ def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
             **metrics,
             "ema_loss": ema,
             "recovered": recover,
-            "total_update_norm": optim.global_norm(optim.tree_sub(trainable, old.source)),
         }
         return new._replace(trainable=trainable, opt_state=opt_state, method_state=SARState(ema)), metrics
 
