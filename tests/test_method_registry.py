@@ -142,3 +142,25 @@ def test_a_method_registered_through_the_entry_point_runs_in_every_schedule(tmp_
         rows = ttt["report"]["step_metrics"]
         assert ttt["report"]["steps_run"] > 0 and {r["kind"] for r in rows} == {"sharp"}, name
         assert {r["temperature"] for r in rows} == {3.0}, name
+
+
+def test_the_method_in_docs_ttt_runs_as_written(tmp_path, monkeypatch):
+    """docs/ttt.md's complete method, saved as the module it names and found through a real entry point."""
+    doc = (ROOT / "docs" / "ttt.md").read_text()
+    block = "# my_methods/sharp.py" + doc.split("```python\n# my_methods/sharp.py", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_methods").mkdir()
+    (tmp_path / "my_methods" / "__init__.py").write_text("")
+    (tmp_path / "my_methods" / "sharp.py").write_text(block)
+    assert 'sharp = "my_methods.sharp:ENTRY"' in doc
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found, refused = methods.discover(_points(sharp="my_methods.sharp:ENTRY"))
+    assert refused == {} and set(found) == {"sharp"}
+    monkeypatch.setitem(METHODS, "sharp", found["sharp"])
+    from yolozu.tta import config, run_ttt
+
+    cls = config.config_class(METHODS)
+    model = seeded(TinyClassifier)
+    images = [torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    run = cls(enabled=True, method="sharp", sharp_temperature=3.0, lr=1e-2, batch_size=2, max_batches=None, steps=2)
+    report = run_ttt(TensorAdapter(model), images, run)
+    assert report.steps_run == 2 and [row["temperature"] for row in report.step_metrics] == [3.0, 3.0]
