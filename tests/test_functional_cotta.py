@@ -112,11 +112,32 @@ def test_targets_follow_the_source_confidence_rule():
     teacher = [torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]])]  # identity branch says class 0
     confident_source = torch.tensor([[10.0, 0.0]])
     unsure_source = torch.tensor([[0.1, 0.0]])
-    kw = {"score_kind": "softmax", "aggregation": "mean", "threshold": 0.9}
+    kw = {"score_kind": "softmax", "aggregation": "mean", "threshold": 0.9, "plain_logits": teacher[0]}
     sharp = cotta.teacher_targets(teacher, confident_source, **kw)
     blended = cotta.teacher_targets(teacher, unsure_source, **kw)
     torch.testing.assert_close(sharp, torch.softmax(teacher[0], dim=1))
     torch.testing.assert_close(blended, torch.full((1, 2), 0.5))
+
+
+def test_confident_samples_take_the_plain_view_whatever_the_branch_order():
+    """With the branches ("hflip", "identity") a confident sample's target is still the teacher's plain view."""
+    model = seeded(FlipEquivariant)
+    with torch.no_grad():
+        model.conv.weight.add_(torch.linspace(-1, 1, model.conv.weight.numel()).view_as(model.conv.weight))
+    readout = Readout(scores=lambda out: out, score_kind="sigmoid", spatial=True)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets = []
+    for order in (("hflip", "identity"), ("identity", "hflip")):
+        settings = CoTTASettings(confidence_threshold=0.0, augmentations=order)  # every sample confident
+        method = cotta.cotta_method(make_apply(model), optim.adam(1e-3), settings, readout=readout)
+        targets.append(method.prepare(method.init_state(model, filters.select(model, "all")), x, None))
+    model.train()
+    with torch.no_grad():
+        plain = torch.sigmoid(model(x))
+        flipped = torch.sigmoid(model(x.flip(-1))).flip(-1)
+    assert not torch.allclose(plain, flipped, atol=1e-3)  # the perturbed model is not flip-equivariant
+    torch.testing.assert_close(targets[0], plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(targets[1], plain, rtol=1e-5, atol=1e-6)
 
 
 def test_confidence_weighted_mean_weights_confident_branches():

@@ -94,12 +94,23 @@ def teacher_targets(
     score_kind: str,
     aggregation: str,
     threshold: float,
+    plain_logits: Tensor,
 ) -> Tensor:
-    """Soft pseudo-labels: the augmentation average where the source model's confidence is below ``threshold``,
-    else the teacher's plain (first, identity-frame) prediction. ``branch_logits`` are in the original frame."""
+    """Soft pseudo-labels (CoTTA, Wang et al. 2022): the augmentation average where the source model's
+    confidence is below ``threshold``, else the teacher's plain prediction.
+
+    Args:
+      branch_logits: the teacher's scores of each augmented view, mapped back to the original frame,
+        each ``(B, C, ...)``.
+      source_logits: the source model's scores of the plain view, ``(B, C, ...)``.
+      plain_logits: the teacher's scores of the plain (identity) view, ``(B, C, ...)``, whatever the branches.
+
+    Returns:
+      target probabilities ``(B, C, ...)``.
+    """
     probs = [_probabilities(b, score_kind) for b in branch_logits]
     uncertain = _confidence(_probabilities(source_logits, score_kind)) < threshold
-    return torch.where(uncertain, aggregate(probs, aggregation), probs[0])
+    return torch.where(uncertain, aggregate(probs, aggregation), _probabilities(plain_logits, score_kind))
 
 
 def consistency_loss(student_logits: Tensor, targets: Tensor, score_kind: str) -> Tensor:
@@ -149,14 +160,18 @@ def teacher_prepare(apply: Apply, readout: Readout, settings: CoTTASettings, bn:
         del draws
         teacher = combine(state.frozen, state.method_state.teacher)
         with torch.no_grad():
-            branches = [scores_in_frame(teacher, state.buffers, batch, name) for name in settings.augmentations]
+            views = {name: scores_in_frame(teacher, state.buffers, batch, name) for name in settings.augmentations}
+            plain = views.get("identity")
+            if plain is None:  # the branches hold no plain view: confident samples still take it
+                plain = scores_in_frame(teacher, state.buffers, batch, "identity")
             source = scores_in_frame(combine(state.frozen, state.source), state.buffers, batch, "identity")
             return teacher_targets(
-                branches,
+                list(views.values()),
                 source,
                 score_kind=readout.score_kind,
                 aggregation=settings.aggregation,
                 threshold=settings.confidence_threshold,
+                plain_logits=plain,
             )
 
     return prepare
