@@ -203,3 +203,29 @@ def test_foreach_ready_refuses_tensors_a_vmap_wraps():
 
     torch.func.vmap(probe)(torch.ones(3, 2))
     assert seen == [False] and foreach_ready([torch.ones(2)]) and not foreach_ready([])
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)
+
+
+def test_norm_but_top_selects_what_sars_reference_selects_on_a_vit_base_and_a_resnet():
+    """SAR's reference code adapts the norms of blocks 0-8 of a 12-block ViT-Base (36 tensors: not blocks 9-11
+    and not the final norm) and every BatchNorm of a ResNet but those of layer4."""
+    vit = nn.Module()
+    vit.patch_embed = nn.Conv2d(3, 4, 1)
+    vit.blocks = nn.Sequential(*[_ViTBlock() for _ in range(12)])
+    vit.norm, vit.head = nn.LayerNorm(4), nn.Linear(4, 2)
+    chosen = filters.select(vit, "norm_but_top")
+    assert len(chosen) == 36 and {n.split(".")[1] for n in chosen} == {str(i) for i in range(9)}
+    assert filters.top_blocks(vit) == ("blocks.9", "blocks.10", "blocks.11")
+    resnet = nn.Module()
+    resnet.bn1 = nn.BatchNorm2d(3)
+    for i in range(1, 5):
+        setattr(resnet, f"layer{i}", _stages(2))
+    resnet.fc = nn.Linear(3, 2)
+    assert set(filters.select(resnet, "norm_but_top")) == {
+        n for n in filters.select(resnet, "norm_only") if not n.startswith("layer4.")
+    }

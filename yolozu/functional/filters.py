@@ -11,10 +11,12 @@ names narrow it (intersection with "contains any include", minus "contains any e
   those of the layer such a module wraps (a child named in ``WRAPPED``);
 - ``lora_only``: likewise for "lora";
 - ``lora_norm_only``: ``lora_only`` | ``norm_only``;
-- ``norm_but_top``: ``norm_only`` minus the norm layers of the top block (SAR, Niu et al. 2023: the deepest
-  block's norm layers get the noisiest gradients). The top block is ``model.top_block`` (a module name) when
-  the model says so, else the last member of the model's first numbered run of sibling blocks holding norm
-  layers, at the shallowest depth (``stage1..stage4`` -> ``stage4``, ``layer1..4``, ``blocks.0..11``).
+- ``norm_but_top``: ``norm_only`` minus the norm layers of the top blocks (SAR, Niu et al. 2023: the deepest
+  blocks' norm layers get the noisiest gradients) and of a norm that follows them (a ViT's final norm). The
+  top blocks are ``model.top_block`` (a module name) when the model says so, else the deepest quarter (at
+  least one) of the model's first numbered run of sibling blocks holding norm layers, at the shallowest depth
+  (``stage1..stage4`` -> ``stage4``, ``layer1..4`` -> ``layer4``, ``blocks.0..11`` -> ``blocks.9..11``), as
+  SAR's reference code chooses for ResNets and ViT-Base.
 """
 
 from __future__ import annotations
@@ -63,11 +65,8 @@ def _norm_params(model: nn.Module) -> set[str]:
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 
-def top_block(model: nn.Module) -> str:
-    """The name of the model's top block (see the module docstring); a ValueError when it has none."""
-    named = getattr(model, "top_block", None)
-    if isinstance(named, str):
-        return named
+def _block_run(model: nn.Module) -> list[str]:
+    """The model's first numbered run of sibling blocks holding norm layers at the shallowest depth, in order."""
     holding = {
         prefix for prefix, module in model.named_modules() if any(isinstance(m, NORM_TYPES) for m in module.modules())
     }
@@ -84,12 +83,38 @@ def top_block(model: nn.Module) -> str:
             "set model.top_block = '<module name>' or use update filter norm_only with exclude"
         )
     shallowest = min(depth for depth, _ in runs)
-    return max(next(members for depth, members in runs if depth == shallowest))[1]
+    return [name for _, name in sorted(next(members for depth, members in runs if depth == shallowest))]
+
+
+def top_blocks(model: nn.Module) -> tuple[str, ...]:
+    """The blocks SAR leaves out (Niu et al. 2023; its reference code skips ``layer4`` of a ResNet's four stages
+    and ``blocks.9``-``blocks.11`` of a 12-block ViT-Base): the deepest quarter of the model's block run (at least
+    one block), or the one block ``model.top_block`` names. A ValueError when the model has neither."""
+    named = getattr(model, "top_block", None)
+    if isinstance(named, str):
+        return (named,)
+    run = _block_run(model)
+    return tuple(run[-max(1, len(run) // 4) :])
+
+
+def top_block(model: nn.Module) -> str:
+    """The name of the model's top block: the last of ``top_blocks``."""
+    return top_blocks(model)[-1]
 
 
 def _norm_but_top(model: nn.Module) -> set[str]:
-    top = top_block(model) + "."
-    return {name for name in _norm_params(model) if not name.startswith(top)}
+    """``norm_only`` without the norm layers of ``top_blocks`` and of the norms that follow the blocks at their
+    level or the level above (a ViT's final ``norm``, which the reference code skips too)."""
+    tops = top_blocks(model)
+    container = tops[-1].rpartition(".")[0]
+    levels = {container, container.rpartition(".")[0]} if container else {""}
+    after, trailing = False, []
+    for name, module in model.named_modules():
+        after = after or name == tops[-1]
+        if after and isinstance(module, NORM_TYPES) and name.rpartition(".")[0] in levels:
+            trailing.append(name + ".")
+    skipped = tuple(top + "." for top in tops) + tuple(trailing)
+    return {name for name in _norm_params(model) if not name.startswith(skipped)}
 
 
 WRAPPED = ("base", "base_layer", "original_module")

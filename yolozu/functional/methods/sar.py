@@ -74,11 +74,13 @@ def sam_perturbation(grads: Params, params: Params, rho: float, adaptive: bool) 
 
 def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
     """SAR's ``finish``: no step without a selected sample; the moving average of the loss; below
-    ``reset_constant``, model recovery (weights and optimiser state back to the source, the average restarted)."""
+    ``reset_constant``, model recovery (weights and optimiser state back to the source, the average restarted,
+    where the reference code keeps it: docs/ttt.md)."""
 
     def finish(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
         del noise
-        # no selected sample: no step (the reference code has no gradient then) and the average stays
+        # no selected sample: no step and the average stays. SAR's reference code still steps then, on zero
+        # gradients (the mean over no sample), so momentum SGD moves the weights; docs/ttt.md lists the deviation
         idle = metrics["selected"] == 0
         previous = old.method_state.ema_loss
         ema = torch.where(torch.isfinite(previous), 0.9 * previous + 0.1 * metrics["loss"], metrics["loss"])
