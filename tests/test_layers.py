@@ -1,5 +1,6 @@
-"""The library stands apart from the demo: it imports without the demo extra, never imports ``yolozu.demo``,
-and its top-level units (subpackages and top-level modules) import each other without cycles.
+"""The library stands apart from the demo: it imports without the demo extra, never imports ``yolozu.demo``;
+imports point down the layers (DESIGN.md), no module imports another in a cycle (the demo included), and few
+modules stand at the top of the package.
 
 Modules are found by walking the package directory, so a new module is covered without editing this file.
 """
@@ -172,3 +173,49 @@ def test_no_import_cycle_between_subpackages():
 def test_find_cycle_reports_the_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+LAYERS = {
+    "runtime": 0, "functional": 1, "io": 1, "data": 1, "bridge": 2, "models": 2, "adapter": 3, "adapters": 3,
+    "metrics": 3, "inference": 4, "tta": 5, "parallel": 6, "cli": 7, "demo": 8,
+}
+"""Each top-level part of the package and its floor: a module imports only from lower floors or its own part
+(``adapter``, YOLOZU's contract module, is one part with ``adapters``)."""
+UPWARD_SHIMS = {"yolozu.export", "yolozu.eval"}
+"""Old import paths kept for one release: they re-export a command from above, so they may point up."""
+
+
+def _part(module: str) -> str:
+    part = module.split(".")[1] if "." in module else ""
+    return "adapters" if part == "adapter" else part
+
+
+def upward_imports() -> list[str]:
+    """Every import in the package that points to a higher floor of ``LAYERS`` or across one floor."""
+    found = []
+    for path in package_files():
+        name = module_name(path)
+        if name in UPWARD_SHIMS or _part(name) not in LAYERS:
+            continue
+        for target in imported_modules(path):
+            mine, theirs = _part(name), _part(target)
+            if target.startswith("yolozu.") and theirs in LAYERS and theirs != mine and LAYERS[theirs] >= LAYERS[mine]:
+                found.append(f"{name} imports {target}")
+    return found
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports() == []
+    assert set(LAYERS) | {"", "export", "eval"} >= {_part(m) for m in KNOWN}, "a new part needs its floor here"
+
+
+def test_no_import_cycle_between_modules_demo_included():
+    graph = {module_name(p): {m for m in imported_modules(p) if m in KNOWN} for p in package_files()}
+    graph = {name: targets - {name} for name, targets in graph.items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_few_modules_at_the_top_of_the_package():
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 5, top

@@ -9,12 +9,12 @@ the module untouched. Every step of every entry point runs through ``functional.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from yolozu.bridge import make_apply, write_into
+from yolozu.bridge import BatchStats, make_apply, write_into
 from yolozu.functional import guards, optim, rng, streams
 from yolozu.functional.driver import ROW_METRICS, Carry, StepRecord, make_driver, start
 from yolozu.functional.filters import select
@@ -25,8 +25,16 @@ from yolozu.tta.config import TTTConfig
 from yolozu.tta.methods import entry
 from yolozu.tta.report import TTTReport
 
-if TYPE_CHECKING:
-    from yolozu.parallel.collectives import SharedModel
+
+class ModelSharing(Protocol):
+    """What ``build_method`` needs of a model shared by the ranks of a process group (the shell above this one
+    makes it: ``yolozu.parallel.collectives.SharedModel``)."""
+
+    def batch_stats(self) -> BatchStats: ...
+
+    def gradients(self) -> optim.GradientTransformation: ...
+
+    def method(self, method: Method) -> Method: ...
 
 
 def build_method(
@@ -36,13 +44,13 @@ def build_method(
     *,
     optimizer: optim.GradientTransformation | None = None,
     forward: Callable[..., Any] | None = None,
-    shared: SharedModel | None = None,
+    shared: ModelSharing | None = None,
     **method_options: Any,
 ) -> tuple[Method, list[str]]:
     """The ``Method`` ``config`` names over ``model`` and the names of the parameters it adapts. ``optimizer``
     replaces the one the config names, ``forward`` the module's own forward (``bridge.make_apply``), and
     ``method_options`` go to the method's constructor (e.g. MIM's ``loss``). ``shared``
-    (``tta.distributed.SharedModel``) makes the ranks of a process group adapt one model: gradients averaged
+    (``parallel.collectives.SharedModel``) makes the ranks of a process group adapt one model: gradients averaged
     before the optimiser, BatchNorm statistics over every rank's batch, the loss the global batch's mean."""
     names = select(model, config.update_filter, include=config.include, exclude=config.exclude)
     if optimizer is None:

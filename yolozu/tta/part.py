@@ -23,7 +23,7 @@ class Part:
 
     Attributes:
       offset: the whole-run index of its first batch (``online``/``pre``) or image (reset ``sample``).
-      shared: a ``tta.distributed.SharedModel`` when the ranks adapt one model (None: this part adapts alone).
+      shared: a ``parallel.collectives.SharedModel`` when the ranks adapt one model (None: this part adapts alone).
       batches: how its records become batches (None: consecutive slices read through ``build_loader``).
     """
 
