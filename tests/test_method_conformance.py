@@ -4,18 +4,19 @@ vmapped streams equal K single drives with a tripped stream rolled back bitwise,
 on its state's device, and the export runs it in every schedule on the built-in detector.
 
 A method's ``MethodEntry.probe`` settings make one step on a small model move the weights; its ``signals`` pick
-the model (``reconstruction``: an autoencoder)."""
+the model (``reconstruction``: an autoencoder; ``heatmap``: sigmoid class maps)."""
 
 import json
 
 import pytest
 import torch
-from toy import TinyAutoencoder, TinyClassifier, seeded
+from toy import TinyAutoencoder, TinyClassifier, TinyHeatmap, seeded
 
 from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.functional import rng, streams
 from yolozu.functional.driver import make_driver, start
+from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import build_method
 from yolozu.tta.methods import METHODS
@@ -32,9 +33,17 @@ def probe_config(name: str, **changes) -> TTTConfig:
     return TTTConfig(enabled=True, method=name, lr=1e-2, update_filter="norm_only", **{**probe, **changes})
 
 
-def probe_model(name: str, device: str = "cpu") -> torch.nn.Module:
-    factory = TinyAutoencoder if "reconstruction" in METHODS[name].signals else TinyClassifier
-    return seeded(factory).to(device)
+SIGNAL_MODELS = {
+    "reconstruction": (TinyAutoencoder, DEFAULT_READOUT),
+    "heatmap": (TinyHeatmap, Readout(score_kind="sigmoid", spatial=True)),
+}
+"""A small model and its readout for each signal a method may need; class scores otherwise."""
+
+
+def probe_model(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Readout]:
+    signal = next((s for s in METHODS[name].signals if s in SIGNAL_MODELS), None)
+    factory, readout = SIGNAL_MODELS.get(signal, (TinyClassifier, DEFAULT_READOUT))
+    return seeded(factory).to(device), readout
 
 
 def _leaves(tree) -> list[torch.Tensor]:
@@ -42,9 +51,9 @@ def _leaves(tree) -> list[torch.Tensor]:
 
 
 def _drive(name: str, device: str, xs: torch.Tensor, steps: int = 2):
-    model = probe_model(name, device)
+    model, readout = probe_model(name, device)
     config = probe_config(name)
-    method, names = build_method(model, config)
+    method, names = build_method(model, config, readout)
     source = method.init_state(model, names)
     drive = make_driver(method, config.guard_limits())
     carry, records = drive(start(source, xs.shape[0]), xs.to(device), list(range(xs.shape[0])), steps, rng.key(0))

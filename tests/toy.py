@@ -86,3 +86,18 @@ def snapshot(model: nn.Module) -> dict:
 
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class TinyHeatmap(nn.Module):
+    """A dense detector in miniature: class maps ``(B, classes, H, W)`` scored by independent sigmoids."""
+
+    def __init__(self, classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.lora = LowRank(width)
+        self.head = nn.Conv2d(width, classes, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(h + self.lora(h))

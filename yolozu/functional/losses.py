@@ -1,9 +1,11 @@
-"""Unsupervised test-time losses: entropies of class scores and masked reconstruction error."""
+"""Losses of the core: entropies of class scores, masked reconstruction error and the heatmap focal loss that
+detection self-training shares with the detector's own training."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,3 +47,31 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None
         return err.mean()
     weight = mask.to(err.dtype).expand_as(err)
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def centernet_focal_loss(
+    logits: Tensor, heatmap: Tensor, *, alpha: float = 2.0, beta: float = 4.0, mask: Tensor | None = None
+) -> Tensor:
+    """Penalty-reduced pixel-wise focal loss of CenterNet (Zhou et al. 2019, eq. 1), normalised by #objects.
+
+    Positives are cells where the target is 1; negatives near a peak are down-weighted by ``(1 - y)^beta``.
+
+    Args:
+      logits: class logits ``(B, C, ...)`` (a heatmap ``(B, C, H, W)``), scored by independent sigmoids.
+      heatmap: targets in [0, 1], shaped like ``logits``; exactly 1 marks a positive.
+      alpha, beta: the focal and penalty-reduction exponents (CenterNet's 2 and 4).
+      mask: optional bool or 0/1 tensor broadcastable to ``logits``; cells where it is 0 count neither as
+        positives nor as negatives (self-training's ignored band).
+
+    Returns:
+      the loss, a 0-d tensor: the sum over counted cells over max(1, number of positives).
+    """
+    log_p = F.logsigmoid(logits)
+    log_q = F.logsigmoid(-logits)
+    p = log_p.exp()
+    counted = torch.ones_like(logits) if mask is None else mask.to(logits.dtype).expand_as(logits)
+    positive = heatmap.eq(1.0).to(logits.dtype) * counted
+    pos_loss = -((1 - p) ** alpha) * log_p * positive
+    neg_loss = -((1 - heatmap) ** beta) * (p**alpha) * log_q * (counted - positive)
+    num_pos = positive.sum().clamp(min=1.0)
+    return (pos_loss.sum() + neg_loss.sum()) / num_pos

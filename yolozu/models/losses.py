@@ -1,29 +1,15 @@
-"""Supervised training losses of the detector (source training only; test-time losses live in ttt_losses)."""
+"""Supervised training losses of the detector: the heatmap focal loss (``functional.losses``, which self-training at
+test time shares) and the box regression."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from yolozu.functional.losses import centernet_focal_loss
 from yolozu.models.targets import Targets
-
-
-def centernet_focal_loss(logits: Tensor, heatmap: Tensor, *, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
-    """Penalty-reduced pixel-wise focal loss of CenterNet (Zhou et al. 2019, eq. 1), normalised by #objects.
-
-    Positives are cells where the target is 1; negatives near a peak are down-weighted by ``(1 - y)^beta``.
-    """
-    log_p = F.logsigmoid(logits)
-    log_q = F.logsigmoid(-logits)
-    p = log_p.exp()
-    positive = heatmap.eq(1.0).to(logits.dtype)
-    pos_loss = -((1 - p) ** alpha) * log_p * positive
-    neg_loss = -((1 - heatmap) ** beta) * (p**alpha) * log_q * (1 - positive)
-    num_pos = positive.sum().clamp(min=1.0)
-    return (pos_loss.sum() + neg_loss.sum()) / num_pos
 
 
 def box_regression_loss(boxes: Tensor, targets: Targets) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
-from yolozu.functional.methods import cotta, eata, mim, sar, tent
+from yolozu.functional.methods import cotta, eata, mim, sar, selftrain, tent
 
 
 class MethodEntry(NamedTuple):
@@ -20,8 +20,9 @@ class MethodEntry(NamedTuple):
     ``--ttt-*`` flags, unless ``flag_prefix`` says otherwise) and the setting (if any) naming the
     in-distribution data its ``calibrate`` reads. ``shared_model``: replicas of it that average their gradients
     and batch statistics stay one model (no step decision of its own reads a replica's samples alone).
-    ``signals``: what the method reads from a forward, through the readout: ``"scores"`` (class logits) or
-    ``"reconstruction"`` (MIM's decoder). ``probe``: settings (its own, unprefixed) under which one step on any
+    ``signals``: what the method reads from a forward, through the readout: ``"scores"`` (class logits),
+    ``"heatmap"`` (dense class maps scored by independent sigmoids: a detector's) or ``"reconstruction"`` (MIM's
+    decoder). ``probe``: settings (its own, unprefixed) under which one step on any
     small model changes the weights (e.g. EATA without its sample floors); the conformance tests run each
     registered method with them."""
 
@@ -49,5 +50,9 @@ BUILT_IN: dict[str, MethodEntry] = {  # yolozu.tta.methods adds the plug-ins
     ),
     "sar": MethodEntry(
         sar.sar_method, sar.SARSettings, "sar_", shared_model=False, probe={"e_margin": 10.0, "adaptive": True}
+    ),
+    "selftrain": MethodEntry(
+        selftrain.selftrain_method, selftrain.SelfTrainSettings, "selftrain_", signals=("heatmap",),
+        probe={"threshold_min": 0.0, "negative_below": 0.0},
     ),
 }
