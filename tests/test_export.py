@@ -17,6 +17,7 @@ from yolozu.data import build_manifest
 from yolozu.demo.data import write_corrupted_split
 from yolozu.demo.synth import SynthSpec, render_sample, write_split
 from yolozu.io.predictions import validate_predictions
+from yolozu.tta.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,8 +112,9 @@ def test_help_lists_every_flag():
     text = build_parser().format_help()
     for flag in SPEC_FLAGS + ISSUE_FLAGS:
         assert flag in text, flag
+    assert {"tent", "mim", "cotta", "eata", "sar"} <= set(METHODS)
     for choices in (
-        "tent,mim,cotta,eata,sar",
+        ",".join(METHODS),
         "all,norm_only,adapter_only,lora_only,lora_norm_only,norm_but_top",
         "stream,sample",
         "pre,online",
