@@ -22,6 +22,7 @@ from tqdm import tqdm
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
 from yolozu.cli.export_parser import build_parser, flip_tta_of
+from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.inference.predictor import NON_FINITE, Predictor
@@ -117,9 +118,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
 
 
-def _adapter(args: argparse.Namespace, rank_device: str | None = None):
-    try:
-        return adapter_from_args(args, rank_device)
+def _adapter(args: argparse.Namespace, config: TTTConfig, rank_device: str | None = None):
+    try:  # the adapter, its model given the --lora-* adapters before any TTT
+        return apply_lora_flags(args, adapter_from_args(args, rank_device), config, seed=args.seed)
     except AdapterUsageError as e:
         raise UsageError(str(e)) from None
 
@@ -200,6 +201,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         "deterministic": args.deterministic,
         "bn_stats": args.bn_stats,
         **_norm_options(args),
+        "lora": lora_meta(args, adapter),
         "ttt": ttt_meta(config, report if config.enabled else None),
         "tta": tta.to_dict() if tta is not None else {"enabled": False},
     }
@@ -230,7 +232,7 @@ def _describe(error: Exception) -> tuple[int, str | None]:
 
 def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
     """The export in one process."""
-    adapter = _adapter(args)
+    adapter = _adapter(args, config)
     records = _records(args, adapter, outputs)
     run = _adapted if config.enabled else _plain
     predictions, report = run(args, adapter, records, config, tta, WHOLE)
@@ -246,7 +248,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
     run = _adapted if config.enabled else _plain
 
     def work(lockstep):
-        adapter = _adapter(mine, world.device)
+        adapter = _adapter(mine, config, world.device)
         records = _records(mine, adapter, outputs)
         plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
         shard = [records[i] for i in plan.indices(world.rank)]

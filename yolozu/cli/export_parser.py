@@ -8,6 +8,7 @@ import argparse
 from yolozu.adapters.images import default_workers
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli.adapter_flags import add_adapter_flags
+from yolozu.cli.lora_flags import add_lora_flags
 from yolozu.inference.flip import MERGES, FlipTTAConfig
 from yolozu.parallel.plan import DIST_SYNC
 from yolozu.tta.flags import flag_kwargs, flag_of, ttt_fields
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bitwise on the same GPU (default on; --no-deterministic lets cuDNN/cuBLAS pick faster kernels)",
     )
     _tta_flags(parser.add_argument_group("test-time augmentation"))
+    add_lora_flags(parser.add_argument_group("low-rank adapters (LoRA) for test-time training"))
     _ttt_flags(parser.add_argument_group("test-time training"))
     return parser
 
