@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tv_zoo import build, write_images, zoo_folder
+from tv_zoo import BUILDS, build, write_images, zoo_folder
 
 from yolozu.adapters.detector import DetectorAdapter
 from yolozu.adapters.lora import (
@@ -193,6 +193,22 @@ def test_export_with_lora_and_lora_only_ttt_writes_predictions_and_meta(dataset,
     plain = tmp_path / "plain.json"
     assert _export(dataset, plain, "--wrap") == 0
     assert json.loads(plain.read_text())["meta"]["lora"] == {**lora, "enabled": False, "r": 0, "report": None}
+
+
+def test_export_on_a_torchvision_detector_trains_exactly_the_injected_adapters(dataset, tmp_path, tmp_path_factory):
+    """Faster R-CNN's heads are linear (box head, predictor) and convolutional (RPN head): both get adapters."""
+    name = BUILDS["two_stage"][0]
+    folder = zoo_folder(tmp_path_factory)
+    build("two_stage", folder)
+    out = tmp_path / "tv.json"
+    model = ["--adapter", "torchvision", "--model", name, "--checkpoint", str(folder / f"{name}.pt")]
+    ttt = ["--ttt", "--ttt-update-filter", "lora_only", "--ttt-batch-size", "2"]
+    code = main([*model, "--dataset", str(dataset), "--output", str(out), "--quiet", "--wrap", "--lora-r", "4", *ttt])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    injected, report = doc["meta"]["lora"]["report"], doc["meta"]["ttt"]["report"]
+    assert len(doc["predictions"]) == 2 and injected["replaced"] > 0
+    assert report["steps_run"] == 1 and report["updated_param_count"] == injected["lora_params"]
 
 
 @pytest.mark.parametrize(
