@@ -31,6 +31,7 @@ class OneOf:
 
     @property
     def expected(self) -> str:
+        """What a valid value is, in words (the error message's ending)."""
         listed = ", ".join(self.choices)
         return f"a non-empty list drawn from {listed}" if self.many else f"one of {listed}"
 
@@ -53,6 +54,7 @@ class Number:
 
     @property
     def expected(self) -> str:
+        """What a valid value is, in words (the error message's ending)."""
         bounds = []
         if self.low is not None:
             bounds.append(f"{'>' if self.low_open else '>='} {self.low}")
@@ -62,6 +64,13 @@ class Number:
         return kind + (" " + " and ".join(bounds) if bounds else "") + (" or None" if self.optional else "")
 
     def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is valid: a finite int or float (not a bool) within the bounds, or None when
+        optional.
+
+        Args:
+          value: the candidate.
+        Returns:
+          True if valid."""
         if value is None:
             return self.optional
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -80,7 +89,12 @@ class Number:
 def plain_number(value: Any) -> Any:
     """Converter: a numpy (or other ``numbers``) integer or real scalar -> the Python int or float of the same
     value, so that ``np.float32(1e-3)`` is accepted where ``1e-3`` is and the setting stays JSON-ready; anything
-    else (bools included) unchanged, for the validator to judge."""
+    else (bools included) unchanged, for the validator to judge.
+
+    Args:
+      value: the value given.
+    Returns:
+      The plain Python value."""
     if type(value) in (int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
     if isinstance(value, numbers.Integral):
@@ -89,12 +103,22 @@ def plain_number(value: Any) -> Any:
 
 
 def one_of(*choices: str) -> OneOf:
-    """The value is one of ``choices``."""
+    """The value is one of ``choices``.
+
+    Args:
+      choices: the allowed strings.
+    Returns:
+      The validator."""
     return OneOf(tuple(choices))
 
 
 def many_of(*choices: str) -> OneOf:
-    """A non-empty tuple whose every element is one of ``choices``."""
+    """A non-empty tuple whose every element is one of ``choices``.
+
+    Args:
+      choices: the allowed strings.
+    Returns:
+      The validator."""
     return OneOf(tuple(choices), many=True)
 
 
@@ -106,18 +130,53 @@ def number(
     integer: bool = False,
     optional: bool = False,
 ) -> Number:
-    """A finite number in [low, high] (see ``Number``)."""
+    """A validator: a finite number in [low, high] (see ``Number``).
+
+    Args:
+      low: the lower bound (None: none).
+      high: the upper bound (None: none).
+      low_open: the lower bound is excluded.
+      integer: the value must be an int.
+      optional: None is allowed.
+    Returns:
+      The ``Number`` validator."""
     return Number(low, high, low_open, integer, optional)
 
 
 def is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: True or False."""
+    """Validator: True or False (not 0 or 1).
+
+    Args:
+      instance: the settings object being built.
+      attribute: the field.
+      value: the value given.
+    Raises:
+      ValueError: naming the setting and the value."""
     if not isinstance(value, bool):
         _fail(instance, attribute, "True or False", value)
 
 
+def optional_split(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: None or a non-empty string (the name of a data split a method calibrates on).
+
+    Args:
+      instance: the settings object being built.
+      attribute: the field.
+      value: the value given.
+    Raises:
+      ValueError: naming the setting and the value.
+    """
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be a split name or None, got {value!r}")
+
+
 def str_tuple(value: Any) -> tuple[str, ...] | None:
-    """Converter: None stays None, a string -> (string,), any other iterable -> a tuple."""
+    """Converter: None stays None, a string -> (string,), any other iterable -> a tuple.
+
+    Args:
+      value: the value given.
+    Returns:
+      None or a tuple of strings."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -136,7 +195,17 @@ def setting(
 ) -> Any:
     """An attrs field with its ``help`` text and ``kind`` in the metadata: ``type``, the value's Python type (what
     a command line parses a flag with), inferred from the default when not given. ``yolozu`` marks a method
-    setting that YOLOZU's ``TTTConfig`` has too (it comes in YOLOZU's positional order)."""
+    setting that YOLOZU's ``TTTConfig`` has too (it comes in YOLOZU's positional order).
+
+    Args:
+      default: the default value.
+      help: the one-line help a command line shows.
+      validator: an attrs validator (None: none).
+      type: the value's Python type (None: the default's).
+      converter: an attrs converter (None: ``plain_number`` for a ``Number`` validator, else none).
+      yolozu: the setting is also one of YOLOZU's ``TTTConfig``.
+    Returns:
+      An ``attrs.field``."""
     kind = type if type is not None else (default.__class__ if default is not None else float)
     if validator is None and kind is bool:
         validator = is_bool
@@ -149,7 +218,14 @@ def setting(
 def copy_field(field: attrs.Attribute, *, default: Any = attrs.NOTHING, **metadata: Any) -> Any:
     """A new attrs field declared like ``field`` (default, validator, converter, type, metadata), with another
     ``default`` if given and extra ``metadata``: how a composite settings class takes a part's fields over
-    without re-declaring them."""
+    without re-declaring them.
+
+    Args:
+      field: the field copied.
+      default: the new default (by default the field's).
+      metadata: metadata added to the field's.
+    Returns:
+      An ``attrs.field``."""
     return attrs.field(
         default=field.default if default is attrs.NOTHING else default,
         validator=field.validator,

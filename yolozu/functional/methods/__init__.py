@@ -42,7 +42,9 @@ BUILT_IN: dict[str, MethodEntry] = {  # yolozu.tta.methods adds the plug-ins
         mim.mim_method, mim.MIMSettings, "mim_", flag_prefix="", signals=("reconstruction",),
         probe={"patch_size": 4, "mask_prob": 0.5},
     ),
-    "cotta": MethodEntry(cotta.cotta_method, cotta.CoTTASettings, "cotta_", probe={"restore_prob": 0.5}),
+    "cotta": MethodEntry(
+        cotta.cotta_method, cotta.CoTTASettings, "cotta_", calibration="threshold_data", probe={"restore_prob": 0.5}
+    ),
     # EATA keeps or skips a step by its own batch's selected samples; SAR perturbs with, and recovers by, its own
     "eata": MethodEntry(
         eata.eata_method, eata.EATASettings, "eata_", calibration="fisher_data", shared_model=False,

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from yolozu.functional import optim
 from yolozu.functional.losses import centernet_focal_loss
-from yolozu.functional.methods.cotta import PREDICT_WITH, ema
+from yolozu.functional.mean_teacher import TEACHER_OR_STUDENT, ema
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, one_of, setting
 from yolozu.functional.state import Params, combine
@@ -59,12 +59,19 @@ class SelfTrainSettings:
     )
     top_k: int = setting(16, "selftrain: detections per image the confidence level reads", number(1, integer=True))
     flip: bool = setting(True, "selftrain: average the teacher's plain and mirrored views")
-    predict_with: str = setting("teacher", "selftrain: predict with the teacher or the student", one_of(*PREDICT_WITH))
+    predict_with: str = setting(
+        "teacher", "selftrain: predict with the teacher or the student", one_of(*TEACHER_OR_STUDENT)
+    )
 
 
 def local_peaks(scores: Tensor) -> Tensor:
     """Where each class map ``(B, C, H, W)`` has a 3x3 local maximum (bool, same shape); every position of
-    non-spatial scores ``(B, C, N)``."""
+    non-spatial scores ``(B, C, N)``.
+
+    Args:
+      scores: class maps ``(B, C, H, W)`` or scores ``(B, C, N)``.
+    Returns:
+      A bool tensor shaped like ``scores``."""
     if scores.dim() != 4:
         return torch.ones_like(scores, dtype=torch.bool)
     return F.max_pool2d(scores, 3, stride=1, padding=1) == scores
@@ -77,10 +84,10 @@ def class_thresholds(probs: Tensor, level: Tensor, s: SelfTrainSettings) -> Tens
     Args:
       probs: the teacher's scores ``(B, C, ...)`` in [0, 1].
       level: the global confidence level, a 0-d tensor.
+      s: the settings (``top_k``, ``threshold_min``, ``threshold_max``).
 
     Returns:
-      thresholds ``(C,)`` on ``probs``' device.
-    """
+      thresholds ``(C,)`` on ``probs``' device."""
     flat = probs.flatten(2)
     k = min(s.top_k, flat.shape[2])
     per_class = flat.topk(k, dim=2).values.mean(dim=(0, 2))
@@ -90,7 +97,14 @@ def class_thresholds(probs: Tensor, level: Tensor, s: SelfTrainSettings) -> Tens
 
 def next_level(probs: Tensor, level: Tensor, s: SelfTrainSettings) -> Tensor:
     """The confidence level after a batch: an EMA (``level_momentum``) of the mean top score of each image's
-    ``top_k`` strongest detections (any class); the first batch sets it."""
+    ``top_k`` strongest detections (any class); the first batch sets it.
+
+    Args:
+      probs: the teacher's scores ``(B, C, ...)`` in [0, 1].
+      level: the level so far, a 0-d tensor (NaN before the first batch).
+      s: the settings (``top_k``, ``level_momentum``).
+    Returns:
+      The new level, a 0-d tensor."""
     best = probs.flatten(2).amax(dim=1)
     k = min(s.top_k, best.shape[1])
     observed = best.topk(k, dim=1).values.mean()
@@ -103,11 +117,11 @@ def pseudo_targets(probs: Tensor, thresholds: Tensor, s: SelfTrainSettings) -> t
     Args:
       probs: the teacher's scores ``(B, C, ...)`` in [0, 1].
       thresholds: per-class thresholds ``(C,)``.
+      s: the settings (``negative_below``: scores under it count as negatives).
 
     Returns:
       ``(heatmap, mask)``: targets shaped like ``probs`` (1 at confident peaks, the teacher's score elsewhere)
-      and the bool mask of counted cells (positives and negatives; the ignored band is False).
-    """
+      and the bool mask of counted cells (positives and negatives; the ignored band is False)."""
     shape = (1, -1) + (1,) * (probs.dim() - 2)
     confident = probs >= thresholds.view(shape)
     positive = confident & local_peaks(probs)
@@ -118,7 +132,15 @@ def pseudo_targets(probs: Tensor, thresholds: Tensor, s: SelfTrainSettings) -> t
 def teacher_prepare(apply: Apply, readout: Readout, settings: SelfTrainSettings, bn: str):
     """Self-training's ``prepare``: the teacher's (flip-averaged) scores of the batch, without gradient, made into
     ``(heatmap, mask, method_state)``: the targets, the counted cells and the state with the new level. The
-    teacher's views normalise like the student but leave the running statistics alone."""
+    teacher's views normalise like the student but leave the running statistics alone.
+
+    Args:
+      apply: the model as a pure function.
+      readout: reads the class maps from an output.
+      settings: the self-training settings.
+      bn: the BatchNorm mode while adapting.
+    Returns:
+      ``prepare(state, batch, noise) -> (heatmap, mask, method_state)``."""
     view_bn = view_bn_mode(bn)
 
     def teacher_scores(params: Params, buffers: Params, batch: Tensor) -> Tensor:
@@ -153,7 +175,17 @@ def selftrain_method(
     Needs class scores scored by independent sigmoids (a detector's readout, ``score_kind="sigmoid"``); a
     softmax readout is a ValueError. Metrics add ``positives`` (confident detections in the batch),
     ``ignored_ratio`` (the share of cells in the ignored band) and ``level``.
-    """
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the method's settings.
+      readout: how the method's signals are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+    Returns:
+      The ``Method``, its state a ``SelfTrainState``.
+    Raises:
+      ValueError: the readout's scores are not sigmoid scores."""
     if readout.score_kind != "sigmoid":
         raise ValueError(
             "selftrain needs a detector's class scores with independent sigmoids (readout score_kind 'sigmoid'); "
