@@ -111,6 +111,26 @@ def test_eata_skips_steps_without_samples_and_stops_after_the_streak():
     assert run_ttt(TensorAdapter(seeded(TinyClassifier)), images, ratio).stop_reason == "eata_selected_ratio_below_min"
 
 
+def test_eata_without_a_skip_stop_keeps_skipping_and_the_paper_preset_sets_the_papers_eata():
+    model = seeded(TinyClassifier)
+    images = [torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    config = TTTConfig(
+        enabled=True, method="eata", lr=1e-2, batch_size=2, update_filter="norm_only", eata_min_valid_dets=100,
+        eata_max_skip_streak=None, steps=6, max_batches=None,
+    )
+    report = run_ttt(TensorAdapter(model), images, config)
+    assert [row["skipped"] for row in report.step_metrics] == [1.0] * 6 and report.stop_reason is None
+    paper = TTTConfig.from_preset("eata_paper")
+    s = paper.method_settings()
+    assert (s.conf_min, s.entropy_min, s.max_skip_streak, s.selected_ratio_min, s.min_valid_dets) == (0, 0, None, 0, 1)
+    assert (s.e_margin, s.d_margin, s.fisher_alpha, s.anchor_lambda) == (None, 0.05, 2000.0, 0.0)
+    assert (paper.optimizer, paper.lr, paper.momentum, paper.batch_size) == ("sgd", 0.00025, 0.9, 64)
+    assert (paper.update_filter, paper.bn_mode, paper.schedule) == ("norm_only", "batch", "online")
+    assert (paper.max_batches, paper.online_predict) == (None, "adapt_forward")
+    assert paper.guard_limits().max_update_norm is None and paper.max_grad_norm is None
+    assert TTTConfig(method="eata").eata_max_skip_streak == 3  # YOLOZU's default stays
+
+
 def test_sam_perturbation_closed_form():
     grads = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
     params = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}

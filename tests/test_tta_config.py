@@ -75,7 +75,9 @@ def test_explicit_values_win_over_the_preset():
 def test_unknown_preset_is_an_error():
     with pytest.raises(ValueError, match="unknown TTT preset 'fast'"):
         preset_values("fast")
-    assert set(PRESETS) == {"safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe"}
+    assert set(PRESETS) == {
+        "safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe", "eata_paper", "cotta_paper"
+    }
 
 
 def test_to_dict_is_json_ready():

@@ -185,6 +185,8 @@ def test_auto_preset_for_a_plain_ttt():
     assert apply_ttt_preset_args(_args("--ttt", "--ttt-method", "eata")).ttt_preset == "eata_safe"
     assert apply_ttt_preset_args(_args("--ttt", "--ttt-method", "sar")).ttt_preset == "sar_safe"
     assert apply_ttt_preset_args(_args("--ttt", "--ttt-lr", "1e-3")).ttt_preset is None
+    # a setting only the papers' presets set keeps the auto-preset, as before they existed
+    assert apply_ttt_preset_args(_args("--ttt", "--ttt-optimizer", "sgd")).ttt_preset == "safe"
     assert apply_ttt_preset_args(_args("--ttt", "--ttt-preset", "adapter_only")).ttt_preset == "adapter_only"
     assert apply_ttt_preset_args(_args()).ttt_preset is None
     assert {"eata_safe", "sar_safe"} <= set(PRESETS) and isinstance(apply_ttt_preset_args(argparse.Namespace()), object)

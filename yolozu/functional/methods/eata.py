@@ -31,7 +31,7 @@ from torch import Tensor
 from yolozu.functional import optim
 from yolozu.functional.losses import entropy_margin, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
-from yolozu.functional.settings import number, setting
+from yolozu.functional.settings import number, optional_split, setting
 from yolozu.functional.state import Params, combine, tree_where
 from yolozu.functional.step import Apply, LossOutput, Method, TTTState, grad_params
 
@@ -45,11 +45,6 @@ class EATAState(NamedTuple):
     probs: Tensor
     skip_streak: Tensor
     fisher: Params
-
-
-def _optional_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and not (isinstance(value, str) and value):
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be a split name or None, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -68,8 +63,11 @@ class EATASettings:
     selected_ratio_min: float = setting(
         0.0, "EATA: stop when the kept fraction falls below this", number(0, 1), yolozu=True
     )
-    max_skip_streak: int = setting(
-        3, "EATA: stop after more skipped steps in a row than this", number(0, integer=True), yolozu=True
+    max_skip_streak: int | None = setting(
+        3,
+        "EATA: stop after more skipped steps in a row than this (none: never)",
+        number(0, integer=True, optional=True),
+        yolozu=True,
     )
     e_margin: float | None = setting(
         None, "EATA: entropy margin E0 (none: 0.4 ln C)", number(0, low_open=True, optional=True), type=float
@@ -77,13 +75,22 @@ class EATASettings:
     d_margin: float = setting(0.05, "EATA: redundancy margin on |cos| to the moving probabilities", number(0, 1))
     fisher_alpha: float = setting(2000.0, "EATA: weight alpha of the Fisher regulariser", number(0))
     fisher_data: str | None = setting(
-        None, "EATA: split of in-distribution data for the Fisher information", _optional_str, type=str
+        None, "EATA: split of in-distribution data for the Fisher information", optional_split, type=str
     )
 
 
 def selection(probs: Tensor, entropy: Tensor, moving: Tensor, e0: float, s: EATASettings) -> Tensor:
     """Which samples (rows of ``probs``) EATA keeps: reliable by entropy and confidence, and not redundant with
-    the moving probabilities ``moving`` (every reliable sample while ``moving`` is NaN)."""
+    the moving probabilities ``moving`` (every reliable sample while ``moving`` is NaN).
+
+    Args:
+      probs: the samples' class probabilities ``(N, C)``.
+      entropy: their entropies ``(N,)``.
+      moving: the moving probabilities ``(C,)`` (NaN before the first selection).
+      e0: the entropy margin E0.
+      s: EATA's settings (the knobs ``conf_min``, ``entropy_min``, ``entropy_max``, ``d_margin``).
+    Returns:
+      bool ``(N,)``: the kept samples."""
     reliable = (entropy < e0) & (entropy >= s.entropy_min) & (entropy <= s.entropy_max)
     reliable = reliable & (probs.amax(dim=1) >= s.conf_min)
     cosine = F.cosine_similarity(probs, moving.expand_as(probs), dim=1)
@@ -92,7 +99,14 @@ def selection(probs: Tensor, entropy: Tensor, moving: Tensor, e0: float, s: EATA
 
 
 def moving_probs(moving: Tensor, probs: Tensor, keep: Tensor) -> Tensor:
-    """m <- 0.9 m + 0.1 mean(kept probabilities); the first kept batch starts it; no kept sample: unchanged."""
+    """m <- 0.9 m + 0.1 mean(kept probabilities); the first kept batch starts it; no kept sample: unchanged.
+
+    Args:
+      moving: the moving probabilities ``(C,)``, or NaN before the first selection.
+      probs: the samples' class probabilities ``(N, C)``.
+      keep: bool ``(N,)``, the kept samples.
+    Returns:
+      The new moving probabilities ``(C,)``."""
     count = keep.sum()
     mean = (probs * keep[:, None]).sum(dim=0) / count.clamp_min(1)
     updated = torch.where(torch.isfinite(moving), 0.9 * moving + 0.1 * mean, mean)
@@ -100,7 +114,16 @@ def moving_probs(moving: Tensor, probs: Tensor, keep: Tensor) -> Tensor:
 
 
 def anchor_penalty(trainable: Params, source: Params, fisher: Params, s: EATASettings) -> Tensor:
-    """alpha * sum F (theta - theta0)^2 with a Fisher, else lambda * sum (theta - theta0)^2."""
+    """EATA's anti-forgetting regulariser (eq. 8 of the paper): alpha * sum F (theta - theta0)^2 with a
+    Fisher, else YOLOZU's L2 anchor lambda * sum (theta - theta0)^2.
+
+    Args:
+      trainable: the adapted parameters theta.
+      source: their source values theta0.
+      fisher: the diagonal Fisher information keyed like ``trainable``, or empty.
+      s: EATA's settings (``fisher_alpha``, ``anchor_lambda``).
+    Returns:
+      A 0-d tensor."""
     if fisher:
         terms = [(fisher[n] * (p - source[n]).square()).sum() for n, p in trainable.items()]
         return s.fisher_alpha * torch.stack(terms).sum()
@@ -110,7 +133,15 @@ def anchor_penalty(trainable: Params, source: Params, fisher: Params, s: EATASet
 def eata_loss(apply: Apply, readout: Readout, s: EATASettings, bn: str):
     """EATA's loss ``(params, buffers, batch, (eata_state, source))``: the weighted entropy of the kept samples
     plus the anti-forgetting penalty; metrics carry the kept count and the kept fraction, and the method state
-    returned beside them carries the new moving probabilities."""
+    returned beside them carries the new moving probabilities.
+
+    Args:
+      apply: the model as a pure function.
+      readout: reads the class rows ``(N, C)`` from an output.
+      s: EATA's settings.
+      bn: the BatchNorm mode while adapting.
+    Returns:
+      The ``LossFn``."""
 
     def loss_fn(params, buffers, batch, extra):
         eata, source = extra
@@ -132,7 +163,12 @@ def eata_loss(apply: Apply, readout: Readout, s: EATASettings, bn: str):
 
 def skip_or_keep(s: EATASettings):
     """EATA's ``finish``: a step with fewer than ``min_valid_dets`` kept samples is undone (weights and
-    optimiser state), the skip streak counts it, the moving probabilities move, the stop flags are raised."""
+    optimiser state), the skip streak counts it, the moving probabilities move, the stop flags are raised.
+
+    Args:
+      s: EATA's settings (``min_valid_dets``, ``max_skip_streak``, ``selected_ratio_min``).
+    Returns:
+      ``finish(old, new, metrics, noise) -> (state, metrics)``."""
 
     def finish(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
         del noise
@@ -142,10 +178,11 @@ def skip_or_keep(s: EATASettings):
         opt_state = tree_where(skipped, old.opt_state, new.opt_state)
         streak = old.method_state.skip_streak
         streak = torch.where(skipped, streak + 1, torch.zeros_like(streak))
+        never = torch.zeros_like(streak, dtype=torch.bool)  # max_skip_streak None: no skip stop (the paper's)
         metrics.update(
             skipped=skipped,
             update_norm=torch.where(skipped, torch.zeros_like(metrics["update_norm"]), metrics["update_norm"]),
-            eata_max_skip_streak_exceeded=streak > s.max_skip_streak,
+            eata_max_skip_streak_exceeded=streak > s.max_skip_streak if s.max_skip_streak is not None else never,
             eata_selected_ratio_below_min=metrics["selected_ratio"] < s.selected_ratio_min,
         )
         state = new.method_state._replace(skip_streak=streak)
@@ -163,7 +200,18 @@ def eata_method(
     bn: str = "running",
 ) -> Method:
     """EATA as a ``Method`` (``eata_loss``, ``skip_or_keep``; ``calibrate`` computes the Fisher information);
-    metrics add ``selected`` (kept samples), ``selected_ratio`` and ``skipped``."""
+    metrics add ``selected`` (kept samples), ``selected_ratio`` and ``skipped``. Its loss is one plain forward
+    of the batch, so that forward's output is also the batch's prediction (``clean_forward``), as the reference
+    code predicts.
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the method's settings.
+      readout: how the method's signals are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+    Returns:
+      The ``Method``, its state an ``EATAState``."""
 
     def prepare(state: TTTState, batch: Tensor, noise: Any) -> tuple:
         del batch, noise
@@ -188,13 +236,24 @@ def eata_method(
         calibrate=calibrate,
         metric_names=("selected", "selected_ratio", "skipped"),
         stop_reasons=STOP_REASONS,
+        clean_forward=True,
     )
 
 
 def diagonal_fisher(apply: Apply, readout: Readout, state: TTTState, batches: Any) -> Params:
     """The diagonal Fisher information of the adapted params on in-distribution ``batches``: per batch, the
     squared gradient of the cross-entropy between the model's class rows and their own argmax, averaged over
-    batches (EATA's estimate), with test-batch BatchNorm statistics and the running ones left alone."""
+    batches (EATA's estimate), with test-batch BatchNorm statistics and the running ones left alone.
+
+    Args:
+      apply: the model as a pure function.
+      readout: reads the class rows ``(N, C)`` from an output.
+      state: a fresh state (the source model).
+      batches: an iterable of in-distribution input batches.
+    Returns:
+      F, keyed and shaped like ``state.trainable``.
+    Raises:
+      ValueError: ``batches`` is empty."""
 
     def cross_entropy(trainable: Params, x: Tensor) -> Tensor:
         output, _ = apply(combine(state.frozen, trainable), state.buffers, x, bn_mode="batch")
