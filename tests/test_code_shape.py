@@ -2,6 +2,7 @@
 functions stay small enough to read."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -114,16 +115,153 @@ def test_the_distributed_check_finds_each_use(snippet):
     assert distributed_uses("import torch\nfrom yolozu.functional import optim") == []
 
 
+def _docstring_lines(tree: ast.AST) -> set[int]:
+    """The line numbers of every module, class and function docstring in ``tree``."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                first.value.value, str
+            ):
+                lines.update(range(first.lineno, first.end_lineno + 1))
+    return lines
+
+
+def code_lines(source: str) -> int:
+    """Lines of ``source`` outside docstrings: what the size limits count, so documenting a function's arguments
+    never pushes a module or a function over them."""
+    return len(source.splitlines()) - len(_docstring_lines(ast.parse(source)))
+
+
 def _long_functions(source: str, limit: int) -> list[str]:
-    return [
-        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
-    ]
+    tree = ast.parse(source)
+    docs = _docstring_lines(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = sum(1 for line in range(node.lineno, node.end_lineno + 1) if line not in docs)
+            if n > limit:
+                found.append(f"{node.name} ({n} lines)")
+    return found
 
 
 def test_library_modules_and_functions_stay_small():
-    long_modules = {str(p.relative_to(ROOT)): n for p in LIBRARY if (n := len(p.read_text().splitlines())) > 350}
+    long_modules = {str(p.relative_to(ROOT)): n for p in LIBRARY if (n := code_lines(p.read_text())) > 350}
     long_functions = {str(p.relative_to(ROOT)): f for p in LIBRARY if (f := _long_functions(p.read_text(), 60))}
     assert long_modules == {} and long_functions == {}
     assert _long_functions("def f():\n" + "    x = 1\n" * 60, 60) == ["f (61 lines)"]
+    documented = 'def f():\n    """One.\n\n    Two.\n    """\n' + "    x = 1\n" * 59
+    assert _long_functions(documented, 60) == [] and code_lines('"""Doc."""\n' + documented) == 60
+
+
+DOCUMENTED = ["functional"]
+"""The packages whose public functions and classes carry docstrings in optax's style."""
+
+
+def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def _returns_a_value(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    if fn.returns is not None:
+        return not (isinstance(fn.returns, ast.Constant) and fn.returns.value is None)
+    own = [n for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
+    return bool(own)
+
+
+def _function_gaps(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    doc = ast.get_docstring(fn)
+    if not doc:
+        return ["no docstring"]
+    if any(ast.unparse(d) == "property" for d in fn.decorator_list):
+        return []
+    gaps = []
+    parameters = _parameters(fn)
+    if parameters and "Args:" not in doc:
+        gaps.append("no Args")
+    elif parameters:
+        section = doc.split("Args:", 1)[1]
+        missing = [p for p in parameters if not re.search(rf"^\s*{p}( \(.*\))?:", section, re.MULTILINE)]
+        gaps += [f"Args misses {', '.join(missing)}"] if missing else []
+    if _returns_a_value(fn) and not any(word in doc for word in ("Returns:", "Yields:")):
+        gaps.append("no Returns")
+    return gaps
+
+
+def undocumented(source: str) -> list[str]:
+    """The public functions, methods and classes of a module ``source`` that lack what a reader of optax's
+    docstrings finds: a docstring; for a function, an ``Args:`` section naming every parameter and, when it
+    returns a value, a ``Returns:`` (or ``Yields:``) section. Properties need a docstring only; names starting
+    with ``_`` are private."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            found += [f"{node.lineno}: {node.name}: {gap}" for gap in _function_gaps(node)]
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            if not ast.get_docstring(node):
+                found.append(f"{node.lineno}: class {node.name}: no docstring")
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith("_"):
+                    found += [f"{item.lineno}: {node.name}.{item.name}: {gap}" for gap in _function_gaps(item)]
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for package in DOCUMENTED for p in sorted((ROOT / "yolozu" / package).rglob("*.py"))],
+    ids=lambda p: str(p.relative_to(ROOT / "yolozu")),
+)
+def test_public_functions_are_documented(path):
+    assert undocumented(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "snippet,expected",
+    [
+        ("def f(x):\n    return x\n", "f: no docstring"),
+        ('def f(x):\n    """What."""\n', "f: no Args"),
+        ('def f(x, y):\n    """What.\n\n    Args:\n      x: one.\n    """\n', "f: Args misses y"),
+        ('def f(s):\n    """What.\n\n    Args:\n      probs: one.\n    """\n', "f: Args misses s"),
+        ('def f():\n    """What."""\n    return 1\n', "f: no Returns"),
+        ('def f() -> int:\n    """What."""\n', "f: no Returns"),
+        ("class C:\n    pass\n", "class C: no docstring"),
+        ('class C:\n    """C."""\n\n    def m(self, v):\n        """What."""\n', "C.m: no Args"),
+    ],
+)
+def test_the_documentation_check_finds_each_gap(snippet, expected):
+    assert any(line.endswith(expected) for line in undocumented(snippet))
+    documented = '''
+def f(x, *rest, k=1, **options) -> int:
+    """What and why.
+
+    Args:
+      x: the input.
+      rest: more inputs.
+      k: a knob.
+      options (dict): the rest.
+    Returns:
+      A number.
+    """
+    return 1
+
+
+def _private(x):
+    return x
+
+
+class C:
+    """A class."""
+
+    @property
+    def size(self) -> int:
+        """Its size."""
+        return 1
+
+    def reset(self) -> None:
+        """Back to the start."""
+'''
+    assert undocumented(documented) == []

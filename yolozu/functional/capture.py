@@ -167,7 +167,14 @@ def captured(fn: Callable, *, backend: str = "auto", warmup: int = 3, cache_size
     ``cache_size``: recordings kept, the least recently used dropped first. The function returned has
     ``recordings()``, the number of captures made so far, and ``replays()``, the replay of each recording kept
     (least recently used first): a replay alone is the GPU's time per call, without the host's copies.
-    """
+
+    Args:
+      fn: a pure function over trees of tensors (no Python branch on a tensor's value).
+      backend: one of ``BACKENDS`` (``auto``: CUDA graphs on a GPU, eager elsewhere).
+      warmup: eager runs before a capture.
+      cache_size: how many recordings are kept.
+    Returns:
+      A function with ``fn``'s signature and results, plus ``recordings()`` and ``replays()``."""
     if backend not in BACKENDS:
         raise ValueError(f"capture backend must be one of {BACKENDS}, got {backend!r}")
     if warmup < 1:
@@ -204,7 +211,13 @@ def captured(fn: Callable, *, backend: str = "auto", warmup: int = 3, cache_size
 
 def maybe_captured(fn: Callable, capture: bool | str) -> Callable:
     """``fn`` as the ``capture`` option of a step builder says: False: ``fn`` itself; True: ``captured(fn)``; a
-    backend name (``BACKENDS``): ``captured(fn, backend=capture)``."""
+    backend name (``BACKENDS``): ``captured(fn, backend=capture)``.
+
+    Args:
+      fn: the pure function to capture.
+      capture: False, True or a backend name.
+    Returns:
+      ``fn`` or its captured form."""
     if capture is False:
         return fn
     return captured(fn, backend="auto" if capture is True else capture)

@@ -51,7 +51,13 @@ class StepRecord(NamedTuple):
 
 def start(source: TTTState, k: int = 1) -> Carry:
     """K streams starting from one source state, none stopped (K = 1 holds views of the source: nothing is
-    updated in place)."""
+    updated in place).
+
+    Args:
+      source: the state every stream starts from (a single-stream ``TTTState``).
+      k: the number of streams K.
+    Returns:
+      A ``Carry`` of K stacked states and a ``(K,)`` zero ``stop_code``."""
     state = streams.as_stacked(source) if k == 1 else streams.replicate(source, k)
     return Carry(state, torch.zeros(k, dtype=torch.int64, device=source.step.device))
 
@@ -93,7 +99,17 @@ def make_driver(
     ``rollback``: a stopped step's state is dropped (default) or kept; the stream stops either way.
     ``keep_output`` adds each step's forward output to its metrics as ``output``. ``capture`` records each
     update as a CUDA graph per input shape and replays it (``yolozu.functional.capture``; eager on CPU).
-    """
+
+    Args:
+      method: the ``Method`` to step.
+      limits: the ``guards.GuardLimits`` every step is checked against.
+      rollback: whether a stopped step's state is dropped.
+      keep_output: whether each record's metrics keep the forward output.
+      capture: False, True or a capture backend (``maybe_captured``).
+    Returns:
+      ``drive``: ``carry`` a ``Carry`` of K streams, ``xs`` K stacked input batches ``(K, B, ...)``, ``batches`` their
+      K batch indices (for the random keys), ``steps`` the steps per batch, ``root`` the run's ``rng.Key``; it
+      returns the new carry and one ``StepRecord`` per step taken. A stopped stream takes no further step."""
     single = _one_stream(make_update(method, keep_output=keep_output, capture=capture))
     stacked = streams.streams_update(method, keep_output=keep_output, capture=capture)
 

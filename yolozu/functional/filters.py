@@ -89,7 +89,12 @@ def _block_run(model: nn.Module) -> list[str]:
 def top_blocks(model: nn.Module) -> tuple[str, ...]:
     """The blocks SAR leaves out (Niu et al. 2023; its reference code skips ``layer4`` of a ResNet's four stages
     and ``blocks.9``-``blocks.11`` of a 12-block ViT-Base): the deepest quarter of the model's block run (at least
-    one block), or the one block ``model.top_block`` names. A ValueError when the model has neither."""
+    one block), or the one block ``model.top_block`` names. A ValueError when the model has neither.
+
+    Args:
+      model: the module whose blocks are looked for.
+    Returns:
+      The names of the blocks left out, shallowest first."""
     named = getattr(model, "top_block", None)
     if isinstance(named, str):
         return (named,)
@@ -98,7 +103,12 @@ def top_blocks(model: nn.Module) -> tuple[str, ...]:
 
 
 def top_block(model: nn.Module) -> str:
-    """The name of the model's top block: the last of ``top_blocks``."""
+    """The name of the model's top block: the last of ``top_blocks``.
+
+    Args:
+      model: the module whose blocks are looked for.
+    Returns:
+      The deepest block's name (e.g. ``layer4`` of a ResNet)."""
     return top_blocks(model)[-1]
 
 
@@ -136,7 +146,13 @@ def _named_module_params(model: nn.Module, tokens: Sequence[str]) -> set[str]:
 
 
 def base_selection(model: nn.Module, update_filter: str) -> set[str]:
-    """Parameter names the filter picks before include/exclude."""
+    """The parameter names ``update_filter`` picks before include/exclude.
+
+    Args:
+      model: the module whose parameters are filtered.
+      update_filter: one of ``FILTERS`` (``all``, ``norm_only``, ``norm_but_top``, ...).
+    Returns:
+      The set of picked names."""
     if update_filter == "all":
         return {name for name, _ in model.named_parameters()}
     if update_filter == "norm_only":
@@ -153,7 +169,14 @@ def base_selection(model: nn.Module, update_filter: str) -> set[str]:
 def include_exclude(
     names: Iterable[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> list[str]:
-    """Names containing any ``include`` substring (all names when include is empty/None) and no ``exclude`` one."""
+    """Names containing any ``include`` substring (all names when include is empty/None) and no ``exclude`` one.
+
+    Args:
+      names: the candidate names, in order.
+      include: substrings of which a kept name contains at least one (None or empty: keep all).
+      exclude: substrings of which a kept name contains none.
+    Returns:
+      The kept names, in the order of ``names``."""
     kept = []
     for name in names:
         if include and not any(part in name for part in include):
@@ -171,11 +194,17 @@ def select(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> list[str]:
-    """Names of the parameters the filter selects, in ``named_parameters()`` order.
+    """Names of the parameters the filter selects, in ``named_parameters()`` order: what a method adapts.
 
+    Args:
+      model: the module whose parameters are filtered.
+      update_filter: one of ``FILTERS``.
+      include: substrings of which a selected name contains at least one (None: no constraint).
+      exclude: substrings of which a selected name contains none.
+    Returns:
+      The selected names.
     Raises:
-      EmptySelectionError: nothing selected; the message names the filter and some parameter names.
-    """
+      EmptySelectionError: nothing selected; the message names the filter and some parameter names."""
     base = base_selection(model, update_filter)
     ordered = [name for name, _ in model.named_parameters() if name in base]
     chosen = include_exclude(ordered, include, exclude)

@@ -47,7 +47,15 @@ def trips(
     metrics: Mapping[str, Tensor], limits: GuardLimits, method_reasons: Sequence[str] = ()
 ) -> list[tuple[int, Tensor]]:
     """(reason index, tripped) for every enabled guard, in ``STOP_REASONS`` order, then a method's own stop
-    reasons (``Method.stop_reasons``: bool metrics of those names) with indices after ``STOP_REASONS``."""
+    reasons (``Method.stop_reasons``: bool metrics of those names) with indices after ``STOP_REASONS``.
+
+    Args:
+      metrics: a step's metrics (0-d tensors, or ``(K,)`` for K streams): ``loss``, ``initial_loss``, ``finite``,
+        ``update_norm``, ``total_update_norm`` and the method's stop reasons.
+      limits: the thresholds (a None limit adds no check).
+      method_reasons: the method's own stop reasons.
+    Returns:
+      ``(index, tripped)`` pairs, ``tripped`` a bool tensor shaped like the loss."""
     loss, initial = metrics["loss"], metrics["initial_loss"]
     checks: list[tuple[int, Tensor]] = []
     if limits.stop_on_non_finite:
@@ -65,7 +73,15 @@ def trips(
 
 
 def verdict(metrics: Mapping[str, Tensor], limits: GuardLimits, method_reasons: Sequence[str] = ()) -> Tensor:
-    """0 if no guard trips, else 1 + the index of the first tripped reason (an int64 tensor)."""
+    """0 if no guard trips, else 1 + the index of the first tripped reason: a tensor verdict, so K vmapped
+    streams each get their own without a Python branch.
+
+    Args:
+      metrics: a step's metrics (see ``trips``).
+      limits: the guard thresholds.
+      method_reasons: the method's own stop reasons.
+    Returns:
+      An int64 tensor shaped like ``metrics["loss"]`` (``()`` or ``(K,)``)."""
     code = torch.zeros_like(metrics["loss"], dtype=torch.int64)
     for index, tripped in reversed(trips(metrics, limits, method_reasons)):
         code = torch.where(tripped, torch.full_like(code, index + 1), code)
@@ -73,5 +89,11 @@ def verdict(metrics: Mapping[str, Tensor], limits: GuardLimits, method_reasons: 
 
 
 def reason(code: int, method_reasons: Sequence[str] = ()) -> str | None:
-    """The stop reason of a verdict code (``STOP_REASONS``, then the method's own), or None for 0."""
+    """The stop reason of a verdict code (``STOP_REASONS``, then the method's own), or None for 0.
+
+    Args:
+      code: a verdict code (``verdict``'s value for one stream).
+      method_reasons: the method's own stop reasons.
+    Returns:
+      The reason's name, or None."""
     return None if code == 0 else (*STOP_REASONS, *method_reasons)[code - 1]

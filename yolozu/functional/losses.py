@@ -13,15 +13,24 @@ from torch import Tensor
 def softmax_entropy(logits: Tensor, dim: int = 1) -> Tensor:
     """Shannon entropy of softmax(logits) along ``dim``: H = -sum_c p_c log p_c (Tent, Wang et al. 2021).
 
-    Returns the per-element entropy (``dim`` reduced); callers choose the reduction.
-    """
+    Args:
+      logits: class logits, classes along ``dim`` (e.g. ``(B, C)`` or ``(B, C, H, W)``).
+      dim: the class dimension.
+    Returns:
+      The per-element entropy, ``logits``'s shape with ``dim`` removed; callers choose the reduction."""
     log_p = F.log_softmax(logits, dim=dim)
     return -(log_p.exp() * log_p).sum(dim=dim)
 
 
 def entropy_margin(e_margin: float | None, classes: int) -> float:
     """The entropy threshold E0 below which a sample counts as reliable: ``e_margin``, else 0.4 ln C (EATA, Niu
-    et al. 2022; SAR, Niu et al. 2023)."""
+    et al. 2022; SAR, Niu et al. 2023).
+
+    Args:
+      e_margin: the threshold a setting gives, or None for the papers' rule.
+      classes: the number of classes C.
+    Returns:
+      E0, in nats."""
     return e_margin if e_margin is not None else 0.4 * math.log(classes)
 
 
@@ -30,18 +39,26 @@ def binary_entropy(logits: Tensor) -> Tensor:
 
     H = -p log p - (1 - p) log(1 - p), written with log-sigmoids so it stays finite for large |logits|:
     log p = logsigmoid(z), log(1 - p) = logsigmoid(-z).
-    """
+
+    Args:
+      logits: scores of independent sigmoids, any shape.
+    Returns:
+      The entropy of each score, shaped like ``logits``."""
     log_p = F.logsigmoid(logits)
     log_q = F.logsigmoid(-logits)
     return -(log_p.exp() * log_p + log_q.exp() * log_q)
 
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error over the masked pixels (all channels), as in masked-image modelling (MAE, He et al. 2022).
+    """Mean squared error over the masked pixels (all channels), as in masked-image modelling (MAE, He et al.
+    2022).
 
-    ``mask`` is boolean, broadcastable to ``pred`` (e.g. ``(B, 1, H, W)``); None means every pixel.
-    With an empty mask the loss is 0 (not NaN), so a step on such a batch is a no-op.
-    """
+    Args:
+      pred: the reconstruction ``(B, C, H, W)``.
+      target: the input it reconstructs, shaped like ``pred``.
+      mask: bool, broadcastable to ``pred`` (e.g. ``(B, 1, H, W)``); None means every pixel.
+    Returns:
+      A 0-d tensor; with an empty mask 0 (not NaN), so a step on such a batch is a no-op."""
     err = (pred - target).square()
     if mask is None:
         return err.mean()
@@ -59,13 +76,13 @@ def centernet_focal_loss(
     Args:
       logits: class logits ``(B, C, ...)`` (a heatmap ``(B, C, H, W)``), scored by independent sigmoids.
       heatmap: targets in [0, 1], shaped like ``logits``; exactly 1 marks a positive.
-      alpha, beta: the focal and penalty-reduction exponents (CenterNet's 2 and 4).
+      alpha: the focal exponent (CenterNet's 2).
+      beta: the penalty-reduction exponent (CenterNet's 4).
       mask: optional bool or 0/1 tensor broadcastable to ``logits``; cells where it is 0 count neither as
         positives nor as negatives (self-training's ignored band).
 
     Returns:
-      the loss, a 0-d tensor: the sum over counted cells over max(1, number of positives).
-    """
+      the loss, a 0-d tensor: the sum over counted cells over max(1, number of positives)."""
     log_p = F.logsigmoid(logits)
     log_q = F.logsigmoid(-logits)
     p = log_p.exp()

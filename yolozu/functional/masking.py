@@ -18,7 +18,17 @@ from yolozu.functional.rng import Key, generator
 def block_grid(
     batch: int, height: int, width: int, *, patch_size: int, mask_prob: float, gen: torch.Generator
 ) -> Tensor:
-    """Boolean cell grid ``(batch, ceil(H/p), ceil(W/p))`` drawn from ``gen``: True where a cell is masked."""
+    """Boolean cell grid ``(batch, ceil(H/p), ceil(W/p))`` drawn from ``gen``: True where a cell is masked.
+
+    Args:
+      batch: the number of images B.
+      height: the image height H.
+      width: the image width W.
+      patch_size: the cell side p, in pixels.
+      mask_prob: the probability that a cell is masked.
+      gen: the generator drawn from (a ``rng.generator``).
+    Returns:
+      The bool grid ``(B, ceil(H/p), ceil(W/p))``."""
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     if not 0.0 <= mask_prob <= 1.0:
@@ -28,7 +38,15 @@ def block_grid(
 
 
 def expand_grid(grid: Tensor, height: int, width: int, patch_size: int) -> Tensor:
-    """Expand a cell grid ``(..., gh, gw)`` to pixels ``(..., H, W)``: every pixel takes its cell's value."""
+    """Expand a cell grid ``(..., gh, gw)`` to pixels ``(..., H, W)``: every pixel takes its cell's value.
+
+    Args:
+      grid: a cell grid ``(..., gh, gw)``.
+      height: the pixel height H.
+      width: the pixel width W.
+      patch_size: the cell side, in pixels.
+    Returns:
+      The pixel grid ``(..., H, W)``, cropped where the cells overhang the image."""
     pixels = grid.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
     return pixels[..., :height, :width]
 
@@ -43,14 +61,32 @@ def block_mask(
     mask_prob: float = 0.6,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Block masks ``(batch, 1, H, W)`` (bool, True = masked) for key ``k``.
+    """Block masks for masked-image modelling (MIM): square cells of ``patch_size`` pixels, each masked with
+    probability ``mask_prob``, for key ``k``.
 
     Drawn on the CPU and moved to ``device``, so the same key gives the same mask on every device.
-    """
+
+    Args:
+      k: the step's ``rng.Key``.
+      batch: the number of images B.
+      height: the image height H.
+      width: the image width W.
+      patch_size: the cell side, in pixels.
+      mask_prob: the probability that a cell is masked.
+      device: where the mask goes.
+    Returns:
+      A bool mask ``(B, 1, H, W)``, True where a pixel is masked."""
     grid = block_grid(batch, height, width, patch_size=patch_size, mask_prob=mask_prob, gen=generator(k))
     return expand_grid(grid, height, width, patch_size).unsqueeze(1).to(device)
 
 
 def apply_mask(x: Tensor, mask: Tensor, mask_value: float = 0.0) -> Tensor:
-    """``x`` with the masked pixels (all channels) replaced by ``mask_value``; a new tensor."""
+    """``x`` with the masked pixels (all channels) replaced by ``mask_value``; a new tensor.
+
+    Args:
+      x: images ``(B, C, H, W)``.
+      mask: bool ``(B, 1, H, W)`` (or broadcastable), True where masked.
+      mask_value: what masked pixels become.
+    Returns:
+      The masked images, shaped like ``x``."""
     return x.masked_fill(mask, mask_value)

@@ -57,7 +57,12 @@ def _count(params: Params) -> Tensor:
 
 
 def global_norm(tree: Params) -> Tensor:
-    """sqrt(sum of squared elements over every tensor), as a 0-d tensor (0 for an empty dict)."""
+    """The global L2 norm sqrt(sum of squared elements over every tensor), as gradient clipping measures it.
+
+    Args:
+      tree: a dict of name -> tensor.
+    Returns:
+      A 0-d tensor (0 for an empty dict)."""
     leaves = list(tree.values())
     if not leaves:
         return torch.zeros((), device=_device(tree))
@@ -66,7 +71,12 @@ def global_norm(tree: Params) -> Tensor:
 
 
 def global_norms(*trees: Params) -> list[Tensor]:
-    """``global_norm`` of each tree, from a single foreach launch over all their tensors."""
+    """``global_norm`` of each tree, from a single foreach launch over all their tensors.
+
+    Args:
+      trees: dicts of name -> tensor.
+    Returns:
+      One 0-d tensor per tree, in order."""
     leaves = [t for tree in trees for t in tree.values()]
     if not foreach_ready(leaves):
         return [global_norm(tree) for tree in trees]
@@ -80,7 +90,13 @@ def global_norms(*trees: Params) -> list[Tensor]:
 
 
 def scale(tree: Params, factor: Tensor | float) -> Params:
-    """Every tensor multiplied by ``factor`` (a number or a 0-d tensor)."""
+    """Every tensor multiplied by ``factor`` (a number or a 0-d tensor).
+
+    Args:
+      tree: a dict of name -> tensor.
+      factor: a number or a 0-d tensor.
+    Returns:
+      A new dict, keyed like ``tree``."""
     leaves = list(tree.values())
     if foreach_ready(leaves):
         return _rebuild(tree, torch._foreach_mul(leaves, factor))
@@ -88,7 +104,13 @@ def scale(tree: Params, factor: Tensor | float) -> Params:
 
 
 def apply_updates(params: Params, updates: Params) -> Params:
-    """``params + updates`` leaf-wise, as new tensors."""
+    """``params + updates`` leaf-wise, as new tensors.
+
+    Args:
+      params: the parameters.
+      updates: the updates an optimiser returned, keyed like ``params``.
+    Returns:
+      The new parameters, keyed like ``params``."""
     leaves = list(params.values())
     steps = [updates[name] for name in params]
     if foreach_ready(leaves + steps):
@@ -97,7 +119,13 @@ def apply_updates(params: Params, updates: Params) -> Params:
 
 
 def tree_sub(a: Params, b: Params) -> Params:
-    """``a - b`` leaf-wise over the names of ``a``."""
+    """``a - b`` leaf-wise over the names of ``a``.
+
+    Args:
+      a: a dict of name -> tensor.
+      b: a dict holding at least ``a``'s names, tensors of the same shapes.
+    Returns:
+      A new dict keyed like ``a``."""
     left = list(a.values())
     right = [b[name] for name in a]
     if foreach_ready(left + right):
@@ -137,11 +165,13 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTra
 
     buf <- momentum * buf + g (buf <- g at the first step); step = g + momentum * buf (Nesterov) or buf;
     update = -lr * step.
+
     Args:
-      lr: learning rate. momentum: momentum coefficient (0 disables the buffer). nesterov: Nesterov momentum.
+      lr: learning rate.
+      momentum: momentum coefficient (0 disables the buffer).
+      nesterov: Nesterov momentum.
     Returns:
-      A ``GradientTransformation`` whose state is a ``TraceState``.
-    """
+      A ``GradientTransformation`` whose state is a ``TraceState``."""
 
     def init_fn(params: Params) -> TraceState:
         return TraceState(_count(params), _zeros_like(params))
@@ -164,11 +194,14 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
     mu <- b1 mu + (1 - b1) g;  nu <- b2 nu + (1 - b2) g^2;
     update = -(lr / (1 - b1^t)) * mu / (sqrt(nu) / sqrt(1 - b2^t) + eps).
+
     Args:
-      lr: learning rate. b1, b2: moment decay rates. eps: added to the denominator.
+      lr: learning rate.
+      b1: decay rate of the first moment.
+      b2: decay rate of the second moment.
+      eps: added to the denominator.
     Returns:
-      A ``GradientTransformation`` whose state is a ``ScaleByAdamState``.
-    """
+      A ``GradientTransformation`` whose state is a ``ScaleByAdamState``."""
 
     def init_fn(params: Params) -> ScaleByAdamState:
         return ScaleByAdamState(_count(params), _zeros_like(params), _zeros_like(params))
@@ -201,7 +234,12 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply transformations in sequence; the state is the tuple of their states."""
+    """Apply transformations in sequence (optax's ``chain``): each one's updates are the next one's input.
+
+    Args:
+      transforms: the transformations, first applied first.
+    Returns:
+      A ``GradientTransformation`` whose state is the tuple of their states."""
 
     def init_fn(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)
@@ -220,7 +258,15 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 def build(name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float | None = None) -> GradientTransformation:
-    """The optimiser a config names (one of ``OPTIMIZERS``), behind a global-norm clip when ``max_grad_norm``."""
+    """The optimiser a config names (one of ``OPTIMIZERS``), behind a global-norm clip when ``max_grad_norm``.
+
+    Args:
+      name: ``adam`` or ``sgd``.
+      lr: learning rate.
+      momentum: SGD's momentum (Adam ignores it).
+      max_grad_norm: the clip's largest global norm (None: no clip).
+    Returns:
+      The ``GradientTransformation``."""
     if name == "adam":
         base = adam(lr)
     elif name == "sgd":

@@ -34,13 +34,23 @@ def _first(output: Mapping[str, Any], keys: tuple[str, ...], what: str) -> Tenso
 
 def output_logits(output: Any) -> Tensor:
     """YOLOZU's reading of a model's output as class logits, classes moved to dim 1: a tensor with classes on
-    its last dim, or a dict holding one under ``logits``, ``pred_logits`` or ``pred``."""
+    its last dim, or a dict holding one under ``logits``, ``pred_logits`` or ``pred``.
+
+    Args:
+      output: a model's forward output.
+    Returns:
+      Class logits ``(B, C, ...)``."""
     logits = _first(output, LOGIT_KEYS, "class-logit") if isinstance(output, Mapping) else output
     return logits.movedim(-1, 1) if logits.dim() > 2 else logits
 
 
 def output_reconstruction(output: Any) -> Tensor:
-    """A reconstruction: the output itself, or its ``recon``/``reconstruction`` entry."""
+    """A reconstruction: the output itself, or its ``recon``/``reconstruction`` entry.
+
+    Args:
+      output: the output of MIM's reconstructing forward.
+    Returns:
+      The reconstruction, shaped like the input ``(B, C, H, W)``."""
     return _first(output, RECON_KEYS, "reconstruction") if isinstance(output, Mapping) else output
 
 
@@ -73,7 +83,12 @@ class Readout:
     flip_back: Callable[[Any], Tensor] | None = None
 
     def class_samples(self, output: Any) -> tuple[Tensor, str]:
-        """The class logits Tent reads from ``output`` and how they become probabilities."""
+        """The class logits Tent reads from ``output`` and how they become probabilities.
+
+        Args:
+          output: a model's forward output.
+        Returns:
+          ``(logits, kind)``: class logits ``(N, C, ...)`` and ``softmax`` or ``sigmoid``."""
         logits = (self.samples or self.scores)(output)
         return logits, self.sample_kind or self.score_kind
 
@@ -81,13 +96,23 @@ class Readout:
         """Tent's class samples as rows ``(N, C)`` of softmax logits, one class distribution per sample (a
         classifier's image, a detector's peak or anchor): what EATA and SAR select and weigh sample by sample.
         Independent sigmoid scores p_c become the distribution p_c / sum p ("which class is this object"), whose
-        softmax logits are log p_c = logsigmoid(z_c)."""
+        softmax logits are log p_c = logsigmoid(z_c).
+
+        Args:
+          output: a model's forward output.
+        Returns:
+          Softmax logits ``(N, C)``."""
         logits, kind = self.class_samples(output)
         rows = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         return rows if kind == "softmax" else F.logsigmoid(rows)
 
     def flipped_scores(self, output: Any) -> Tensor:
-        """The ``scores`` of an output of the horizontally flipped input, mapped to the original frame."""
+        """The ``scores`` of an output of the horizontally flipped input, mapped to the original frame.
+
+        Args:
+          output: the forward output of the horizontally flipped batch.
+        Returns:
+          Class logits ``(B, C, ...)``, aligned with the unflipped input's ``scores``."""
         if self.flip_back is not None:
             return self.flip_back(output)
         scores = self.scores(output)
@@ -98,7 +123,12 @@ DEFAULT_READOUT = Readout()
 
 
 def readout_of(adapter: object) -> Readout:
-    """The adapter's readout when it defines ``ttt_readout()``, else the classifier default."""
+    """The adapter's readout when it defines ``ttt_readout()``, else the classifier default.
+
+    Args:
+      adapter: a YOLOZU adapter.
+    Returns:
+      The ``Readout``."""
     hook = getattr(adapter, "ttt_readout", None)
     return hook() if callable(hook) else DEFAULT_READOUT
 
@@ -107,7 +137,12 @@ def peak_indices(logits: Tensor, k: int) -> Tensor:
     """Flat positions ``(B, k)`` of the k highest 3x3-local maxima of the max-over-classes heatmap.
 
     Computed on detached logits: choosing where to look is not differentiated, only what is read there.
-    """
+
+    Args:
+      logits: a dense class heatmap ``(B, C, H, W)``.
+      k: the peaks per image (fewer positions than k: all of them).
+    Returns:
+      int64 flat positions ``(B, min(k, H*W))``, highest first."""
     score = logits.detach().amax(dim=1, keepdim=True)
     pooled = F.max_pool2d(score, 3, stride=1, padding=1)
     is_peak = pooled == score
@@ -117,7 +152,13 @@ def peak_indices(logits: Tensor, k: int) -> Tensor:
 
 
 def gather_positions(logits: Tensor, index: Tensor) -> Tensor:
-    """Class logits ``(B, C, k)`` at flat positions ``index`` (B, k) of ``logits`` (B, C, H, W), with grad."""
+    """Class logits ``(B, C, k)`` at flat positions ``index`` (B, k) of ``logits`` (B, C, H, W), with grad.
+
+    Args:
+      logits: a dense class heatmap ``(B, C, H, W)``.
+      index: int64 flat positions ``(B, k)``.
+    Returns:
+      Class logits ``(B, C, k)``."""
     flat = logits.flatten(2)
     return torch.gather(flat, 2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
 
@@ -125,7 +166,12 @@ def gather_positions(logits: Tensor, index: Tensor) -> Tensor:
 def peak_class_logits(logits: Tensor, k: int) -> Tensor:
     """The class logits ``(B, C, k)`` of a dense heatmap ``(B, C, H, W)`` at each image's top-k peaks: one class
     distribution per likely object ("which class is this object"), where a corruption makes the detector unsure.
-    """
+
+    Args:
+      logits: a dense class heatmap ``(B, C, H, W)``.
+      k: the peaks per image.
+    Returns:
+      Class logits ``(B, C, k)``."""
     return gather_positions(logits, peak_indices(logits, k))
 
 

@@ -31,19 +31,38 @@ class Key:
 
 
 def key(seed: int) -> Key:
-    """The root key of a seed."""
+    """The root key of a seed (a splitmix64 mix of it), from which every random draw of a run folds in.
+
+    Args:
+      seed: an int.
+    Returns:
+      The ``Key``.
+    Raises:
+      TypeError: ``seed`` is not an int."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     return Key(_mix64(seed & _MASK64))
 
 
 def fold_in(k: Key, data: int) -> Key:
-    """A new key that depends on ``k`` and the integer ``data`` (a step, a batch index, a stream id)."""
+    """A new key that depends on ``k`` and the integer ``data`` (a step, a batch index, a stream id).
+
+    Args:
+      k: the parent key.
+      data: any int.
+    Returns:
+      The child ``Key``."""
     return Key(_mix64(k.value ^ _mix64(int(data) & _MASK64)))
 
 
 def split(k: Key, n: int = 2) -> tuple[Key, ...]:
-    """``n`` independent child keys of ``k``, distinct from any ``fold_in(k, i)``."""
+    """``n`` independent child keys of ``k``, distinct from any ``fold_in(k, i)``.
+
+    Args:
+      k: the parent key.
+      n: how many children (at least 1).
+    Returns:
+      ``n`` keys."""
     if n < 1:
         raise ValueError(f"split needs n >= 1, got {n}")
     base = Key(_mix64(k.value ^ _SPLIT_DOMAIN))
@@ -55,7 +74,12 @@ def generator(k: Key, device: torch.device | str | None = None) -> torch.Generat
 
     CPU and CUDA generators produce different streams from the same seed; samplers that must agree across
     devices (``masking.block_mask``) draw on the CPU and move the (small) result.
-    """
+
+    Args:
+      k: the key.
+      device: the generator's device.
+    Returns:
+      A seeded ``torch.Generator``."""
     g = torch.Generator(device=device if device is not None else "cpu")
     g.manual_seed(k.value)
     return g
@@ -63,5 +87,12 @@ def generator(k: Key, device: torch.device | str | None = None) -> torch.Generat
 
 def step_key(root: Key, batch: int, step: int) -> Key:
     """The key of step ``step`` on batch ``batch`` (a batch of a stream, or an image of an episodic run): the
-    same wherever and however that batch is adapted, one stream or K at once."""
+    same wherever and however that batch is adapted, one stream or K at once.
+
+    Args:
+      root: the run's root key.
+      batch: the batch's index in the whole run.
+      step: the step's index on that batch.
+    Returns:
+      The step's ``Key``."""
     return fold_in(fold_in(root, batch), step)

@@ -38,7 +38,12 @@ BN_MODES = ("running", "batch", "eval", "mix", "shrink")
 
 def view_bn_mode(bn_mode: str) -> str:
     """The normalisation of an extra forward that must not update running statistics (a teacher's view, a
-    second pass): ``bn_mode`` itself, ``batch`` in place of ``running``."""
+    second pass): ``bn_mode`` itself, ``batch`` in place of ``running``.
+
+    Args:
+      bn_mode: the adaptation's mode, one of ``BN_MODES``.
+    Returns:
+      The view's mode."""
     return "batch" if bn_mode == "running" else bn_mode
 
 DIFFERENTIATE = ("autograd", "func")
@@ -93,7 +98,15 @@ LossFn = Callable[[Params, Params, Any, Any], tuple[Tensor, LossOutput]]
 def init_state(
     model: nn.Module, selected: Sequence[str], optimizer: optim.GradientTransformation, *, method_state: Any = ()
 ) -> TTTState:
-    """A fresh state: the model's tensors (copied), split by ``selected``, and the optimiser's initial state."""
+    """A fresh state: the model's tensors (copied), split by ``selected``, and the optimiser's initial state.
+
+    Args:
+      model: the module whose tensors are copied (left unchanged).
+      selected: the names of the parameters to adapt.
+      optimizer: the optimiser whose state is initialised over them.
+      method_state: the method's own initial state.
+    Returns:
+      The ``TTTState``: step 0, ``initial_loss`` NaN, ``source`` the selected parameters."""
     params, buffers = extract(model)
     trainable, frozen = partition(params, selected)
     device = next(iter(trainable.values())).device
@@ -110,36 +123,74 @@ def init_state(
 
 
 def pass_noise(state: TTTState, batch: Any, noise: Any) -> Any:
-    """The default ``prepare``: the loss gets the step's randomness as its ``extra`` input."""
+    """The default ``prepare``: the loss gets the step's randomness as its ``extra`` input.
+
+    Args:
+      state: the state before the step (unused).
+      batch: the step's batch (unused).
+      noise: the step's randomness (``Method.draw``).
+    Returns:
+      ``noise``."""
     del state, batch
     return noise
 
 
 def keep_new(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
-    """The default ``finish``: the optimiser's new state as it is."""
+    """The default ``finish``: the optimiser's new state as it is.
+
+    Args:
+      old: the state before the step (unused).
+      new: the state after the optimiser step.
+      metrics: the step's metrics.
+      noise: the step's randomness (unused).
+    Returns:
+      ``(new, metrics)`` unchanged."""
     del old, noise
     return new, metrics
 
 
 def no_noise(k: Key | None, source: Params, batch: Any) -> None:
-    """The default ``draw``: a method without randomness."""
+    """The default ``draw``: a method without randomness.
+
+    Args:
+      k: the step's key (unused).
+      source: the source parameters (unused).
+      batch: the step's batch (unused).
+    Returns:
+      None."""
     del k, source, batch
 
 
 def no_method_state(trainable: Params) -> tuple:
-    """The default ``init``: no state of the method's own."""
+    """The default ``init``: no state of the method's own.
+
+    Args:
+      trainable: the adapted parameters (unused).
+    Returns:
+      ``()``."""
     del trainable
     return ()
 
 
 def no_calibration(state: TTTState, batches: Any) -> TTTState:
-    """The default ``calibrate``: a method that needs no in-distribution data."""
+    """The default ``calibrate``: a method that needs no in-distribution data.
+
+    Args:
+      state: the fresh state.
+      batches: the in-distribution batches (unused).
+    Returns:
+      ``state``."""
     del batches
     return state
 
 
 def adapted_params(state: TTTState) -> Params:
-    """The default ``predict_params``: predictions use the adapted (trainable) parameters."""
+    """The default ``predict_params``: predictions use the adapted (trainable) parameters.
+
+    Args:
+      state: a method's state.
+    Returns:
+      ``state.trainable``."""
     return state.trainable
 
 
@@ -172,7 +223,13 @@ class Method(NamedTuple):
     calibrate: Callable[[TTTState, Any], TTTState] = no_calibration
 
     def init_state(self, model: nn.Module, selected: Sequence[str]) -> TTTState:
-        """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters."""
+        """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters.
+
+        Args:
+          model: the module whose tensors are copied (left unchanged).
+          selected: the names of the parameters to adapt.
+        Returns:
+          The ``TTTState``, its ``method_state`` from ``init``."""
         state = init_state(model, selected, self.optimizer)
         return state._replace(method_state=self.init(state.trainable))
 
@@ -200,10 +257,16 @@ def gradients_autograd(
     Also the right tool for K streams: the loss of a vmapped forward is a vector whose sum has each stream's
     gradients in its own slice of the stacked params, and autograd keeps only what the backward needs.
 
+    Args:
+      loss_fn: the method's ``LossFn``.
+      trainable: the parameters differentiated.
+      frozen: the other parameters.
+      buffers: the buffers.
+      batch: the input batch.
+      extra: ``prepare``'s output.
     Returns:
       ``(grads, loss, aux)``: gradients keyed like ``trainable``; the loss (0-d, or ``(K,)`` for K streams),
-      detached; the loss function's ``LossOutput`` with its metrics and output detached.
-    """
+      detached; the loss function's ``LossOutput`` with its metrics and output detached."""
 
     def summed(leaves: Params) -> tuple[Tensor, tuple[Tensor, LossOutput]]:
         loss, aux = loss_fn(combine(frozen, leaves), buffers, batch, extra)
@@ -218,7 +281,17 @@ def gradients_autograd(
 def gradients_func(
     loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any
 ) -> tuple[Params, Tensor, LossOutput]:
-    """Gradients of ``loss_fn`` w.r.t. ``trainable`` with ``torch.func.grad`` (composes with ``vmap``)."""
+    """Gradients of ``loss_fn`` w.r.t. ``trainable`` with ``torch.func.grad`` (composes with ``vmap``).
+
+    Args:
+      loss_fn: the method's ``LossFn``.
+      trainable: the parameters differentiated.
+      frozen: the other parameters.
+      buffers: the buffers.
+      batch: the input batch.
+      extra: ``prepare``'s output.
+    Returns:
+      ``(grads, loss, aux)`` as ``gradients_autograd``."""
 
     def objective(leaves: Params) -> tuple[Tensor, LossOutput]:
         return loss_fn(combine(frozen, leaves), buffers, batch, extra)
@@ -236,7 +309,15 @@ def apply_gradients(
     ``initial_loss``, ``finite`` (loss, gradients and update all finite; non-finite batch statistics make the
     loss non-finite), plus the loss function's own. The method's state becomes ``aux.method_state`` when the
     loss function returned one.
-    """
+
+    Args:
+      optimizer: the method's ``GradientTransformation``.
+      state: the state before the step.
+      grads: gradients keyed like ``state.trainable``.
+      loss: the loss before the update (0-d).
+      aux: the loss function's ``LossOutput``.
+    Returns:
+      ``(new_state, metrics)``."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optim.apply_updates(state.trainable, updates)
     grad_norm, update_norm = optim.global_norms(grads, updates)
@@ -266,10 +347,16 @@ def step_from_gradients(
     method's ``finish`` (which may undo or change it: EATA's skip, SAR's recovery, CoTTA's restore), then
     ``total_update_norm`` = ||trainable - source|| of the state the step leaves, measured here only.
 
+    Args:
+      method: the ``Method``.
+      state: the state before the step.
+      grads: gradients keyed like ``state.trainable``.
+      loss: the loss before the update (0-d).
+      aux: the loss function's ``LossOutput``.
+      noise: the step's randomness (passed to ``finish``).
     Returns:
       ``(new_state, metrics)``, the metrics as ``apply_gradients`` and ``finish`` give them plus
-      ``total_update_norm``.
-    """
+      ``total_update_norm``."""
     new_state, metrics = apply_gradients(method.optimizer, state, grads, loss, aux)
     new_state, metrics = method.finish(state, new_state, metrics, noise)
     metrics["total_update_norm"] = optim.global_norm(optim.tree_sub(new_state.trainable, new_state.source))
@@ -277,7 +364,10 @@ def step_from_gradients(
 
 
 def in_transform() -> bool:
-    """True while a ``torch.func`` transform (``vmap``, ``grad``) runs, where ``torch.autograd.grad`` cannot."""
+    """True while a ``torch.func`` transform (``vmap``, ``grad``) runs, where ``torch.autograd.grad`` cannot.
+
+    Returns:
+      Whether a transform is active."""
     return torch._C._functorch.maybe_current_level() is not None
 
 
@@ -289,9 +379,13 @@ def grad_params(fn: Callable[..., Any], params: Params, *args: Any, has_aux: boo
     transform (a custom op without functorch support, such as torchvision's ``roi_align``). Parameters a loss
     does not reach get zero gradients.
 
+    Args:
+      fn: ``fn(params, *args) -> value`` (0-d), or ``-> (value, aux)`` with ``has_aux``.
+      params: the dict of tensors differentiated.
+      args: ``fn``'s other inputs.
+      has_aux: whether ``fn`` returns an aux output too.
     Returns:
-      the gradients keyed like ``params``; with ``has_aux``, ``(grads, aux)`` with ``aux`` detached.
-    """
+      the gradients keyed like ``params``; with ``has_aux``, ``(grads, aux)`` with ``aux`` detached."""
     if in_transform():
         return torch.func.grad(fn, has_aux=has_aux)(params, *args)
     grads, _, aux = _autograd(lambda p, *a: fn(p, *a) if has_aux else (fn(p, *a), None), params, *args)
@@ -309,7 +403,14 @@ def make_update(
     ``differentiate``: ``autograd`` (fastest for one model) or ``func`` (composes with ``torch.func``
     transforms). ``keep_output`` adds the forward's output to the metrics as ``output``. ``capture`` records
     the update as a CUDA graph per input shape and replays it (``yolozu.functional.capture``; eager on CPU).
-    """
+
+    Args:
+      method: the ``Method``.
+      differentiate: one of ``DIFFERENTIATE``.
+      keep_output: whether the metrics keep the forward output.
+      capture: False, True or a capture backend.
+    Returns:
+      The ``update`` function."""
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
     gradients = gradients_autograd if differentiate == "autograd" else gradients_func
@@ -329,7 +430,15 @@ def make_step(
     method: Method, *, differentiate: str = "autograd", keep_output: bool = False, capture: bool | str = False
 ) -> Callable[[TTTState, Any, Key | None], tuple[TTTState, dict]]:
     """``step(state, batch, key) -> (new_state, metrics)``: draws the method's randomness from ``key`` (outside
-    any capture), then ``make_update``'s update (``capture``: recorded as a CUDA graph and replayed)."""
+    any capture), then ``make_update``'s update (``capture``: recorded as a CUDA graph and replayed).
+
+    Args:
+      method: the ``Method``.
+      differentiate: one of ``DIFFERENTIATE``.
+      keep_output: whether the metrics keep the forward output.
+      capture: False, True or a capture backend.
+    Returns:
+      The ``step`` function."""
     update = make_update(method, differentiate=differentiate, keep_output=keep_output, capture=capture)
 
     def step(state: TTTState, batch: Any, key: Key | None = None) -> tuple[TTTState, dict]:

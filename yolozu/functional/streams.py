@@ -50,29 +50,58 @@ def _per_stream(state: TTTState) -> tuple:
 
 
 def replicate(state: TTTState, k: int) -> TTTState:
-    """K copies of one state's per-stream parts, stacked; frozen and source stay shared."""
+    """K copies of one state's per-stream parts, stacked; frozen and source stay shared.
+
+    Args:
+      state: a single-stream state.
+      k: K.
+    Returns:
+      A stacked state, per-stream leaves ``(K, ...)``."""
     return stack_states([state] * k)
 
 
 def stack_states(states: Sequence[TTTState]) -> TTTState:
-    """Stack the per-stream parts of K states; frozen and source are taken (shared) from the first."""
+    """Stack the per-stream parts of K states; frozen and source are taken (shared) from the first.
+
+    Args:
+      states: K single-stream states of one method over one model.
+    Returns:
+      A stacked state, per-stream leaves ``(K, ...)``."""
     return _single(states[0], stack([_per_stream(s) for s in states]))
 
 
 def as_stacked(state: TTTState) -> TTTState:
-    """One state as a stacked state of K = 1, without copying (views)."""
+    """One state as a stacked state of K = 1, without copying (views).
+
+    Args:
+      state: a single-stream state.
+    Returns:
+      A stacked state, per-stream leaves ``(1, ...)``."""
     return _single(state, tree_map(lambda t: t.unsqueeze(0), _per_stream(state)))
 
 
 def unstack_states(state: TTTState, k: int) -> list[TTTState]:
-    """The K single-stream states of a stacked state."""
+    """The K single-stream states of a stacked state.
+
+    Args:
+      state: a stacked state.
+      k: K.
+    Returns:
+      K states."""
     return [_single(state, parts) for parts in unstack(_per_stream(state), k)]
 
 
 def where(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
     """Per stream, the new state where ``keep`` (a bool vector of length K) holds, else the old one. An old
     leaf with fewer dims than the new one (a state whose shape a first step fixes, as EATA's moving average)
-    broadcasts over the new dims."""
+    broadcasts over the new dims.
+
+    Args:
+      keep: bool ``(K,)``.
+      new: the stacked state after a step.
+      old: the stacked state before it.
+    Returns:
+      A stacked state."""
 
     def pick(a: Tensor, b: Tensor) -> Tensor:
         b = b.reshape(b.shape + (1,) * (a.dim() - b.dim()))
@@ -83,7 +112,15 @@ def where(keep: Tensor, new: TTTState, old: TTTState) -> TTTState:
 
 def draw(method: Method, keys: Sequence[Key], source: dict, batches: Any) -> Any:
     """The per-stream randomness of one step, stacked: ``method.draw`` with stream k's key and batch (``source``
-    is the shared source params); None for a method without randomness."""
+    is the shared source params); None for a method without randomness.
+
+    Args:
+      method: the ``Method``.
+      keys: K step keys.
+      source: the shared source parameters.
+      batches: K batches (indexable along the first dim).
+    Returns:
+      The K draws stacked along a leading dim, or None."""
     noises = [method.draw(k, source, batch) for k, batch in zip(keys, batches)]
     return None if noises[0] is None else stack(noises)
 
@@ -93,7 +130,11 @@ def vmap_step(step: Callable[[TTTState, Any, Any], tuple[TTTState, dict]]) -> Ca
 
     ``step`` must be transform-safe (built with ``differentiate="func"``). ``inputs`` (per-stream masks,
     say) is batched like ``batches``; pass None when the step takes none. Metrics come back with dim K.
-    """
+
+    Args:
+      step: a transform-safe ``(state, batch, extra) -> (state, metrics)``.
+    Returns:
+      The vmapped ``run(stacked_state, batches, inputs=None)``."""
 
     def run(state: TTTState, batches: Any, inputs: Any = None) -> tuple[TTTState, dict]:
         def one_stream(parts: tuple, batch: Any, extra: Any) -> tuple[tuple, dict]:
@@ -121,7 +162,13 @@ def streams_update(method: Method, *, keep_output: bool = False, capture: bool |
     ``noises`` are the per-stream draws (``method.draw`` for each stream's key, stacked), or None for a
     method without randomness. Equal, stream by stream, to K separate updates. ``capture``: recorded as a CUDA
     graph per input shape and replayed (``yolozu.functional.capture``).
-    """
+
+    Args:
+      method: the ``Method``.
+      keep_output: whether the metrics keep the forward output (``(K, ...)``).
+      capture: False, True or a capture backend.
+    Returns:
+      The K-stream update."""
 
     def run(state: TTTState, batches: Any, noises: Any = None) -> tuple[TTTState, dict]:
         parts = _per_stream(state)

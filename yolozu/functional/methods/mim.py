@@ -43,7 +43,17 @@ def mim_method(
     (default: the masked mean squared error).
 
     Metrics add ``mask_ratio`` (the masked fraction of pixels).
-    """
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the method's settings.
+      readout: how the method's signals are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+      loss: ``loss(reconstruction, image, mask) -> 0-d loss``, the images ``(B, C, H, W)``, the mask
+        ``(B, 1, H, W)``.
+    Returns:
+      The ``Method``; its randomness a block mask ``(B, 1, H, W)`` (``masking.block_mask``)."""
 
     def reconstruction_loss(params, buffers, batch, mask):
         masked = apply_mask(batch, mask, settings.mask_value)

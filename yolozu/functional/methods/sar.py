@@ -54,19 +54,39 @@ class SARSettings:
 
 
 def reliable_entropy(logits: Tensor, e_margin: float | None) -> tuple[Tensor, Tensor]:
-    """Per-sample entropies of class rows ``(N, C)`` and which are reliable (below E0, default 0.4 ln C)."""
+    """Per-sample entropies of class rows ``(N, C)`` and which are reliable (below E0, default 0.4 ln C).
+
+    Args:
+      logits: class rows ``(N, C)``.
+      e_margin: E0 (None: 0.4 ln C).
+    Returns:
+      ``(entropy, reliable)``: ``(N,)`` entropies (with grad) and a bool ``(N,)``."""
     entropy = softmax_entropy(logits, dim=1)
     return entropy, entropy.detach() < entropy_margin(e_margin, logits.shape[1])
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` holds (0 when it holds nowhere)."""
+    """Mean of ``values`` where ``mask`` holds (0 when it holds nowhere).
+
+    Args:
+      values: ``(N,)``.
+      mask: bool ``(N,)``.
+    Returns:
+      A 0-d tensor."""
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def sam_perturbation(grads: Params, params: Params, rho: float, adaptive: bool) -> Params:
     """SAM's ascent step e = rho * g / ||g|| or, adaptive, rho * theta^2 g / ||theta g|| (element-wise), with
-    1e-12 added to the norm (the reference code's)."""
+    1e-12 added to the norm (the reference code's).
+
+    Args:
+      grads: the first pass's gradients, keyed like ``params``.
+      params: the adapted parameters theta.
+      rho: the radius.
+      adaptive: ASAM's element-wise scaling.
+    Returns:
+      e, keyed and shaped like ``grads``."""
     scaled = {n: (params[n].abs() * g if adaptive else g) for n, g in grads.items()}
     scale = rho / (optim.global_norm(scaled) + 1e-12)
     return {n: (params[n].square() if adaptive else 1.0) * g * scale for n, g in grads.items()}
@@ -75,7 +95,13 @@ def sam_perturbation(grads: Params, params: Params, rho: float, adaptive: bool) 
 def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
     """SAR's ``finish``: no step without a selected sample; the moving average of the loss; below
     ``reset_constant``, model recovery (weights and optimiser state back to the source, the average restarted,
-    where the reference code keeps it: docs/ttt.md)."""
+    where the reference code keeps it: docs/ttt.md).
+
+    Args:
+      s: SAR's settings (``reset_constant``).
+      optimizer: the optimiser, whose state a recovery re-initialises.
+    Returns:
+      ``finish(old, new, metrics, noise) -> (state, metrics)``."""
 
     def finish(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
         del noise
@@ -112,7 +138,16 @@ def sar_method(
     """SAR as a ``Method``: ``prepare`` runs the first pass and returns the perturbation and the first pass's
     reliable samples; the loss is the second pass at the perturbed weights; ``finish`` keeps the loss average
     and recovers (``recover_or_keep``). Metrics add ``reliable`` (first-pass reliable samples), ``selected``
-    (reliable in both passes; none: no step), ``ema_loss`` and ``recovered``."""
+    (reliable in both passes; none: no step), ``ema_loss`` and ``recovered``.
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the method's settings.
+      readout: how the method's signals are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+    Returns:
+      The ``Method``, its state a ``SARState``."""
     s = settings
     rho = s.rho * s.first_step_scale
 

@@ -27,12 +27,24 @@ class TentSettings:
 
 
 def entropy(logits: Tensor, kind: str) -> Tensor:
-    """Per-sample entropy ``H(p)`` of class logits (classes on dim 1): softmax or independent sigmoid scores."""
+    """Per-sample entropy ``H(p)`` of class logits (classes on dim 1): softmax or independent sigmoid scores.
+
+    Args:
+      logits: class logits ``(N, C, ...)``.
+      kind: ``softmax`` or ``sigmoid``.
+    Returns:
+      ``(N, ...)`` for softmax scores (classes summed); the element-wise entropy ``(N, C, ...)`` for sigmoid ones."""
     return softmax_entropy(logits, dim=1) if kind == "softmax" else binary_entropy(logits)
 
 
 def tent_loss(output, readout: Readout = DEFAULT_READOUT) -> Tensor:
-    """Tent's objective on one forward output: the mean entropy of the class samples the readout gives."""
+    """Tent's objective on one forward output: the mean entropy of the class samples the readout gives.
+
+    Args:
+      output: a model's forward output.
+      readout: reads the class samples from it.
+    Returns:
+      A 0-d tensor."""
     logits, kind = readout.class_samples(output)
     return entropy(logits, kind).mean()
 
@@ -46,7 +58,16 @@ def tent_method(
     bn: str = "running",
 ) -> Method:
     """Tent as a ``Method``: the loss is ``tent_loss(apply(batch))``; no randomness. Its loss is one plain
-    forward of the batch, so that forward's output is also the batch's prediction (``clean_forward``)."""
+    forward of the batch, so that forward's output is also the batch's prediction (``clean_forward``).
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the method's settings.
+      readout: how the method's signals are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+    Returns:
+      The ``Method``."""
     del settings
 
     def entropy_loss(params, buffers, batch, extra):
@@ -71,6 +92,16 @@ def make_tent_step(
 
     ``key`` is accepted for a uniform step signature and unused (Tent is deterministic). ``bn`` picks the
     BatchNorm mode (``step.BN_MODES``); ``capture`` replays a CUDA graph of the step (``step.make_step``).
-    """
+
+    Args:
+      apply: the model as a pure function.
+      optimizer: the optimiser of the adapted parameters.
+      readout: reads the class samples from an output.
+      bn: the BatchNorm mode while adapting.
+      differentiate: ``autograd`` or ``func`` (``step.DIFFERENTIATE``).
+      keep_output: whether the metrics keep the forward output.
+      capture: whether (or with which backend) the step is replayed as a CUDA graph.
+    Returns:
+      ``tent_step``."""
     method = tent_method(apply, optimizer, readout=readout, bn=bn)
     return make_step(method, differentiate=differentiate, keep_output=keep_output, capture=capture)
