@@ -173,7 +173,12 @@ class _Config:
 
 
 def config_class(methods: Mapping[str, MethodEntry] = METHODS) -> type:
-    """The config class of a method registry: the common, guard and method fields as a frozen attrs class."""
+    """The config class of a method registry: the common, guard and method fields as a frozen attrs class.
+
+    Args:
+      methods: the method registry (name -> ``MethodEntry``), by default built-in methods and plug-ins.
+    Returns:
+      The ``TTTConfig`` class."""
     namespace = {"__doc__": _DOC, "__module__": __name__, "__qualname__": "TTTConfig"}
     return attrs.frozen(type("TTTConfig", (_Config,), namespace), these=_fields(methods))
 

@@ -30,11 +30,28 @@ class ModelSharing(Protocol):
     """What ``build_method`` needs of a model shared by the ranks of a process group (the shell above this one
     makes it: ``yolozu.parallel.collectives.SharedModel``)."""
 
-    def batch_stats(self) -> BatchStats: ...
+    def batch_stats(self) -> BatchStats:
+        """The BatchNorm statistics hook over every rank's batch (``bridge.BatchStats``).
 
-    def gradients(self) -> optim.GradientTransformation: ...
+        Returns:
+          The hook.
+        """
 
-    def method(self, method: Method) -> Method: ...
+    def gradients(self) -> optim.GradientTransformation:
+        """The gradient transformation that averages gradients over the ranks, chained first.
+
+        Returns:
+          The transformation.
+        """
+
+    def method(self, method: Method) -> Method:
+        """``method`` with its loss the global batch's mean.
+
+        Args:
+          method: the method built over the shared hooks.
+        Returns:
+          The shared method.
+        """
 
 
 def build_method(
@@ -51,7 +68,18 @@ def build_method(
     replaces the one the config names, ``forward`` the module's own forward (``bridge.make_apply``), and
     ``method_options`` go to the method's constructor (e.g. MIM's ``loss``). ``shared``
     (``parallel.collectives.SharedModel``) makes the ranks of a process group adapt one model: gradients averaged
-    before the optimiser, BatchNorm statistics over every rank's batch, the loss the global batch's mean."""
+    before the optimiser, BatchNorm statistics over every rank's batch, the loss the global batch's mean.
+
+    Args:
+      model: the module adapted (its tensors are read, never written).
+      config: the settings.
+      readout: how the method reads its signals from an output.
+      optimizer: replaces the optimiser ``config`` names.
+      forward: ``forward(model, x, **kwargs)`` in place of ``model(x, ...)``.
+      shared: the hooks of a model shared by the ranks (None: this process adapts alone).
+      method_options: keyword arguments of the method's constructor.
+    Returns:
+      ``(method, names)``."""
     names = select(model, config.update_filter, include=config.include, exclude=config.exclude)
     if optimizer is None:
         clip = config.max_grad_norm
@@ -129,7 +157,15 @@ class Adaptation:
 
     def adapt(self, x: torch.Tensor, batch: int, steps: int, first_step: int = 0) -> list[dict]:
         """Up to ``steps`` guarded steps of the carried stream on the batch ``x`` (batch index ``batch``; with the
-        step on that batch, from ``first_step``, it picks the random key); returns the rows it logged."""
+        step on that batch, from ``first_step``, it picks the random key); returns the rows it logged.
+
+        Args:
+          x: the input batch ``(B, ...)``.
+          batch: the batch's index in the whole run.
+          steps: the most guarded steps taken on it.
+          first_step: the index, on this batch, of the first of them.
+        Returns:
+          The ``step_metrics`` rows logged."""
         self.carry, rows = self._run(self.carry, x[None], [batch], steps, first_step)
         return rows
 
@@ -139,7 +175,13 @@ class Adaptation:
 
         Equal, stream by stream, to ``restart()`` then ``adapt(xs[k], batches[k], steps)``: each stream gets the
         same keys, and a stream a guard stops keeps its last good state.
-        """
+
+        Args:
+          xs: K one-image batches ``(K, B, C, H, W)``.
+          batches: their K indices in the whole run.
+          steps: the guarded steps per stream.
+        Returns:
+          The ``Carry`` of K streams."""
         carry, _ = self._run(start(self.source, len(batches)), xs, batches, steps)
         return carry
 
@@ -183,7 +225,12 @@ class Adaptation:
 
     def prediction_tensors(self, carry: Carry | None = None) -> tuple[Params, Params]:
         """Every parameter predictions use (the method's ``predict_params`` and the frozen ones) and the buffers,
-        of the carried stream (default) or of a one-stream ``carry``."""
+        of the carried stream (default) or of a one-stream ``carry``.
+
+        Args:
+          carry: a one-stream ``Carry`` (None: the carried stream).
+        Returns:
+          ``(params, buffers)``, dicts of name -> tensor."""
         (state,) = streams.unstack_states((carry or self.carry).state, 1)
         return {**state.frozen, **self.method.predict_params(state)}, state.buffers
 
@@ -193,7 +240,15 @@ class Adaptation:
         write_into(self.model, {**params, **buffers})
 
     def report(self, *, seconds: float, steps_requested: int, batches_used: int, warnings=()) -> TTTReport:
-        """The run's ``TTTReport``."""
+        """The run's ``TTTReport``.
+
+        Args:
+          seconds: the run's wall time.
+          steps_requested: the steps the run asked for.
+          batches_used: the batches adapted on.
+          warnings: warnings to put first.
+        Returns:
+          The ``TTTReport``."""
         ratios = [row["mask_ratio"] for row in self.rows if "mask_ratio" in row and not row["rolled_back"]]
         return TTTReport(
             enabled=True,

@@ -27,7 +27,12 @@ EXPLICIT_NONE = ExplicitNone()
 
 
 def optional(kind: type):
-    """argparse type of an optional setting: ``none`` (any case) or a value of ``kind``."""
+    """argparse type of an optional setting: ``none`` (any case) or a value of ``kind``.
+
+    Args:
+      kind: the value's type (``int``, ``float``, ``str``).
+    Returns:
+      The parse function."""
 
     def parse(text: str):
         return EXPLICIT_NONE if text.lower() == "none" else kind(text)
@@ -38,13 +43,23 @@ def optional(kind: type):
 
 def flag_of(field: attrs.Attribute) -> str:
     """The command-line flag of a ``TTTConfig`` field: the one its method's registry entry gives it, else
-    ``--ttt-`` + its name with dashes."""
+    ``--ttt-`` + its name with dashes.
+
+    Args:
+      field: a ``TTTConfig`` field.
+    Returns:
+      The flag, e.g. ``--ttt-eata-conf-min``."""
     return field.metadata.get("flag") or "--ttt-" + field.name.replace("_", "-")
 
 
 def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
     """argparse keyword arguments of a ``TTTConfig`` field, from its type, validator and help. Every default is
-    None, so that an explicit value can be told from an absent one (an explicit value wins over its preset)."""
+    None, so that an explicit value can be told from an absent one (an explicit value wins over its preset).
+
+    Args:
+      field: a ``TTTConfig`` field.
+    Returns:
+      Keyword arguments of ``ArgumentParser.add_argument``."""
     default = field.default
     shown = " ".join(default) if isinstance(default, tuple) else default
     expected = getattr(field.validator, "expected", None) if isinstance(field.validator, Number) else None
@@ -65,12 +80,20 @@ def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
 
 
 def ttt_fields() -> list[attrs.Attribute]:
-    """The ``TTTConfig`` fields that are ``--ttt-*`` flags."""
+    """The ``TTTConfig`` fields that are ``--ttt-*`` flags.
+
+    Returns:
+      The fields, in ``TTTConfig``'s order."""
     return [f for f in attrs.fields(TTTConfig) if f.name not in NOT_FLAGS]
 
 
 def ttt_config(args: argparse.Namespace) -> TTTConfig:
-    """The TTT config the flags ask for: preset values, then every explicitly given flag."""
+    """The TTT config the flags ask for: preset values, then every explicitly given flag.
+
+    Args:
+      args: parsed arguments holding ``ttt``, ``ttt_preset``, ``seed`` and a ``ttt_*`` value per field.
+    Returns:
+      The validated ``TTTConfig``."""
     given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
     explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
     explicit.setdefault("seed", args.seed)
@@ -81,5 +104,11 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
 
 def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
     """``meta.ttt``: the settings as applied (after presets; each method's under its name), the normalisation
-    predictions used and the run's report."""
+    predictions used and the run's report.
+
+    Args:
+      config: the run's settings.
+      report: the run's report as a dict (None: no run).
+    Returns:
+      The JSON-ready ``meta.ttt`` dict."""
     return {**config.grouped(), "prediction_bn": config.prediction_bn, "report": report}

@@ -20,7 +20,12 @@ from yolozu.tta.report import TTTReport
 
 
 def require_ttt_hooks(adapter: object) -> None:
-    """Raise ``RuntimeError`` naming the first TTT hook (``get_model``, ``build_loader``) the adapter lacks."""
+    """Raise ``RuntimeError`` naming the first TTT hook (``get_model``, ``build_loader``) the adapter lacks.
+
+    Args:
+      adapter: a YOLOZU adapter.
+    Raises:
+      RuntimeError: naming the missing hook and what to do."""
     missing = missing_ttt_hooks(adapter)
     if missing:
         raise RuntimeError(
@@ -32,7 +37,16 @@ def require_ttt_hooks(adapter: object) -> None:
 
 def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> Iterable[Any]:
     """``adapter.build_loader(records, batch_size=batch_size)``, checked: anything that is not an iterable of
-    batches (e.g. None, from a hook that forgot to return) is a RuntimeError naming the adapter."""
+    batches (e.g. None, from a hook that forgot to return) is a RuntimeError naming the adapter.
+
+    Args:
+      adapter: a YOLOZU adapter.
+      records: the records to batch.
+      batch_size: images per batch.
+    Returns:
+      The adapter's loader.
+    Raises:
+      RuntimeError: the hook returned something else than an iterable."""
     loader = adapter.build_loader(records, batch_size=batch_size)
     if not isinstance(loader, Iterable):
         raise RuntimeError(
@@ -43,7 +57,12 @@ def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> It
 
 
 def disabled_report(config: TTTConfig) -> TTTReport:
-    """The report of a run with TTT off."""
+    """The report of a run with TTT off.
+
+    Args:
+      config: the run's settings (its method and reset are reported).
+    Returns:
+      A ``TTTReport`` with ``enabled`` False."""
     return TTTReport(enabled=False, method=config.method, reset=config.reset)
 
 
@@ -57,7 +76,16 @@ def adaptation_for(
 ) -> Adaptation:
     """The adaptation of ``adapter``'s model under ``config``. ``calibration``: in-distribution records the method
     looks at once before adapting when it asks for them (EATA's Fisher information), read through
-    ``build_loader`` in batches of ``config.batch_size``. ``shared``: see ``engine.build_method``."""
+    ``build_loader`` in batches of ``config.batch_size``. ``shared``: see ``engine.build_method``.
+
+    Args:
+      adapter: a YOLOZU adapter with ``get_model`` and ``build_loader``.
+      config: the settings.
+      calibration: in-distribution records, or None.
+      keep_output: whether each step keeps its forward output (``online_predict="adapt_forward"``).
+      shared: the hooks of a model shared by the ranks, or None.
+    Returns:
+      The ``Adaptation``."""
     batches = None if calibration is None else adapter.build_loader(list(calibration), batch_size=config.batch_size)
     model, readout = adapter.get_model(), readout_of(adapter)
     return Adaptation(model, config, readout, keep_output=keep_output, calibration=batches, shared=shared)
@@ -76,7 +104,17 @@ def adapt_stream(
     ``adapter.build_loader(records, ...)`` (YOLOZU's flow: step i adapts on batch i mod n), until a guard stops
     it; the module is not written. Returns the adaptation and the number of batches used. ``progress`` (e.g. a
     tqdm bar) is advanced by each step's images. Batch i's random keys and log rows use index ``offset + i``
-    (a stream that starts at batch ``offset`` of a longer run)."""
+    (a stream that starts at batch ``offset`` of a longer run).
+
+    Args:
+      adapter: a YOLOZU adapter.
+      records: the records adapted on.
+      config: the settings.
+      progress: a progress bar with ``update(n)``, or None.
+      calibration: in-distribution records, or None.
+      offset: the stream's first batch index in the whole run.
+    Returns:
+      ``(adaptation, batches_used)``."""
     adaptation = adaptation_for(adapter, config, calibration=calibration)
     loader = itertools.islice(loader_of(adapter, list(records), config.batch_size), config.max_batches)
     seen: list = []  # the batches read so far, kept for the next pass over them
@@ -104,13 +142,21 @@ def run_ttt(
     progress=None,
     calibration: Sequence[Record] | None = None,
 ) -> TTTReport:
-    """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``; ``calibration`` as in
-    ``adaptation_for``) and write the adapted tensors into it; returns the run's ``TTTReport``.
+    """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``) and write the adapted
+    tensors into it.
 
+    Args:
+      adapter: a YOLOZU adapter with ``get_model`` and ``build_loader``.
+      records: the records adapted on.
+      config: the settings (TTT off: nothing happens).
+      progress: a progress bar with ``update(n)``, or None.
+      calibration: in-distribution records (``adaptation_for``), or None.
+    Returns:
+      The run's ``TTTReport``.
     Raises:
       RuntimeError: the adapter lacks a TTT hook.
       EmptySelectionError: the update filter selects no parameter.
-    """
+      ValueError: ``config.reset`` is ``sample`` (the export flow's)."""
     if not config.enabled:
         return disabled_report(config)
     require_ttt_hooks(adapter)

@@ -63,10 +63,13 @@ METHODS: dict[str, MethodEntry] = {**BUILT_IN, **_PLUGINS}
 def entry(name: str) -> MethodEntry:
     """The registry entry of method ``name``.
 
+    Args:
+      name: a registered method's name.
+    Returns:
+      Its ``MethodEntry``.
     Raises:
       ValueError: ``name`` is not registered (the message lists the methods), or is a plug-in that was left out
-        (the message says why).
-    """
+        (the message says why)."""
     try:
         return METHODS[name]
     except KeyError:

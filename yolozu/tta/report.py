@@ -10,7 +10,12 @@ import attrs
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None (JSON has no NaN), through dicts and lists."""
+    """``value`` with non-finite floats replaced by None (JSON has no NaN), through dicts and lists.
+
+    Args:
+      value: a JSON-like value.
+    Returns:
+      The same structure, non-finite floats as None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -25,7 +30,12 @@ CAPPED = 50
 
 
 def loss_summary(losses: list[float]) -> dict | None:
-    """count, min, mean, max and last of the step losses (YOLOZU's), and first (None when no step ran)."""
+    """count, min, mean, max and last of the step losses (YOLOZU's), and first (None when no step ran).
+
+    Args:
+      losses: the kept steps' losses.
+    Returns:
+      The summary dict, or None."""
     if not losses:
         return None
     return {
@@ -65,7 +75,10 @@ class TTTReport:
     def to_dict(self) -> dict:
         """JSON-ready fields in YOLOZU's shape: ``loss_summary``, and ``losses`` and ``step_metrics`` capped at
         ``CAPPED`` entries with ``*_total`` and ``*_truncated``; non-finite numbers (a rolled-back NaN step)
-        become None."""
+        become None.
+
+        Returns:
+          The report as a JSON-ready dict."""
         out = attrs.asdict(self)
         out["loss_summary"] = loss_summary(self.losses)
         for key in ("losses", "step_metrics"):

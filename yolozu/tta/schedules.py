@@ -159,7 +159,13 @@ class _NoProgress:
 
 
 def no_bars(desc: str, total: int) -> _NoProgress:
-    """A progress-bar factory that shows nothing."""
+    """A progress-bar factory that shows nothing.
+
+    Args:
+      desc: the bar's label (unused).
+      total: its total (unused).
+    Returns:
+      A bar with ``update`` and ``close`` that do nothing."""
     del desc, total
     return _NoProgress()
 
@@ -194,13 +200,22 @@ def adapt_and_predict(
     module is left as it was, unless the adapter lacks ``load_batch``/``decode`` and predicts with its own
     ``predict`` after a ``pre`` adaptation written into the module (YOLOZU's flow).
 
-    ``batch_size`` is the prediction batch of the ``pre`` schedule; ``online`` and ``sample`` predict the
-    batches they adapt on. ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one
-    for adaptation and one for prediction in ``pre``, one for both in the other schedules. ``calibration``:
-    in-distribution records for a method that asks for them (``integration.adaptation_for``). Images predicted
-    from non-finite outputs (weights that diverged) are named in a warning of the report (``predict.NON_FINITE``).
-    ``part``: this process's share of a run spread over several (``tta.part``; default: the whole run).
-    """
+    Images predicted from non-finite outputs (weights that diverged) are named in a warning of the report
+    (``predict.NON_FINITE``).
+
+    Args:
+      adapter: a YOLOZU adapter with the TTT hooks.
+      records: the records to predict, in order.
+      config: the settings; ``config.schedule`` and ``config.reset`` pick the schedule.
+      tta: flip TTA's settings, or None.
+      batch_size: the prediction batch of the ``pre`` schedule (``online`` and ``sample`` predict the batches
+        they adapt on).
+      progress: ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one for
+        adaptation and one for prediction in ``pre``, one for both in the other schedules.
+      calibration: in-distribution records for a method that asks for them (``integration.adaptation_for``).
+      part: this process's share of a run spread over several (``tta.part``; default: the whole run).
+    Returns:
+      ``(predictions, report)``: one ``Prediction`` per record, in order, and the ``TTTReport``."""
     require_ttt_hooks(adapter)
     _check(config, tta)
     records = list(records)

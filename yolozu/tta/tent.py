@@ -46,6 +46,7 @@ class TentRunner:
 
     @property
     def updated_param_count(self) -> int:
+        """Numel of the parameters Tent adapts."""
         return self._adaptation.updated_param_count
 
     @property
@@ -64,7 +65,12 @@ class TentRunner:
         """One guarded entropy step; returns ``loss_entropy``, ``grad_norm``, ``update_norm``, ... of the step.
 
         A step a guard stops is rolled back and later calls do nothing until ``reset()``.
-        """
+
+        Args:
+          batch: the input batch ``(B, C, H, W)``.
+        Returns:
+          The step's row (``step_metrics`` fields and ``loss_entropy``), or ``skipped`` and ``stop_reason`` once
+          stopped."""
         if self._adaptation.stopped:
             return {"skipped": True, "stop_reason": self._adaptation.stop_reason}
         (row,) = self._adaptation.adapt(batch, len(self._adaptation.rows), steps=1)
@@ -74,7 +80,10 @@ class TentRunner:
 
     def maybe_log(self) -> dict:
         """The counters (``updated_param_count``, ``steps``, ``last_loss``, ``stopped``, ``stop_reason``); they
-        are also logged (INFO, logger ``yolozu.tta.tent``) when the steps taken are a multiple of ``log_every``."""
+        are also logged (INFO, logger ``yolozu.tta.tent``) when the steps taken are a multiple of ``log_every``.
+
+        Returns:
+          The counters."""
         losses = self._adaptation.losses
         counters = {
             "updated_param_count": self.updated_param_count,

@@ -38,7 +38,17 @@ def generate_block_mask(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """One block mask ``(height, width)`` (bool, True = masked) drawn from ``generator`` (torch's default
-    CPU generator when None)."""
+    CPU generator when None).
+
+    Args:
+      height: the image height H.
+      width: the image width W.
+      patch_size: the cell side, in pixels.
+      mask_prob: the probability that a cell is masked.
+      generator: the generator drawn from.
+      device: where the mask goes.
+    Returns:
+      A bool mask ``(H, W)``."""
     gen = generator if generator is not None else torch.default_generator
     grid = masking.block_grid(1, height, width, patch_size=patch_size, mask_prob=mask_prob, gen=gen)
     return masking.expand_grid(grid, height, width, patch_size)[0].to(device)
@@ -46,7 +56,14 @@ def generate_block_mask(
 
 def apply_mask(x: Tensor, mask: Tensor, *, mask_value: float = 0.0) -> Tensor:
     """``x`` with masked pixels set to ``mask_value``; ``mask`` is ``(H, W)`` (every image) or ``(B, H, W)``
-    (one per image), broadcast over channels."""
+    (one per image), broadcast over channels.
+
+    Args:
+      x: images ``(B, C, H, W)``.
+      mask: bool ``(H, W)`` or ``(B, H, W)``.
+      mask_value: what masked pixels become.
+    Returns:
+      The masked images, shaped like ``x``."""
     mask = mask.to(torch.bool)
     return masking.apply_mask(x, mask.unsqueeze(-3) if mask.dim() == 3 else mask, mask_value)
 
@@ -54,7 +71,15 @@ def apply_mask(x: Tensor, mask: Tensor, *, mask_value: float = 0.0) -> Tensor:
 def reconstruction_loss(pred: Tensor, target: Tensor, *, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Squared reconstruction error over the masked pixels: ``mean`` (over masked elements), ``sum`` or
     ``none`` (the element-wise error, shaped like ``pred`` as ``F.mse_loss(reduction="none")``, zero outside
-    the mask, so callers can reduce per image)."""
+    the mask, so callers can reduce per image).
+
+    Args:
+      pred: the reconstruction ``(B, C, H, W)``.
+      target: the images, shaped like ``pred``.
+      mask: bool ``(H, W)`` or ``(B, H, W)``; None: every pixel.
+      reduction: ``mean``, ``sum`` or ``none``.
+    Returns:
+      A 0-d tensor, or the element-wise error shaped like ``pred`` for ``none``."""
     if reduction == "mean":
         return masked_reconstruction_loss(pred, target, None if mask is None else mask.to(torch.bool))
     err = (pred - target).square()
@@ -75,7 +100,15 @@ def filter_parameters(
     allowed: Iterable[str] | None = None,
 ) -> list[Tensor]:
     """The parameters (tensors) whose name is in ``allowed`` (all when None), contains an ``include`` substring
-    (any, when given) and no ``exclude`` substring, skipping those with ``requires_grad=False``."""
+    (any, when given) and no ``exclude`` substring, skipping those with ``requires_grad=False``.
+
+    Args:
+      named_params: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``.
+      include: substrings of which a kept name contains at least one.
+      exclude: substrings of which a kept name contains none.
+      allowed: the names that may be kept (None: all).
+    Returns:
+      The kept tensors, in order."""
     pairs = [(name, p) for name, p in named_params if getattr(p, "requires_grad", True)]
     allowed_set = None if allowed is None else set(allowed)
     names = [name for name, _ in pairs if allowed_set is None or name in allowed_set]
@@ -90,7 +123,15 @@ def select_parameters(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> list[Tensor]:
-    """The model's parameters an update filter selects (``yolozu.functional.filters``), as tensors."""
+    """The model's parameters an update filter selects (``yolozu.functional.filters``), as tensors.
+
+    Args:
+      model: the module.
+      update_filter: one of ``functional.filters.FILTERS``.
+      include: substrings of which a selected name contains at least one.
+      exclude: substrings of which a selected name contains none.
+    Returns:
+      The selected parameter tensors."""
     named = dict(model.named_parameters())
     return [named[name] for name in select(model, update_filter, include=include, exclude=exclude)]
 
@@ -125,7 +166,26 @@ def run_ttt_mim(
     readout's reconstruction of it), ``loss_fn(reconstruction, image, mask)`` the loss (default: the masked mean
     squared error). The masks come from ``seed``, else from a seed drawn from ``generator``, else from torch's
     global generator.
-    """
+
+    Args:
+      model: the module adapted (it holds the adapted weights afterwards).
+      x: the images ``(B, C, H, W)``.
+      steps: the steps.
+      lr: the learning rate.
+      mask_prob: the probability that a mask cell is masked.
+      patch_size: the mask cell's side, in pixels.
+      mask_value: what masked pixels become.
+      update_filter: the parameters adapted (``functional.filters.FILTERS``).
+      include: substrings of which an adapted name contains at least one.
+      exclude: substrings of which an adapted name contains none.
+      optimizer: an optimiser name or transformation (None: Adam).
+      recon_fn: ``recon_fn(model, masked) -> reconstruction``, or None.
+      loss_fn: ``loss_fn(reconstruction, image, mask) -> 0-d loss``, or None.
+      generator: draws the seed when ``seed`` is None.
+      seed: the seed of the masks.
+      readout: how the reconstruction is read from an output.
+    Returns:
+      The ``TTTMIMResult``."""
     if seed is None and generator is not None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     config = TTTConfig(
@@ -162,6 +222,13 @@ def run_ttt_mim(
 
 def ttt_mim_step(model: nn.Module, x: Tensor, **options) -> float:
     """One MIM step on ``x`` (``run_ttt_mim`` with ``steps=1``; same options); returns its loss (NaN when a guard
-    stopped it)."""
+    stopped it).
+
+    Args:
+      model: the module adapted.
+      x: the images ``(B, C, H, W)``.
+      options: ``run_ttt_mim``'s keyword arguments.
+    Returns:
+      The step's loss."""
     result = run_ttt_mim(model, x, steps=1, **options)
     return result.losses[0] if result.losses else float("nan")
