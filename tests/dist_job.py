@@ -37,15 +37,15 @@ def shared_steps() -> dict:
     rank = dist.get_rank()
     config = TTTConfig(enabled=True, method="tent", optimizer="sgd", lr=0.05, bn_mode="running", seed=0)
     hooks = SharedModel()
-    shared = Adaptation(seeded(TinyClassifier), config, shared=hooks)
+    shared = Adaptation(seeded(TinyClassifier), config, shared=hooks)  # its padding hooks: hooks.padded()
     reference = Adaptation(seeded(TinyClassifier), config) if rank == 0 else None
     generator = torch.Generator().manual_seed(7)
     out = {"max_diff_to_reference": [], "ranks_bitwise_equal": [], "loss_diff": []}
     for step, split in enumerate(SPLITS):
         xs = torch.randn(sum(split), 3, 8, 8, generator=generator) * 2 + 0.5
         mine = xs[: split[0]] if rank == 0 else xs[split[0] :]
-        hooks.pad = len(mine) == 0
-        row = shared.adapt(xs[:1] if hooks.pad else mine, step, 1)[-1]
+        padding = len(mine) == 0
+        row = shared.adapt(xs[:1] if padding else mine, step, 1, padding=padding)[-1]
         tensors = {k: v.clone() for k, v in _tensors(shared).items()}
         everyone: list = [None, None]
         dist.all_gather_object(everyone, tensors)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import dist_job
 import pytest
 import torch
@@ -26,7 +27,10 @@ from yolozu.cli.export import build_parser, main, ttt_config
 from yolozu.data import build_manifest
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.functional.state import extract
+from yolozu.parallel.collectives import SharedModel
 from yolozu.parallel.plan import contiguous_batches, global_batch_parts
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.engine import Adaptation
 from yolozu.tta.part import Part
 from yolozu.tta.presets import apply_ttt_preset_args
 from yolozu.tta.schedules import adapt_and_predict
@@ -203,6 +207,18 @@ def test_the_batch_stats_hook_normalises_as_batchnorm_does(momentum, bn_mode):
                                                    for k in new)
     assert bn_mode == "batch" or not torch.equal(new["bn1.running_var"], buffers["bn1.running_var"])
     assert "forward" not in vars(model.bn1)  # the module is as it was
+
+
+def test_padding_is_a_value_of_the_hooks_not_state_flipped_between_batches():
+    hooks = SharedModel()
+    padded = hooks.padded()
+    assert (hooks.padding, padded.padding, padded.group) == (False, True, hooks.group)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        hooks.padding = True
+    config = TTTConfig(enabled=True, method="tent", lr=1e-2)
+    alone = Adaptation(seeded(TinyClassifier), config)
+    with pytest.raises(ValueError, match="padding batch belongs to a model shared by the ranks"):
+        alone.adapt(torch.zeros(1, 3, 8, 8), 0, 1, padding=True)
 
 
 @given(st.integers(0, 40), st.integers(1, 6), st.integers(1, 5))

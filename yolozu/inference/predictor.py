@@ -13,6 +13,7 @@ as empty.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -93,10 +94,24 @@ class Predictor:
         self.adapter = adapter
         self.model = adapter.get_model()
         self.tta = tta
-        self._apply = make_apply(self.model, batch_stats=batch_stats, bn_prior=bn_prior, bn_shrink=bn_shrink)
+        self._norms = {"bn_prior": bn_prior, "bn_shrink": bn_shrink}
+        self._apply = make_apply(self.model, batch_stats=batch_stats, **self._norms)
         self.non_finite: list[str] = []
         """Images whose model output had a non-finite value, in prediction order (each once)."""
         self._non_finite_seen: set[str] = set()
+
+    def using(self, batch_stats: BatchStats) -> "Predictor":
+        """This predictor with its BatchNorm batch statistics from ``batch_stats`` instead (e.g. a shared model's
+        hooks for a padding batch); the images it finds non-finite are noted in this one's list.
+
+        Args:
+          batch_stats: the ``bridge.BatchStats`` hook.
+        Returns:
+          The sibling ``Predictor``.
+        """
+        sibling = copy.copy(self)
+        sibling._apply = make_apply(self.model, batch_stats=batch_stats, **self._norms)
+        return sibling
 
     def module_tensors(self) -> tuple[Params, Params]:
         """Copies of the model's current parameters and buffers."""

@@ -12,16 +12,17 @@ replicas one model, equal to a single process adapting on the whole global batch
   the same on every rank.
 
 Every rank must take part in every collective, so a rank with no image of a global batch steps on a padding
-batch (a copy of an image another rank holds) while its ``padding()`` says so: the statistics, the loss and the
-gradient then count nothing of it. ``SharedModel`` bundles the three for ``tta.engine.build_method`` with that
-flag (``pad``); a custom loop composes them the same way.
+batch (a copy of an image another rank holds) through hooks built with ``padding=True``: the statistics, the loss
+and the gradient then count nothing of it. ``SharedModel`` bundles the three for ``tta.engine.build_method``;
+``SharedModel.padded()`` is the same model's hooks for a padding batch (a value, not a flag flipped between
+batches: nothing inside ``apply`` reads state that changes). A custom loop composes them the same way.
 ``all_reduce_sum`` is a ``torch.autograd.Function`` with ``setup_context``, so it works under ``torch.func.grad``
 as well as ``torch.autograd`` (not under ``vmap``: vmapped streams are independent by construction).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -94,17 +95,21 @@ def all_reduce_mean(group: Any = None) -> optim.GradientTransformation:
     return optim.GradientTransformation(init_fn, update_fn)
 
 
-def _never() -> bool:
-    return False
-
-
-def sync_batch_stats(group: Any = None, *, padding: Callable[[], bool] = _never) -> BatchStats:
+def sync_batch_stats(group: Any = None, *, padding: bool = False) -> BatchStats:
     """A ``bridge.BatchStats`` hook: per-channel mean and biased variance of every rank's BatchNorm input together.
 
-    Each rank sends its count, mean and sum of squared deviations (zeros while ``padding()``); they are combined
+    Each rank sends its count, mean and sum of squared deviations (zeros for a padding batch); they are combined
     with Chan et al.'s pairwise formula, so no large sums of squares cancel. One all-reduce per layer forward,
     one per layer backward.
+
+    Args:
+      group: the process group (None: the default one).
+      padding: this rank's batches are padding: they count nothing.
+    Returns:
+      ``stats(x) -> (mean, var, count)``: ``x`` a BatchNorm input ``(B, C, ...)``, ``mean`` and ``var``
+      ``(C,)`` over every rank's values, ``count`` their number (0-d).
     """
+    keep = 0.0 if padding else 1.0
 
     def stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -113,7 +118,7 @@ def sync_batch_stats(group: Any = None, *, padding: Callable[[], bool] = _never)
         mean = work.sum(dim=dims) / max(n, 1)
         shape = (1, -1) + (1,) * (work.dim() - 2)
         m2 = ((work - mean.reshape(shape)) ** 2).sum(dim=dims)
-        row = torch.stack([torch.full_like(mean, float(n)), mean, m2]) * (0.0 if padding() else 1.0)
+        row = torch.stack([torch.full_like(mean, float(n)), mean, m2]) * keep
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         table = all_reduce_sum(torch.stack([row if r == rank else torch.zeros_like(row) for r in range(world)]), group)
         counts, means, m2s = table.unbind(1)
@@ -131,17 +136,24 @@ def _images(batch: Any) -> int:
     return int(first.shape[0])
 
 
-def global_mean_loss(loss_fn: LossFn, group: Any = None, *, padding: Callable[[], bool] = _never) -> LossFn:
+def global_mean_loss(loss_fn: LossFn, group: Any = None, *, padding: bool = False) -> LossFn:
     """``loss_fn`` as the mean over the global batch: sum over the ranks of images x local loss, over all images.
 
     With gradients averaged over the ranks (``all_reduce_mean``) each rank's parameters then receive the global
-    batch's gradient of a per-image mean loss, whatever each rank's share of the batch (a padding batch, while
-    ``padding()``, counts zero images).
+    batch's gradient of a per-image mean loss, whatever each rank's share of the batch (a padding batch counts
+    zero images).
+
+    Args:
+      loss_fn: the method's ``LossFn`` on this rank's batch.
+      group: the process group (None: the default one).
+      padding: this rank's batches are padding: they count zero images.
+    Returns:
+      The global-mean ``LossFn``.
     """
 
     def loss(params: Params, buffers: Params, batch: Any, extra: Any) -> tuple[Tensor, LossOutput]:
         value, aux = loss_fn(params, buffers, batch, extra)
-        n = 0 if padding() else _images(batch)
+        n = 0 if padding else _images(batch)
         weighted = value * n if n else torch.where(torch.isfinite(value), value, 0.0) * 0.0
         both = torch.stack([weighted, torch.full_like(value, float(n))])
         total = all_reduce_sum(both, group)
@@ -150,31 +162,52 @@ def global_mean_loss(loss_fn: LossFn, group: Any = None, *, padding: Callable[[]
     return loss
 
 
-@attrs.define
+@attrs.frozen
 class SharedModel:
     """The hooks that make the ranks of ``group`` adapt one model (``tta.engine.build_method`` composes them).
 
-    ``pad`` is True while this rank steps on a padding batch (it has no image of the current global batch).
+    Attributes:
+      group: the process group (None: the default one).
+      padding: the hooks are those of a padding batch (this rank has no image of the global batch it steps on):
+        its statistics and loss count nothing. A value fixed when the hooks are built (``padded()``).
     """
 
     group: Any = None
-    pad: bool = False
+    padding: bool = False
 
-    def padding(self) -> bool:
-        """Whether this rank's current batch is padding."""
-        return self.pad
+    def padded(self) -> "SharedModel":
+        """The same model's hooks for a padding batch.
+
+        Returns:
+          A ``SharedModel`` of the same group with ``padding`` True.
+        """
+        return attrs.evolve(self, padding=True)
 
     def gradients(self) -> optim.GradientTransformation:
-        """The gradient transformation to chain before the optimiser."""
+        """The gradient transformation to chain before the optimiser.
+
+        Returns:
+          ``all_reduce_mean`` over the group.
+        """
         return all_reduce_mean(self.group)
 
     def batch_stats(self) -> BatchStats:
-        """The BatchNorm statistics hook for ``bridge.make_apply``."""
+        """The BatchNorm statistics hook for ``bridge.make_apply``.
+
+        Returns:
+          ``sync_batch_stats`` over the group, counting nothing for a padding batch.
+        """
         return sync_batch_stats(self.group, padding=self.padding)
 
     def method(self, method: Method) -> Method:
         """``method`` (whose optimiser chains ``gradients()`` first) with its loss averaged over the global batch
-        and its steps' ``grad_norm`` that of the averaged gradient."""
+        and its steps' ``grad_norm`` that of the averaged gradient.
+
+        Args:
+          method: the method built over this model's hooks.
+        Returns:
+          The shared ``Method``.
+        """
         finish = method.finish
 
         def global_grad_norm(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:

@@ -114,13 +114,11 @@ def plan_for(config: TTTConfig, batch_size: int, n: int, world: int, dist_sync: 
     return Plan(semantics, "contiguous-batches", unit, dist_sync, tuple((shard,) for shard in shards))
 
 
-def _lockstep_batches(
-    lockstep: Lockstep, shared: SharedModel, parts: Sequence[range], pads: Sequence[Record]
-) -> Batches:
+def _lockstep_batches(lockstep: Lockstep, parts: Sequence[range], pads: Sequence[Record]) -> Batches:
     """Batches of a shared-model rank: its part of each global batch (an empty one replaced by the global batch's
-    first image, with ``shared.pad`` set while it is stepped on), each read checked with every rank first."""
+    first image and marked as padding), each read checked with every rank first."""
 
-    def batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any]]:
+    def batches(adapter: Any, records: Sequence[Record], size: int) -> Iterator[tuple[Sequence[Record], Any, bool]]:
         del size
         start = 0
         for part, pad in zip(parts, pads):
@@ -132,9 +130,7 @@ def _lockstep_batches(
                 lockstep.check(failed=True)
                 raise
             lockstep.check()
-            shared.pad = not part
-            yield chunk, x
-        shared.pad = False
+            yield chunk, x, not part
 
     return batches
 
@@ -148,8 +144,7 @@ def part_for(plan: Plan, rank: int, records: Sequence[Record], lockstep: Lockste
         return Part(offset=first // plan.unit)
     if plan.semantics == "shared-model":
         pads = [records[part.start - part.start % (plan.unit * len(plan.parts))] for part in plan.parts[rank]]
-        shared = SharedModel()
-        return Part(shared=shared, batches=_lockstep_batches(lockstep, shared, plan.parts[rank], pads))
+        return Part(shared=SharedModel(), batches=_lockstep_batches(lockstep, plan.parts[rank], pads))
     return WHOLE
 
 

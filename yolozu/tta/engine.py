@@ -8,6 +8,7 @@ the module untouched. Every step of every entry point runs through ``functional.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -51,6 +52,13 @@ class ModelSharing(Protocol):
           method: the method built over the shared hooks.
         Returns:
           The shared method.
+        """
+
+    def padded(self) -> "ModelSharing":
+        """The same model's hooks for a padding batch (this rank holds no image of the global batch).
+
+        Returns:
+          Hooks whose statistics and loss count nothing of this rank's batch.
         """
 
 
@@ -118,7 +126,8 @@ class Adaptation:
     ) -> None:
         self.model = model
         self.config = config
-        self.method, names = build_method(model, config, readout, **build_options)
+        self._build = functools.partial(build_method, model, config, readout, **build_options)
+        self.method, names = self._build()
         self.device = _device_of(model)
         self.source = self.method.init_state(model, names)
         if calibration is not None:  # in-distribution batches the method looks at once (EATA's Fisher)
@@ -126,13 +135,11 @@ class Adaptation:
         self.carry = start(self.source)
         # unseeded (None), the keys follow torch's global generator, as YOLOZU's unseeded runs do
         self.root = rng.key(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        self._drive = make_driver(
-            self.method,
-            config.guard_limits(),
-            rollback=config.rollback_on_stop,
-            keep_output=keep_output,
+        self._driver = functools.partial(
+            make_driver, limits=config.guard_limits(), rollback=config.rollback_on_stop, keep_output=keep_output,
             capture=config.capture,
         )
+        self._drives = {False: self._driver(self.method)}  # padding -> driver; a padding one built when needed
         self._metric_names = ROW_METRICS + self.method.metric_names
         self._clip = config.max_grad_norm
         self.rows: list[dict] = []
@@ -155,7 +162,9 @@ class Adaptation:
         """True once a guard has stopped the carried stream (until ``restart``)."""
         return self.stop_reason is not None
 
-    def adapt(self, x: torch.Tensor, batch: int, steps: int, first_step: int = 0) -> list[dict]:
+    def adapt(
+        self, x: torch.Tensor, batch: int, steps: int, first_step: int = 0, *, padding: bool = False
+    ) -> list[dict]:
         """Up to ``steps`` guarded steps of the carried stream on the batch ``x`` (batch index ``batch``; with the
         step on that batch, from ``first_step``, it picks the random key); returns the rows it logged.
 
@@ -164,9 +173,11 @@ class Adaptation:
           batch: the batch's index in the whole run.
           steps: the most guarded steps taken on it.
           first_step: the index, on this batch, of the first of them.
+          padding: ``x`` is a padding batch of a model shared by the ranks (this rank holds no image of the
+            global batch): the steps take part in the ranks' collectives and count nothing of ``x``.
         Returns:
           The ``step_metrics`` rows logged."""
-        self.carry, rows = self._run(self.carry, x[None], [batch], steps, first_step)
+        self.carry, rows = self._run(self.carry, x[None], [batch], steps, first_step, padding)
         return rows
 
     def adapt_episodes(self, xs: torch.Tensor, batches: Sequence[int], steps: int) -> Carry:
@@ -185,10 +196,26 @@ class Adaptation:
         carry, _ = self._run(start(self.source, len(batches)), xs, batches, steps)
         return carry
 
+    def _drive(self, padding: bool) -> Callable:
+        """The driver of a batch of this rank's own images or, ``padding``, of a padding batch (the method built
+        over the shared model's padding hooks, once)."""
+        if padding not in self._drives:
+            shared = self._build.keywords.get("shared")
+            if shared is None:
+                raise ValueError("a padding batch belongs to a model shared by the ranks; this adaptation has none")
+            self._drives[padding] = self._driver(self._build(shared=shared.padded())[0])
+        return self._drives[padding]
+
     def _run(
-        self, carry: Carry, xs: torch.Tensor, batches: Sequence[int], steps: int, first_step: int = 0
+        self,
+        carry: Carry,
+        xs: torch.Tensor,
+        batches: Sequence[int],
+        steps: int,
+        first_step: int = 0,
+        padding: bool = False,
     ) -> tuple[Carry, list[dict]]:
-        carry, records = self._drive(carry, xs.to(self.device), batches, steps, self.root, first_step)
+        carry, records = self._drive(padding)(carry, xs.to(self.device), batches, steps, self.root, first_step)
         if records and "output" in records[-1].metrics:
             self.last_output = records[-1].metrics["output"]
         return carry, [row for record in records for row in self._log(record, batches)]

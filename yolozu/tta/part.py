@@ -13,8 +13,10 @@ import attrs
 
 from yolozu.adapter import Record
 
-Batches = Callable[[Any, Sequence[Record], int], Iterator[tuple[Sequence[Record], Any]]]
-"""``batches(adapter, records, batch_size) -> iterator of (records of the batch, input batch)``."""
+Batches = Callable[[Any, Sequence[Record], int], Iterator[tuple[Sequence[Record], Any, bool]]]
+"""``batches(adapter, records, batch_size) -> iterator of (records of the batch, input batch, padding)``;
+``padding`` marks a batch this part steps on only to take part in the ranks' collectives (its images belong
+to another part: they count nothing and their predictions are dropped)."""
 
 
 @attrs.frozen

@@ -52,30 +52,33 @@ def _check_reuse(config: TTTConfig, adaptation: Adaptation) -> None:
 
 def _batches(
     adapter: Any, records: Sequence[Record], size: int, part: Part = WHOLE
-) -> Iterator[tuple[Sequence[Record], Any]]:
-    """(records, input batch) pairs of consecutive slices of ``records``, read through ``build_loader`` (or as
-    the ``part`` says)."""
+) -> Iterator[tuple[Sequence[Record], Any, bool]]:
+    """(records, input batch, padding) of consecutive slices of ``records``, read through ``build_loader`` (or as
+    the ``part`` says: a rank of a shared model also steps on padding batches)."""
     if part.batches is not None:
         return part.batches(adapter, records, size)
-    return zip(chunks(records, size), loader_of(adapter, records, size))
+    return ((chunk, x, False) for chunk, x in zip(chunks(records, size), loader_of(adapter, records, size)))
 
 
 def _predict_online(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, Adaptation, int]:
     reuse = config.online_predict == "adapt_forward"
     adaptation = adaptation_for(adapter, config, calibration=calibration, keep_output=reuse, shared=part.shared)
     _check_reuse(config, adaptation)
+    # a padding batch's predictions normalise with the padding hooks too: every rank takes part in each collective
+    padded = predictor.using(part.shared.padded().batch_stats()) if part.shared is not None else predictor
     predictions: list[Prediction] = []
     adapted = 0
-    for index, (chunk, x) in enumerate(_batches(adapter, records, config.batch_size, part)):
+    for index, (chunk, x, padding) in enumerate(_batches(adapter, records, config.batch_size, part)):
         if not adaptation.stopped and (config.max_batches is None or index < config.max_batches):
             adapted += 1
-            rows = adaptation.adapt(x, part.offset + index, config.steps)
+            rows = adaptation.adapt(x, part.offset + index, config.steps, padding=padding)
             if reuse and not rows[-1]["rolled_back"]:
                 predictions.extend(predictor.decode(adaptation.last_output, chunk))
                 progress.update(len(chunk))
                 continue
         params, buffers = adaptation.prediction_tensors()
-        predictions.extend(predictor.predict_batch(x, chunk, params, buffers, config.prediction_bn))
+        predicting = padded if padding else predictor
+        predictions.extend(predicting.predict_batch(x, chunk, params, buffers, config.prediction_bn))
         progress.update(len(chunk))
     return predictions, adaptation, adapted
 
@@ -86,7 +89,8 @@ def _predict_episodic(adapter, records, config, predictor, progress, calibration
     limit = min(cap, len(records))  # the images below max_batches in the whole run
     bn = config.prediction_bn
     predictions: list[Prediction] = []
-    for first, (chunk, x) in zip(range(0, limit, config.streams), _batches(adapter, records[:limit], config.streams)):
+    episodes = _batches(adapter, records[:limit], config.streams)
+    for first, (chunk, x, _) in zip(range(0, limit, config.streams), episodes):
         first += part.offset
         carry = adaptation.adapt_episodes(x.unsqueeze(1), range(first, first + len(chunk)), config.steps)
         if len(chunk) == 1:
@@ -99,7 +103,7 @@ def _predict_episodic(adapter, records, config, predictor, progress, calibration
         progress.update(len(chunk))
     adaptation.restart()
     source = adaptation.prediction_tensors()
-    for chunk, x in _batches(adapter, records[limit:], 1):  # past max_batches: each image from the source
+    for chunk, x, _ in _batches(adapter, records[limit:], 1):  # past max_batches: each image from the source
         predictions.extend(predictor.predict_batch(x, chunk, *source, bn))
         progress.update(len(chunk))
     return predictions, adaptation, limit
