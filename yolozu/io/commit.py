@@ -68,7 +68,12 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(target: Path) -> list[Path]:
     """Remove the hidden temporary files of ``target`` that a process killed mid-commit left beside it (those
-    whose process is gone); returns them."""
+    whose process is gone); returns them.
+
+    Args:
+      target: the output file.
+    Returns:
+      The paths removed."""
     removed = []
     prefix = f".{target.name[:64]}."
     with contextlib.suppress(OSError):
@@ -218,13 +223,26 @@ def _commit(staged: Sequence[_Staged], create_folders: bool) -> None:
 
 
 def serialise(obj: Any, indent: int | None = None) -> bytes:
-    """``obj`` as the bytes of a JSON file (strict JSON: NaN and infinities are errors)."""
+    """``obj`` as the bytes of a JSON file (strict JSON: NaN and infinities are errors).
+
+    Args:
+      obj: a JSON-ready value.
+      indent: the indent (None: one line).
+    Returns:
+      UTF-8 bytes.
+    Raises:
+      ValueError: a non-finite number.
+      TypeError: a value JSON cannot hold."""
     return (json.dumps(obj, indent=indent, allow_nan=False) + "\n").encode("utf-8")
 
 
 def write_outputs(documents: Sequence[tuple[PathLike, Any, int | None]], *, create_folders: bool = True) -> None:
     """Write every ``(path, obj, indent)`` as JSON, all or none (see the module doc); committed in the order
-    given. ``create_folders=False`` makes a missing folder an error."""
+    given. ``create_folders=False`` makes a missing folder an error.
+
+    Args:
+      documents: ``(path, obj, indent)`` triples.
+      create_folders: whether missing folders are created."""
     datas = [(Path(path), serialise(obj, indent)) for path, obj, indent in documents]
     if not create_folders:
         for target, _ in datas:

@@ -44,7 +44,12 @@ _KINDS = (
 
 
 def existing_folder(folder: Path) -> Path:
-    """``folder`` or its nearest ancestor that exists (what a missing folder would be created in)."""
+    """``folder`` or its nearest ancestor that exists (what a missing folder would be created in).
+
+    Args:
+      folder: a folder that may not exist.
+    Returns:
+      The nearest existing folder."""
     folder = Path(os.path.abspath(folder))
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
@@ -53,7 +58,15 @@ def existing_folder(folder: Path) -> Path:
 
 def check_output(flag: str, path: PathLike) -> OutputPath:
     """``path`` checked as the output ``flag`` names; raise OutputPathError for a path that cannot or must not
-    be replaced by a regular file."""
+    be replaced by a regular file.
+
+    Args:
+      flag: the flag that named the output.
+      path: the output path.
+    Returns:
+      The checked ``OutputPath``.
+    Raises:
+      OutputPathError: naming the flag and the path."""
     path = Path(path)
     target, link = path, path.is_symlink()
     if link:
@@ -81,7 +94,12 @@ def check_output(flag: str, path: PathLike) -> OutputPath:
 
 
 def link_notes(outputs: Iterable[OutputPath]) -> list[str]:
-    """One line per output given as a symbolic link, saying which file is written (for the user to see)."""
+    """One line per output given as a symbolic link, saying which file is written (for the user to see).
+
+    Args:
+      outputs: the checked outputs.
+    Returns:
+      The lines."""
     return [
         f"note: {out.flag} {out.path} is a symbolic link; writing the file it points to, {out.target}"
         for out in outputs
@@ -103,7 +121,15 @@ def check_outputs(
     outputs: Mapping[str, PathLike | None], inputs: Iterable[tuple[str, PathLike]] = ()
 ) -> list[OutputPath]:
     """The outputs ``{flag: path}`` that are given (None: not asked for), each checked (``check_output``),
-    none sharing a file with another or with an input (``check_not_inputs``)."""
+    none sharing a file with another or with an input (``check_not_inputs``).
+
+    Args:
+      outputs: flag -> path (None: not asked for).
+      inputs: ``(what it is, path)`` pairs the run reads.
+    Returns:
+      The checked outputs.
+    Raises:
+      OutputPathError: naming the flag and the path."""
     checked = [check_output(flag, path) for flag, path in outputs.items() if path is not None]
     seen: dict[tuple, OutputPath] = {}
     for out in checked:
@@ -118,7 +144,13 @@ def check_outputs(
 
 def check_not_inputs(outputs: Sequence[OutputPath], inputs: Iterable[tuple[str, PathLike]]) -> None:
     """Raise OutputPathError if an output is one of ``inputs`` (``(what it is, path)`` pairs): writing it would
-    replace what the run reads."""
+    replace what the run reads.
+
+    Args:
+      outputs: the checked outputs.
+      inputs: ``(what it is, path)`` pairs the run reads.
+    Raises:
+      OutputPathError: naming the output and the input."""
     by_file = {_identity(out.target): out for out in outputs}
     for what, path in inputs:
         out = by_file.get(_identity(path))

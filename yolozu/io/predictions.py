@@ -67,7 +67,14 @@ def _validate_detection(det: Any, where: str) -> None:
 
 
 def validate_predictions(preds: Any) -> list[dict]:
-    """Check ``preds`` against the schema and return it; raise PredictionsError naming the index and field."""
+    """Check ``preds`` against the schema and return it; raise PredictionsError naming the index and field.
+
+    Args:
+      preds: a decoded predictions list.
+    Returns:
+      ``preds``.
+    Raises:
+      PredictionsError: naming the index and field."""
     if not isinstance(preds, list):
         raise PredictionsError(f"predictions must be a list of per-image entries, got {type(preds).__name__}")
     for i, entry in enumerate(preds):
@@ -87,7 +94,14 @@ def validate_predictions(preds: Any) -> list[dict]:
 
 
 def unwrap(obj: Any) -> list[dict]:
-    """The prediction list of a plain list or of the wrapped ``{"schema_version", "predictions", "meta"}`` form."""
+    """The prediction list of a plain list or of the wrapped ``{"schema_version", "predictions", "meta"}`` form.
+
+    Args:
+      obj: a decoded predictions document.
+    Returns:
+      The prediction list.
+    Raises:
+      PredictionsError: a mapping without ``predictions``, or of another schema version."""
     if isinstance(obj, Mapping):
         if "predictions" not in obj:
             raise PredictionsError(
@@ -104,7 +118,15 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
     """Read and validate a predictions file (plain list or wrapped form); returns the prediction list.
 
     Anything that is not a valid predictions file (not UTF-8, not JSON, nested too deeply, off the schema) is a
-    PredictionsError naming the file; a missing file is FileNotFoundError."""
+    PredictionsError naming the file; a missing file is FileNotFoundError.
+
+    Args:
+      path: the predictions file.
+    Returns:
+      The validated prediction list.
+    Raises:
+      PredictionsError: naming the file and what is wrong.
+      FileNotFoundError: the file does not exist."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -127,7 +149,13 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
 
 
 def wrap(predictions: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None) -> dict:
-    """The wrapped form ``{"schema_version", "predictions", "meta"}``."""
+    """The wrapped form ``{"schema_version", "predictions", "meta"}``.
+
+    Args:
+      predictions: the per-image entries.
+      meta: what the run records beside them (None: empty).
+    Returns:
+      The wrapped document."""
     return {"schema_version": SCHEMA_VERSION, "predictions": list(predictions), "meta": dict(meta or {})}
 
 
@@ -136,6 +164,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
     Readers see either the old file or the complete new one; if anything fails (serialisation included),
     no file is left behind. A missing or unwritable folder is a clear error.
-    """
+
+    Args:
+      path: the output file.
+      obj: a JSON-ready value.
+      indent: the indent (None: one line).
+    Returns:
+      The path written."""
     write_outputs([(path, obj, indent)], create_folders=False)
     return Path(path)

@@ -56,7 +56,13 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
-    """The sum of ``tensor`` over the ranks of ``group`` (default: the whole world), differentiable."""
+    """The sum of ``tensor`` over the ranks of ``group`` (default: the whole world), differentiable.
+
+    Args:
+      tensor: this rank's tensor.
+      group: the process group.
+    Returns:
+      The sum over the ranks, shaped like ``tensor``; its gradient flows back to every rank's input."""
     return _AllReduceSum.apply(tensor, group)
 
 

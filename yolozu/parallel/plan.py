@@ -38,7 +38,14 @@ DIST_SYNC = ("none", "grads")
 
 
 def contiguous_batches(n: int, unit: int, world: int) -> list[range]:
-    """Each rank's records: a contiguous run of whole batches of ``unit`` records, split as evenly as possible."""
+    """Each rank's records: a contiguous run of whole batches of ``unit`` records, split as evenly as possible.
+
+    Args:
+      n: the number of records.
+      unit: records per batch.
+      world: the number of ranks.
+    Returns:
+      One ``range`` of record indices per rank."""
     batches = -(-n // unit)
     per, extra = divmod(batches, world)
     starts = [r * per + min(r, extra) for r in range(world + 1)]
@@ -47,7 +54,14 @@ def contiguous_batches(n: int, unit: int, world: int) -> list[range]:
 
 def global_batch_parts(n: int, batch: int, world: int) -> list[list[range]]:
     """Each rank's part of every global batch of ``batch`` x ``world`` consecutive records (contiguous parts of
-    ``batch``; the last, shorter global batch split as evenly as possible, first parts one more)."""
+    ``batch``; the last, shorter global batch split as evenly as possible, first parts one more).
+
+    Args:
+      n: the number of records.
+      batch: each rank's share of a global batch.
+      world: the number of ranks.
+    Returns:
+      Per rank, one ``range`` per global batch (possibly empty: that rank steps on padding)."""
     size = batch * world
     parts: list[list[range]] = [[] for _ in range(world)]
     for start in range(0, n, size):
@@ -69,11 +83,21 @@ class Plan:
     parts: tuple[tuple[range, ...], ...]
 
     def indices(self, rank: int) -> list[int]:
-        """The whole-run indices of ``rank``'s records, in the order it predicts them."""
+        """The whole-run indices of ``rank``'s records, in the order it predicts them.
+
+        Args:
+          rank: the rank.
+        Returns:
+          The indices."""
         return [i for part in self.parts[rank] for i in part]
 
     def meta(self, world: World) -> dict:
-        """``meta.distributed``: the world, the semantics, the shard rule and each rank's image count."""
+        """``meta.distributed``: the world, the semantics, the shard rule and each rank's image count.
+
+        Args:
+          world: the job's ``World``.
+        Returns:
+          The JSON-ready dict."""
         out = {"world_size": world.size, "backend": world.backend, "semantics": self.semantics}
         out.update(shard_rule=self.rule, shard_unit=self.unit, dist_sync=self.dist_sync)
         if self.semantics == "shared-model":
@@ -82,7 +106,13 @@ class Plan:
 
 
 def check_dist_sync(config: TTTConfig, dist_sync: str) -> None:
-    """A ValueError naming the setting when ``--ttt-dist-sync grads`` cannot share one model for ``config``."""
+    """A ValueError naming the setting when ``--ttt-dist-sync grads`` cannot share one model for ``config``.
+
+    Args:
+      config: the run's TTT settings.
+      dist_sync: ``none`` or ``grads``.
+    Raises:
+      ValueError: naming the setting that prevents sharing one model."""
     if dist_sync != "grads":
         return
     if config.streams > 1:
@@ -100,7 +130,16 @@ def check_dist_sync(config: TTTConfig, dist_sync: str) -> None:
 
 
 def plan_for(config: TTTConfig, batch_size: int, n: int, world: int, dist_sync: str) -> Plan:
-    """The plan of an export of ``n`` records over ``world`` ranks (``batch_size``: the prediction batch)."""
+    """The plan of an export of ``n`` records over ``world`` ranks (``batch_size``: the prediction batch).
+
+    Args:
+      config: the run's TTT settings.
+      batch_size: the prediction batch.
+      n: the number of records.
+      world: the number of ranks.
+      dist_sync: ``none`` or ``grads``.
+    Returns:
+      The ``Plan``."""
     if not config.enabled:
         semantics, unit = "predict-only", batch_size
     elif config.reset == "sample":
@@ -136,7 +175,15 @@ def _lockstep_batches(lockstep: Lockstep, parts: Sequence[range], pads: Sequence
 
 
 def part_for(plan: Plan, rank: int, records: Sequence[Record], lockstep: Lockstep) -> Part:
-    """``rank``'s ``tta.part.Part`` of the run over ``records`` (the whole run's)."""
+    """``rank``'s ``tta.part.Part`` of the run over ``records`` (the whole run's).
+
+    Args:
+      plan: the run's plan.
+      rank: this rank.
+      records: the whole run's records.
+      lockstep: the ranks' failure checks (a shared model's batches are read in lockstep).
+    Returns:
+      The ``Part``."""
     first = plan.indices(rank)[0] if plan.indices(rank) else 0
     if plan.semantics == "episodic":
         return Part(offset=first)
@@ -150,7 +197,15 @@ def part_for(plan: Plan, rank: int, records: Sequence[Record], lockstep: Lockste
 
 def in_order(plan: Plan, gathered: Sequence[list]) -> list:
     """The ranks' predictions (``gathered[r]`` in rank r's order, a padding batch's last) in the whole run's
-    order, without those of padding."""
+    order, without those of padding.
+
+    Args:
+      plan: the run's plan.
+      gathered: each rank's predictions.
+    Returns:
+      One prediction per record of the run, in order.
+    Raises:
+      RuntimeError: a rank returned a wrong number of predictions."""
     out: dict[int, Any] = {}
     for rank, predictions in enumerate(gathered):
         indices = plan.indices(rank)
@@ -163,7 +218,13 @@ def in_order(plan: Plan, gathered: Sequence[list]) -> list:
 
 def merge_reports(plan: Plan, reports: Sequence[TTTReport]) -> TTTReport:
     """One report of the run: rank 0's for a shared model (every rank took the same steps), else the ranks'
-    steps in rank order (renumbered) and their counts summed; seconds are the slowest rank's."""
+    steps in rank order (renumbered) and their counts summed; seconds are the slowest rank's.
+
+    Args:
+      plan: the run's plan.
+      reports: each rank's ``TTTReport``, in rank order.
+    Returns:
+      The run's ``TTTReport``."""
     first = reports[0]
     seconds = max(r.seconds for r in reports)
     if plan.semantics in ("shared-model", "predict-only") or len(reports) == 1:

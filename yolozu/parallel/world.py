@@ -64,7 +64,14 @@ def _int(environ: Mapping[str, str], name: str, default: str | None = None) -> i
 
 
 def torchrun_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun's variables; None without them or for a world of one."""
+    """(rank, world size, local rank) from torchrun's variables; None without them or for a world of one.
+
+    Args:
+      environ: the environment read.
+    Returns:
+      ``(rank, world_size, local_rank)`` or None.
+    Raises:
+      DistributedError: the variables are missing or inconsistent."""
     if environ.get("WORLD_SIZE") in (None, "", "1"):
         return None
     size, rank = _int(environ, "WORLD_SIZE"), _int(environ, "RANK")
@@ -87,7 +94,13 @@ def _device(device: str, local: int) -> tuple[str, str]:
 @contextlib.contextmanager
 def joined(device: str, environ: Mapping[str, str] = os.environ) -> Iterator[World | None]:
     """This process's ``World`` in the default process group (joined here and left at the end, or reused when
-    already initialised); None outside torchrun."""
+    already initialised); None outside torchrun.
+
+    Args:
+      device: the device asked for (a CUDA rank uses its local GPU).
+      environ: the environment read.
+    Yields:
+      The ``World``, or None."""
     env = torchrun_env(environ)
     if env is None:
         yield None
@@ -122,13 +135,23 @@ class Lockstep:
         """Whether a failure has been shared at a check (then ``run_everywhere`` makes no final check)."""
 
     def any_failed(self, failed: bool) -> bool:
-        """Share whether this rank failed; True when any rank did."""
+        """Share whether this rank failed; True when any rank did.
+
+        Args:
+          failed: whether this rank failed.
+        Returns:
+          Whether any rank failed."""
         flag = torch.tensor([int(failed)], device=_flag_device(self.world))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def check(self, failed: bool = False) -> None:
-        """A lockstep point: raises ``PeerFailed`` on the healthy ranks when a rank says it ``failed``."""
+        """A lockstep point: raises ``PeerFailed`` on the healthy ranks when a rank says it ``failed``.
+
+        Args:
+          failed: whether this rank failed (it raises its own error after the check).
+        Raises:
+          PeerFailed: another rank failed."""
         if self.any_failed(failed):
             self.announced = True
             if not failed:
@@ -152,7 +175,16 @@ def _outcome(error: Exception, describe: Describe) -> tuple[int, str]:
 def run_everywhere(world: World, work: Callable[[Lockstep], T], describe: Describe) -> T:
     """``work(lockstep)`` on this rank, then every rank's outcome shared: if any rank failed, ``RankFailed`` with the
     first failed rank's error is raised on every rank (shown by rank 0 only; without a rank when all failed
-    alike). ``describe`` turns an error into its exit code and line."""
+    alike). ``describe`` turns an error into its exit code and line.
+
+    Args:
+      world: this rank's ``World``.
+      work: the work, given the ranks' ``Lockstep``.
+      describe: an error -> (exit code, line).
+    Returns:
+      ``work``'s result on this rank when no rank failed.
+    Raises:
+      RankFailed: a rank failed."""
     lockstep = Lockstep(world)
     result, mine, peer = None, None, False
     try:
@@ -174,14 +206,27 @@ def run_everywhere(world: World, work: Callable[[Lockstep], T], describe: Descri
 
 
 def gather_to_root(world: World, value: Any) -> list | None:
-    """Every rank's ``value``, in rank order, on rank 0 (None elsewhere)."""
+    """Every rank's ``value``, in rank order, on rank 0 (None elsewhere).
+
+    Args:
+      world: this rank's ``World``.
+      value: any picklable value.
+    Returns:
+      The list of every rank's value on rank 0, None on the others."""
     out = [None] * world.size if world.rank == 0 else None
     dist.gather_object(value, out, dst=0)
     return out
 
 
 def commit(world: World, write: Callable[[], None], describe: Describe) -> None:
-    """Rank 0 runs ``write``; every rank learns whether it succeeded (the others raise ``RankFailed`` if not)."""
+    """Rank 0 runs ``write``; every rank learns whether it succeeded (the others raise ``RankFailed`` if not).
+
+    Args:
+      world: this rank's ``World``.
+      write: the writing, run on rank 0 only.
+      describe: an error -> (exit code, line).
+    Raises:
+      RankFailed: the write failed (on every rank)."""
     error, outcome = None, None
     if world.rank == 0:
         try:
