@@ -130,7 +130,7 @@ class CoTTASettings:
     )
     threshold_data: str | None = setting(
         None,
-        "CoTTA: split of in-distribution data the threshold is derived from (5% quantile of the source "
+        "CoTTA: split of in-distribution data the threshold is derived from (5th percentile of the source "
         "confidence - 0.05, the reference's); none: confidence_threshold",
         optional_split,
         type=str,
