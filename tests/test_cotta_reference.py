@@ -171,3 +171,19 @@ def test_bad_reference_settings_are_errors():
         CoTTASettings(threshold_scope="image")
     with pytest.raises(ValueError, match="threshold_data must be a split name or None"):
         CoTTASettings(threshold_data="")
+
+
+def test_the_reference_rule_runs_through_the_captured_path():
+    model = seeded(TinyClassifier)
+    settings = CoTTASettings(views="random", random_views=3, aggregation="logit_mean", threshold_scope="batch",
+                             predict_with="teacher_before_update", restore_prob=0.1)
+    method = cotta.cotta_method(make_apply(model), optim.adam(1e-2), settings)
+    state = method.init_state(model, filters.select(model, "norm_only"))
+    x = _images(9)
+    noise = method.draw(rng.key(5), state.source, x)
+    eager, eager_metrics = make_update(method)(state, x, noise)
+    captured, captured_metrics = make_update(method, capture="rerun")(state, x, noise)
+    for name in eager.trainable:
+        assert torch.equal(captured.trainable[name], eager.trainable[name])
+        assert torch.equal(captured.method_state.previous[name], eager.method_state.previous[name])
+    assert torch.equal(captured_metrics["loss"], eager_metrics["loss"])
