@@ -167,10 +167,18 @@ def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
 
 
 def _returns_a_value(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Annotated as returning something other than None or, unannotated, a ``return`` of a value in its own body
+    (not in a function nested in it)."""
     if fn.returns is not None:
         return not (isinstance(fn.returns, ast.Constant) and fn.returns.value is None)
-    own = [n for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
-    return bool(own)
+    pending = list(fn.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Return) and node.value is not None:
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+    return False
 
 
 def _function_gaps(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
@@ -228,6 +236,7 @@ def test_public_functions_are_documented(path):
         ('def f(s):\n    """What.\n\n    Args:\n      probs: one.\n    """\n', "f: Args misses s"),
         ('def f():\n    """What."""\n    return 1\n', "f: no Returns"),
         ('def f() -> int:\n    """What."""\n', "f: no Returns"),
+        ('def f():\n    """What."""\n    if True:\n        return 1\n', "f: no Returns"),
         ("class C:\n    pass\n", "class C: no docstring"),
         ('class C:\n    """C."""\n\n    def m(self, v):\n        """What."""\n', "C.m: no Args"),
     ],
@@ -251,6 +260,15 @@ def f(x, *rest, k=1, **options) -> int:
 
 def _private(x):
     return x
+
+
+def setup():
+    """Installs a callback that returns a value; setup itself returns nothing."""
+
+    def callback():
+        return 1
+
+    register(callback)
 
 
 class C:
