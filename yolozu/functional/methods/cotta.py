@@ -59,9 +59,12 @@ AUGMENTATIONS = ("identity", "hflip")
 PREDICT_WITH = (*TEACHER_OR_STUDENT, "teacher_before_update")
 VIEWS = ("fixed", "random")
 THRESHOLD_SCOPES = ("sample", "batch")
-__all__ = [  # CoTTA's mean-teacher pieces live in functional.mean_teacher; re-exported under CoTTA's name
-    "aggregate", "consistency_loss", "ema", "restore_draws", "stochastic_restore", "teacher_targets"
-]
+__all__ = [
+    "AGGREGATIONS", "AUGMENTATIONS", "PREDICT_WITH", "THRESHOLD_SCOPES", "VIEWS", "CoTTANoise", "CoTTASettings",
+    "CoTTAState", "cotta_method", "source_threshold", "teacher_finish", "teacher_prepare",
+    # the mean-teacher pieces, in functional.mean_teacher, under CoTTA's name too
+    "aggregate", "consistency_loss", "ema", "restore_draws", "stochastic_restore", "teacher_targets",
+]  # fmt: skip
 
 
 def _hflip(x: Tensor) -> Tensor:
