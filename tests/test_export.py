@@ -118,7 +118,8 @@ def test_help_lists_every_flag():
         "all,norm_only,adapter_only,lora_only,lora_norm_only,norm_but_top",
         "stream,sample",
         "pre,online",
-        "adapter_only,cotta_paper,cotta_safe,eata_paper,eata_safe,mim_safe,safe,sar_safe",
+        "adapter_only,cotta_paper,cotta_safe,depth_safe,detector_response_safe,eata_paper,eata_safe,keypoints_safe,"
+        "mim_safe,pose_mim,pose_safe,safe,sar_safe,seg_safe",
     ):
         assert "{" + choices + "}" in text, choices
     assert "detector, dummy, torchvision" in text and "package.module:factory" in text

@@ -161,7 +161,7 @@ def test_no_import_cycle_between_subpackages():
     graph: dict[str, set[str]] = {}
     for path in package_files():
         source = unit(module_name(path))
-        if source is None:
+        if source is None or module_name(path) in UPWARD_SHIMS:  # a declared shim points up by design
             continue
         targets = {unit(m) for m in imported_modules(path)}
         graph.setdefault(source, set()).update(t for t in targets if t is not None and t != source)
@@ -177,11 +177,11 @@ def test_find_cycle_reports_the_cycle():
 
 LAYERS = {
     "runtime": 0, "functional": 1, "io": 1, "data": 1, "bridge": 2, "models": 2, "adapter": 3, "adapters": 3,
-    "metrics": 3, "inference": 4, "tta": 5, "parallel": 6, "cli": 7, "demo": 8,
+    "metrics": 3, "response_selection": 2, "inference": 4, "tta": 5, "parallel": 6, "cli": 7, "demo": 8,
 }
 """Each top-level part of the package and its floor: a module imports only from lower floors or its own part
 (``adapter``, YOLOZU's contract module, is one part with ``adapters``)."""
-UPWARD_SHIMS = {"yolozu.export", "yolozu.eval"}
+UPWARD_SHIMS = {"yolozu.export", "yolozu.eval", "yolozu.inference.export_predictions_cli"}
 """Old import paths kept for one release: they re-export a command from above, so they may point up."""
 
 

@@ -57,6 +57,8 @@ def test_defaults_follow_the_spec():
         ("adapter_only", "tent", "adapter_only", 5.0),
         ("mim_safe", "mim", "adapter_only", 5.0),
         ("cotta_safe", "cotta", "lora_norm_only", 1.0),
+        ("eata_safe", "eata", "lora_norm_only", 1.0),
+        ("sar_safe", "sar", "lora_only", 1.0),
     ],
 )
 def test_presets(name, method, filt, cap):
@@ -76,8 +78,9 @@ def test_unknown_preset_is_an_error():
     with pytest.raises(ValueError, match="unknown TTT preset 'fast'"):
         preset_values("fast")
     assert set(PRESETS) == {
-        "safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe", "eata_paper", "cotta_paper"
-    }
+        "safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe", "detector_response_safe",
+        "pose_safe", "keypoints_safe", "depth_safe", "seg_safe", "pose_mim", "eata_paper", "cotta_paper",
+    }  # fmt: skip
 
 
 def test_to_dict_is_json_ready():

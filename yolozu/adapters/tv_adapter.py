@@ -59,6 +59,7 @@ def family_readout(family: str) -> Readout:
         sample_kind=kind,
         flip_back=view_flip_back,
         recon=no_reconstruction,
+        no_object=0,  # Faster R-CNN's and SSD's background label; sigmoid families have none
     )
 
 

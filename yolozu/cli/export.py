@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
+from yolozu.cli import tta_modes
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
 from yolozu.cli.export_parser import build_parser, flip_tta_of
 from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
@@ -37,7 +38,7 @@ from yolozu.tta.config import TTTConfig
 from yolozu.tta.flags import flag_kwargs, flag_of, ttt_config, ttt_fields, ttt_meta  # noqa: F401 (re-exported)
 from yolozu.tta.integration import disabled_report
 from yolozu.tta.part import WHOLE, Part
-from yolozu.tta.presets import apply_ttt_preset_args
+from yolozu.tta.presets import apply_ttt_preset_args, validate_ttt_requirements
 from yolozu.tta.report import TTTReport
 from yolozu.tta.schedules import adapt_and_predict
 
@@ -112,7 +113,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if value is not None and (args.bn_stats != mode or value < 0):
             raise UsageError(f"{flag} applies to --bn-stats {mode} and must be >= 0 ({unit}), got {value} with "
                              f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode {mode} --ttt{flag} N")
-    flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only")
+    flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only", "--tta-keypoint-swap-pairs")
     given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
     if given and not args.tta:
         raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
@@ -203,7 +204,7 @@ def _meta(args: argparse.Namespace, adapter, records: list[dict], config: TTTCon
         **_norm_options(args),
         "lora": lora_meta(args, adapter),
         "ttt": ttt_meta(config, report if config.enabled else None),
-        "tta": tta.to_dict() if tta is not None else {"enabled": False},
+        "tta": tta_modes.flip_meta(tta),
     }
 
 
@@ -235,8 +236,9 @@ def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TT
     adapter = _adapter(args, config)
     records = _records(args, adapter, outputs)
     run = _adapted if config.enabled else _plain
-    predictions, report = run(args, adapter, records, config, tta, WHOLE)
+    predictions, report = run(args, adapter, records, config, tta_modes.flip(tta), WHOLE)
     meta = _meta(args, adapter, records, config, report.to_dict(), tta)
+    predictions = tta_modes.postprocess(predictions, meta, tta)
     _write(args, outputs, predictions, meta)
     return wrap(predictions, meta)
 
@@ -253,7 +255,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
         shard = [records[i] for i in plan.indices(world.rank)]
         part = part_for(plan, world.rank, records, lockstep)
-        return adapter, records, plan, run(mine, adapter, shard, config, tta, part)
+        return adapter, records, plan, run(mine, adapter, shard, config, tta_modes.flip(tta), part)
 
     adapter, records, plan, result = run_everywhere(world, work, _describe)
     gathered = gather_to_root(world, result)
@@ -265,6 +267,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         report = merge_reports(plan, [g[1] for g in gathered])
         meta = _meta(args, adapter, records, config, report.to_dict(), tta)
         meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)
+        predictions = tta_modes.postprocess(predictions, meta, tta)
         _write(args, outputs, predictions, meta)
         document = wrap(predictions, meta)
 
@@ -277,14 +280,14 @@ def run_export(args: argparse.Namespace) -> dict | None:
     (``WORLD_SIZE`` > 1) the ranks share the work and rank 0 writes; the other ranks return None."""
     outputs = _outputs(args)
     _check_numbers(args)
-    if args.ttt_preset and not args.ttt:
-        raise UsageError("--ttt-preset needs --ttt")
-    if args.ttt_log_out and not args.ttt:
-        raise UsageError("--ttt-log-out needs --ttt (it logs the test-time training run)")
+    for flag, why in (("preset", ""), ("log_out", " (it logs the test-time training run)")):
+        if getattr(args, f"ttt_{flag}") and not args.ttt:
+            raise UsageError(f"--ttt-{flag.replace('_', '-')} needs --ttt{why}")
     apply_ttt_preset_args(args)
     set_deterministic(args.deterministic)
     torch.manual_seed(args.seed)
     try:
+        validate_ttt_requirements(args)  # before the model is built
         config = ttt_config(args)
     except ValueError as e:
         raise TTTError(str(e)) from e

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+import attrs
+
 from yolozu.adapters.images import default_workers
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli.adapter_flags import add_adapter_flags
 from yolozu.cli.lora_flags import add_lora_flags
 from yolozu.inference.flip import MERGES, FlipTTAConfig
 from yolozu.parallel.plan import DIST_SYNC
-from yolozu.tta.flags import flag_kwargs, flag_of, ttt_fields
-from yolozu.tta.presets import PRESETS
+from yolozu.tta.base import TTAConfig
+from yolozu.tta.cli_options import add_ttt_arguments
+
+TTA_MODES = ("model", "postprocess")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
 def _tta_flags(tta: argparse._ArgumentGroup) -> None:
     tta.add_argument("--tta", action="store_true", help="also predict on the horizontally flipped image and merge")
     tta.add_argument("--tta-merge", choices=MERGES, default="wbf", help="wbf (default) or nms")
-    tta.add_argument("--tta-iou", type=float, default=0.55, help="IoU threshold of the merge (default 0.55)")
+    tta.add_argument(
+        "--tta-mode",
+        choices=TTA_MODES,
+        default="model",
+        help="model (default): predict on the flipped image too and merge; postprocess (YOLOZU's default): mirror "
+        "each detection of the plain predictions with probability --tta-flip-prob (seeded; no second forward)",
+    )
+    tta.add_argument(
+        "--tta-iou",
+        "--tta-model-merge-iou",
+        type=float,
+        default=0.55,
+        help="IoU threshold of the model-mode merge (default 0.55; --tta-model-merge-iou is YOLOZU's name)",
+    )
     tta.add_argument("--tta-log-out", help="write a JSON log of the TTA settings")
     tta.add_argument(
         "--tta-flip-prob",
         type=float,
-        help="probability that an image gets the flipped branch (default 1: every image), drawn per image",
+        help="model mode: probability that an image gets the flipped branch, drawn per image (default 1: every "
+        "image); postprocess mode: probability that a detection is mirrored, drawn per detection (default 0.5, "
+        "YOLOZU's)",
+    )
+    tta.add_argument(
+        "--tta-keypoint-swap-pairs",
+        type=swap_pairs,
+        help="keypoint index pairs swapped by a mirror, e.g. 1:2,3:4 (detections with keypoints only)",
+    )
+    tta.add_argument(
+        "--tta-flip-keypoints",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mirror detections' keypoints too (default on; detections with keypoints only)",
+    )
+    tta.add_argument(
+        "--tta-flip-pose-offsets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="negate the x of detections' pose offsets when mirroring (default on; detections with offsets only)",
     )
     tta.add_argument("--tta-seed", type=int, help="seed of the per-image flip draw (default: --seed)")
     tta.add_argument(
@@ -93,14 +129,7 @@ def _tta_flags(tta: argparse._ArgumentGroup) -> None:
 
 
 def _ttt_flags(ttt: argparse._ArgumentGroup) -> None:
-    ttt.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
-    ttt.add_argument(
-        "--ttt-preset",
-        choices=sorted(PRESETS),
-        help="tested settings; explicit flags win (a plain --ttt gets its method's safe preset)",
-    )
-    for field in ttt_fields():
-        ttt.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
+    add_ttt_arguments(ttt)
     ttt.add_argument(  # an export policy, not a TTTConfig field: its dest has no ttt_ prefix
         "--ttt-allow-non-finite",
         dest="allow_non_finite",
@@ -118,14 +147,36 @@ def _ttt_flags(ttt: argparse._ArgumentGroup) -> None:
     )
 
 
-def flip_tta_of(args: argparse.Namespace) -> FlipTTAConfig | None:
-    """The flip TTA settings of ``--tta``, None without it."""
+def swap_pairs(text: str) -> tuple[tuple[int, int], ...]:
+    """argparse type of ``--tta-keypoint-swap-pairs``: ``1:2,3:4`` -> ((1, 2), (3, 4)), indices >= 0."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        a, sep, b = item.partition(":")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected index pairs >= 0 like 1:2,3:4, got {text!r}")
+        pairs.append((int(a), int(b)))
+    return tuple(pairs)
+
+
+def flip_tta_of(args: argparse.Namespace) -> FlipTTAConfig | TTAConfig | None:
+    """The TTA settings of ``--tta``: the model-mode flip (``FlipTTAConfig``), the postprocess mirror
+    (``TTAConfig``), None without ``--tta``."""
     if not args.tta:
         return None
+    seed = args.seed if args.tta_seed is None else args.tta_seed
+    keypoints = {
+        "keypoint_swap_pairs": args.tta_keypoint_swap_pairs,
+        "flip_keypoints": args.tta_flip_keypoints,
+        "flip_pose_offsets": args.tta_flip_pose_offsets,
+    }
+    if args.tta_mode == "postprocess":
+        prob = attrs.fields(TTAConfig).flip_prob.default if args.tta_flip_prob is None else args.tta_flip_prob
+        return TTAConfig(enabled=True, seed=seed, flip_prob=prob, norm_only=bool(args.tta_norm_only), **keypoints)
     return FlipTTAConfig(
         merge=args.tta_merge,
         iou=args.tta_iou,
         flip_prob=1.0 if args.tta_flip_prob is None else args.tta_flip_prob,
-        seed=args.seed if args.tta_seed is None else args.tta_seed,
+        seed=seed,
         norm_only=bool(args.tta_norm_only),
+        **keypoints,
     )

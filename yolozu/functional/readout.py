@@ -71,6 +71,8 @@ class Readout:
       flip_back: output of the horizontally flipped input -> its ``scores`` in the original image's frame (e.g.
         anchors of several feature levels, permuted); None: ``scores`` flipped along W when ``spatial``, else as
         they are.
+      no_object: the index of softmax scores' no-object (background) class: RT-DETR's last (-1, YOLOZU's
+        default), torchvision Faster R-CNN's and SSD's first (0); unused for sigmoid scores.
     """
 
     scores: Callable[[Any], Tensor] = output_logits
@@ -81,6 +83,19 @@ class Readout:
     recon_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     recon: Callable[[Any], Tensor] = output_reconstruction
     flip_back: Callable[[Any], Tensor] | None = None
+    no_object: int = -1
+
+    def candidates(self, output: Any, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The detector's candidates as ``(B, Q, C)`` class logits (classes last) and the flat positions they
+        were read at: a dense map's top-k peaks (at ``index`` when given, e.g. a teacher's), every other
+        position of ``scores`` as it is (queries, anchors; a classifier's row is one candidate)."""
+        scores = self.scores(output)
+        if self.spatial and scores.ndim == 4:
+            index = peak_indices(scores, 100) if index is None else index
+            scores = gather_positions(scores, index)
+        if scores.ndim == 2:
+            scores = scores.unsqueeze(-1)
+        return scores.flatten(2).movedim(1, -1), index
 
     def class_samples(self, output: Any) -> tuple[Tensor, str]:
         """The class logits Tent reads from ``output`` and how they become probabilities.

@@ -24,18 +24,22 @@ def _fail(instance: Any, attribute: attrs.Attribute, expected: str, value: Any) 
 @attrs.frozen
 class OneOf:
     """Validator: the value (every element, when ``many``) is one of ``choices``; ``many`` also asks for a
-    non-empty sequence."""
+    non-empty sequence; ``optional`` also accepts None."""
 
     choices: tuple[str, ...]
     many: bool = False
+    optional: bool = False
 
     @property
     def expected(self) -> str:
         """What a valid value is, in words (the error message's ending)."""
         listed = ", ".join(self.choices)
-        return f"a non-empty list drawn from {listed}" if self.many else f"one of {listed}"
+        text = f"a non-empty list drawn from {listed}" if self.many else f"one of {listed}"
+        return text + (" or None" if self.optional else "")
 
     def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and self.optional:
+            return
         values = value if self.many else (value,)
         if (self.many and not values) or any(v not in self.choices for v in values):
             _fail(instance, attribute, self.expected, list(value) if self.many else value)

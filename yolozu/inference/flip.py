@@ -33,6 +33,11 @@ class FlipTTAConfig:
     seed: int = 0
     norm_only: bool = False
     """YOLOZU's: mirror only normalised boxes. Every box here is normalised, so it changes nothing."""
+    keypoint_swap_pairs: tuple[tuple[int, int], ...] | None = None
+    flip_keypoints: bool = True
+    flip_pose_offsets: bool = True
+    """YOLOZU's keypoint and pose-offset mirroring: validated and recorded; the project's detectors predict
+    boxes only, so they change nothing here."""
 
     @flip_prob.validator
     def _prob_in_range(self, attribute: attrs.Attribute, value: float) -> None:
@@ -47,6 +52,7 @@ class FlipTTAConfig:
     def to_dict(self) -> dict:
         return {
             "enabled": True,
+            "mode": "model",
             "augmentations": ["identity", "hflip"],
             "merge": self.merge,
             "iou": self.iou,
@@ -54,6 +60,9 @@ class FlipTTAConfig:
             "flip_prob": self.flip_prob,
             "seed": self.seed,
             "norm_only": self.norm_only,
+            "keypoint_swap_pairs": self.keypoint_swap_pairs and list(map(list, self.keypoint_swap_pairs)),
+            "flip_keypoints": self.flip_keypoints,
+            "flip_pose_offsets": self.flip_pose_offsets,
         }
 
 

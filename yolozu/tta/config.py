@@ -20,12 +20,17 @@ from yolozu.functional.filters import FILTERS
 from yolozu.functional.guards import GuardLimits
 from yolozu.functional.methods import MethodEntry
 from yolozu.functional.optim import OPTIMIZERS
-from yolozu.functional.settings import copy_field, number, one_of, setting, str_tuple
+from yolozu.functional.settings import OneOf, copy_field, number, one_of, setting, str_tuple
 from yolozu.functional.step import BN_MODES
 from yolozu.tta.methods import METHODS, entry
-from yolozu.tta.presets import PRESETS, preset_values
+from yolozu.tta.preset_table import PRESETS, preset_values
 
+SUPPORTED_TTT_METHODS = tuple(METHODS)
+"""The registered methods (YOLOZU's five, then the project's and any plug-in's): the choices of ``method``."""
 RESETS = ("stream", "sample")
+SDFT_TASKS = ("pose", "keypoints", "depth", "seg", "full")
+AUX_KEYS = {"pose": ("rot6d", "pose"), "keypoints": ("keypoints",), "depth": ("depth",), "seg": ("seg_logits", "seg")}
+"""The model-output keys each auxiliary weight acts on (YOLOZU's), when the output is a dict holding them."""
 SCHEDULES = ("pre", "online")
 ONLINE_PREDICT = ("after_update", "adapt_forward")
 
@@ -60,6 +65,23 @@ COMMON = {
         type=int,
     ),
     "log_out": setting(None, "write a JSON log of the run here", type=str, converter=attrs.converters.optional(str)),
+    # YOLOZU 4.12's multi-task fields (they act only on outputs holding AUX_KEYS: not on the built-in detectors)
+    **{
+        f"aux_{task}_weight": setting(
+            0.0,
+            f"weight of the consistency loss of the {task} outputs ({'/'.join(keys)}) against the current batch's "
+            "frozen-model outputs (0: off)",
+            number(0),
+        )
+        for task, keys in AUX_KEYS.items()
+    },
+    "aux_temperature": setting(1.0, "temperature of the auxiliary consistency losses", number(0, low_open=True)),
+    "sdft_task": setting(
+        None,
+        "task hint: picks a task preset for a plain --ttt (pose, keypoints, depth, seg) and is recorded",
+        OneOf(SDFT_TASKS, optional=True),
+        type=str,
+    ),
     # our additions, after YOLOZU's fields
     "preset": setting(
         None, "tested settings; explicit values win", attrs.validators.optional(one_of(*PRESETS)), type=str
@@ -99,6 +121,12 @@ POSITIONAL = (
     "update_filter", "include", "exclude", "max_batches", "seed", "log_out",
 )  # fmt: skip
 """YOLOZU's order of the fields every method shares (positional use); each method's YOLOZU fields follow."""
+POSITIONAL_TAIL = (
+    "aux_pose_weight", "aux_keypoints_weight", "aux_depth_weight", "aux_seg_weight", "aux_temperature",
+    "sdft_task", "detector_response", "response_conf_min", "response_topk", "response_min_selected",
+    "response_class_weight", "response_bbox_weight", "response_entropy_weight",
+)  # fmt: skip
+"""YOLOZU 4.12's fields after the methods' (the last three declared by Tent's settings), before the project's."""
 
 
 def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:
@@ -113,7 +141,8 @@ def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:
         for field in attrs.fields(method.settings):
             flag = "--ttt-" + (flag_prefix + field.name).replace("_", "-")
             per_method[method.prefix + field.name] = copy_field(field, group=name, prefix=method.prefix, flag=flag)
-    first = [*POSITIONAL, *(n for n, f in per_method.items() if f.metadata.get("yolozu"))]
+    methods_first = (n for n, f in per_method.items() if f.metadata.get("yolozu") and n not in POSITIONAL_TAIL)
+    first = [*POSITIONAL, *methods_first, *POSITIONAL_TAIL]
     fields = {**shared, **per_method}
     return {**{n: fields[n] for n in first}, **{n: f for n, f in fields.items() if n not in first}}
 

@@ -62,10 +62,12 @@ def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
       Keyword arguments of ``ArgumentParser.add_argument``."""
     default = field.default
     shown = " ".join(default) if isinstance(default, tuple) else default
+    shown = "none" if shown is None or shown == "" else str(shown).lower() if isinstance(shown, bool) else shown
     expected = getattr(field.validator, "expected", None) if isinstance(field.validator, Number) else None
     text = field.metadata["help"] + (f": {expected}" if expected else "")
-    kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default {shown or 'none'})"}
-    choices = getattr(field.validator, "choices", None)
+    kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default {shown})"}
+    validator = getattr(field.validator, "validator", field.validator)  # an optional(...) validator's inner one
+    choices = getattr(validator, "choices", None)
     kind = field.metadata["kind"]
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -96,7 +98,7 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
       The validated ``TTTConfig``."""
     given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
     explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
-    explicit.setdefault("seed", args.seed)
+    explicit.setdefault("seed", getattr(args, "seed", None))
     if not args.ttt:
         return TTTConfig(**explicit)
     return TTTConfig.from_preset(args.ttt_preset, **{"enabled": True, **explicit})

@@ -17,11 +17,13 @@ from torch import nn
 
 from yolozu.functional.optim import GradientTransformation
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
+from yolozu.functional.response import weak_photometric_view
 from yolozu.functional.settings import copy_field, number, one_of, setting
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 
 log = logging.getLogger(__name__)
+_deterministic_weak_photometric_view = weak_photometric_view  # YOLOZU's name of the response variant's view
 _FIELDS = attrs.fields_dict(TTTConfig)
 
 

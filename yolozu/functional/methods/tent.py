@@ -8,6 +8,12 @@ Tent minimises the mean Shannon entropy of the model's own class predictions on 
 selected parameters (the paper: BatchNorm affine parameters, normalising with test-batch statistics). The
 samples z_n are what the readout (``yolozu.functional.readout``) reads from the output: a classifier's logit
 rows, or a detector's class logits at its top-k heatmap peaks (``peak_class_logits``).
+
+With ``detector_response`` (YOLOZU 4.12's detector-native variant) the loss is instead the response consistency of
+``yolozu.functional.response``: the frozen model's (teacher's) candidates on the batch, read by the readout (query
+logits; a dense detector's top-k peaks; torchvision's candidates), select the foreground the student's
+responses on a weak photometric view of the batch are pulled towards; a batch with fewer than
+``response_min_selected`` selected candidates abstains (no update, buffers kept).
 """
 
 from __future__ import annotations
@@ -18,12 +24,49 @@ from torch import Tensor
 from yolozu.functional import optim
 from yolozu.functional.losses import binary_entropy, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
-from yolozu.functional.step import Apply, LossOutput, Method, make_step
+from yolozu.functional.response import response_terms, weak_photometric_view
+from yolozu.functional.settings import number, setting
+from yolozu.functional.state import tree_where
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_step
 
 
 @attrs.frozen(kw_only=True)
 class TentSettings:
-    """Tent has no settings of its own: its learning rate, filter and BatchNorm mode are every method's."""
+    """Tent's learning rate, filter and BatchNorm mode are every method's; its own settings are YOLOZU 4.12's
+    detector-response variant (off by default: plain entropy minimisation)."""
+
+    detector_response: bool = setting(
+        False, "Tent: foreground response consistency with a frozen teacher instead of entropy", yolozu=True
+    )
+    response_conf_min: float = setting(
+        0.2, "detector response: minimum teacher foreground confidence of a selected candidate", number(0, 1),
+        yolozu=True,
+    )
+    response_topk: int = setting(
+        20, "detector response: at most this many selected candidates per image (0: no cap)",
+        number(0, integer=True), yolozu=True,
+    )
+    response_min_selected: int = setting(
+        1, "detector response: abstain from the update below this many selected candidates",
+        number(1, integer=True), yolozu=True,
+    )
+    response_class_weight: float = setting(
+        1.0, "detector response: weight of the class consistency (KL)", number(0), yolozu=True
+    )
+    response_bbox_weight: float = setting(
+        1.0, "detector response: weight of the box consistency (smooth L1, outputs with a bbox)", number(0),
+        yolozu=True,
+    )
+    response_entropy_weight: float = setting(
+        0.05, "detector response: weight of the selected candidates' entropy", number(0), yolozu=True
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if 0 < self.response_topk < self.response_min_selected:
+            raise ValueError(
+                f"response_topk ({self.response_topk}) must be 0 or >= response_min_selected "
+                f"({self.response_min_selected}): fewer candidates could never reach the minimum"
+            )
 
 
 def entropy(logits: Tensor, kind: str) -> Tensor:
@@ -58,7 +101,8 @@ def tent_method(
     bn: str = "running",
 ) -> Method:
     """Tent as a ``Method``: the loss is ``tent_loss(apply(batch))``; no randomness. Its loss is one plain
-    forward of the batch, so that forward's output is also the batch's prediction (``clean_forward``).
+    forward of the batch, so that forward's output is also the batch's prediction (``clean_forward``). With
+    ``settings.detector_response``: ``response_method``.
 
     Args:
       apply: the model as a pure function (``bridge.make_apply``).
@@ -68,7 +112,8 @@ def tent_method(
       bn: the BatchNorm mode while adapting (``step.BN_MODES``).
     Returns:
       The ``Method``."""
-    del settings
+    if settings.detector_response:
+        return response_method(apply, optimizer, settings, readout=readout, bn=bn)
 
     def entropy_loss(params, buffers, batch, extra):
         del extra
@@ -76,6 +121,65 @@ def tent_method(
         return tent_loss(output, readout), LossOutput(new_buffers, {}, output)
 
     return Method(entropy_loss, optimizer, clean_forward=True)
+
+
+def _boxes(output) -> object:
+    """A dict output's ``bbox`` (B, Q, 4), else None."""
+    box = output.get("bbox") if isinstance(output, dict) else None
+    return box if box is not None and box.ndim == 3 else None
+
+
+def abstain_or_keep(old: TTTState, new: TTTState, metrics: dict, noise) -> tuple[TTTState, dict]:
+    """The response variant's ``finish``: an abstained step keeps the old weights, optimiser state and buffers."""
+    del noise
+    metrics = dict(metrics)
+    abstained = metrics["response_abstained"] > 0
+    kept = new._replace(
+        trainable=tree_where(abstained, old.trainable, new.trainable),
+        opt_state=tree_where(abstained, old.opt_state, new.opt_state),
+        buffers=tree_where(abstained, old.buffers, new.buffers),
+    )
+    metrics.update(
+        update_abstained=abstained.float(),
+        buffers_restored_on_abstention=abstained.float(),
+        update_norm=metrics["update_norm"] * (~abstained),
+    )
+    return kept, metrics
+
+
+def response_method(
+    apply: Apply,
+    optimizer: optim.GradientTransformation,
+    settings: TentSettings,
+    *,
+    readout: Readout = DEFAULT_READOUT,
+    bn: str = "running",
+) -> Method:
+    """Tent's detector-response variant as a ``Method`` (module docstring): the teacher is the current weights,
+    detached, on the batch with stored BatchNorm statistics; the student the same weights on the weak view."""
+    s = settings
+
+    def loss_fn(params, buffers, batch, extra):
+        del extra
+        teacher, _ = apply({k: v.detach() for k, v in params.items()}, buffers, batch, bn_mode="eval")
+        student, new_buffers = apply(params, buffers, weak_photometric_view(batch), bn_mode=bn)
+        teacher_logits, index = readout.candidates(teacher)
+        student_logits, _ = readout.candidates(student, index)
+        teacher_box, student_box = _boxes(teacher), _boxes(student)
+        loss, metrics = response_terms(
+            student_logits, teacher_logits.detach(), student_box if teacher_box is not None else None,
+            None if teacher_box is None else teacher_box.detach(),
+            confidence_min=s.response_conf_min, topk=s.response_topk, min_selected=s.response_min_selected,
+            class_weight=s.response_class_weight, bbox_weight=s.response_bbox_weight,
+            entropy_weight=s.response_entropy_weight, kind=readout.sample_kind or readout.score_kind,
+            no_object=readout.no_object,
+        )  # fmt: skip
+        return loss, LossOutput(new_buffers, metrics, student)
+
+    names = ("loss_response_class", "loss_response_bbox", "loss_response_foreground_entropy",
+             "response_selected_queries", "response_selected_ratio", "response_selected_confidence_mean",
+             "response_abstained", "update_abstained", "buffers_restored_on_abstention")  # fmt: skip
+    return Method(loss_fn, optimizer, finish=abstain_or_keep, metric_names=names)
 
 
 def make_tent_step(
