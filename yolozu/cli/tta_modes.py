@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import attrs
 
 from yolozu.inference.flip import FlipTTAConfig
@@ -26,6 +28,6 @@ def postprocess(predictions: list, meta: dict, tta: FlipTTAConfig | TTAConfig | 
     if not isinstance(tta, TTAConfig):
         return predictions
     result = apply_tta_transform(predictions, config=tta)
-    settings = attrs.asdict(tta, retain_collection_types=False)
+    settings = json.loads(json.dumps(attrs.asdict(tta)))  # tuples -> lists
     meta["tta"] = {**settings, "mode": "postprocess", **summarize_tta(result.entries, warnings=result.warnings)}
     return result.entries

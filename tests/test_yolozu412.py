@@ -1,0 +1,253 @@
+"""YOLOZU 4.12's test-time training surface: cli_options, method profiles, presets and their rules, the new
+TTTConfig fields, detector-response selection, the TTA base names and modes, and an export per preset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import types
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from yolozu.cli.export import build_parser, main
+from yolozu.tta.config import POSITIONAL_TAIL, SUPPORTED_TTT_METHODS, TTTConfig
+
+
+def _ns(*flags):
+    parser = argparse.ArgumentParser(add_help=False)
+    from yolozu.tta.cli_options import add_ttt_arguments
+
+    add_ttt_arguments(parser, include_enable_flag=True)
+    return parser.parse_args(list(flags))
+
+
+def test_cli_options_builders_round_trip_through_the_export_flags():
+    from yolozu.tta.cli_options import (
+        TTT_PRESET_CHOICES,
+        build_ttt_cli_args,
+        build_ttt_config_from_args,
+        build_ttt_settings_from_args,
+    )
+
+    ns = _ns("--ttt", "--ttt-method", "eata", "--ttt-sdft-task", "depth", "--ttt-aux-seg-weight", "0.5",
+             "--ttt-response-min-selected", "3", "--ttt-eata-conf-min", "0.3")  # fmt: skip
+    config = build_ttt_config_from_args(ns)
+    assert (config.enabled, config.method, config.sdft_task, config.aux_seg_weight) == (True, "eata", "depth", 0.5)
+    settings = build_ttt_settings_from_args(ns)
+    assert settings["aux"]["seg_weight"] == 0.5 and settings["detector_response"]["min_selected"] == 3
+    assert settings["eata"]["conf_min"] == 0.3 and settings["include"] is None
+    argv = build_ttt_cli_args(ns)
+    again = build_ttt_config_from_args(_ns(*argv))
+    assert again == config
+    assert len(TTT_PRESET_CHOICES) == 12 and build_ttt_cli_args(_ns()) == []
+    # the export's flags are the same declaration: every cli_options flag is an export flag
+    export_flags = {a.dest for a in build_parser()._actions}
+    assert set(vars(_ns())) <= export_flags
+
+
+def test_new_fields_in_yolozus_order_validated_and_in_meta_groups():
+    names = [f.name for f in attrs.fields(TTTConfig)]
+    start = names.index("aux_pose_weight")
+    assert tuple(names[start : start + len(POSITIONAL_TAIL)]) == POSITIONAL_TAIL
+    assert names.index("sar_first_step_scale") < start < names.index("preset")
+    for field, value in (("aux_pose_weight", -1.0), ("sdft_task", "legs"), ("response_conf_min", 1.5),
+                         ("response_min_selected", 0), ("aux_temperature", 0.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            TTTConfig(**{field: value})
+    with pytest.raises(ValueError, match="response_topk"):
+        TTTConfig(response_topk=1, response_min_selected=2).method_settings()
+    grouped = TTTConfig(detector_response=True, aux_depth_weight=0.25).grouped()
+    assert grouped["tent"]["detector_response"] is True and grouped["aux_depth_weight"] == 0.25
+    assert set(SUPPORTED_TTT_METHODS) >= {"tent", "mim", "cotta", "eata", "sar"}
+
+
+def test_method_profiles_are_copies_and_unknown_fails_closed():
+    from yolozu.tta.method_profiles import TTT_METHOD_PROFILES, get_ttt_method_profile
+
+    profile = get_ttt_method_profile("tent")
+    profile["loss"]["detector_logits"]["scope"] = "changed"
+    assert TTT_METHOD_PROFILES["tent"]["loss"]["detector_logits"]["scope"] != "changed"
+    assert get_ttt_method_profile("tent", detector_response=True)["abstention"]["report_fields"]
+    assert TTT_METHOD_PROFILES["mim"]["efficacy"] == "no_gain_measured"
+    with pytest.raises(ValueError, match="unknown TTT method profile"):
+        get_ttt_method_profile("nope")
+    with pytest.raises(ValueError, match="only for tent"):
+        get_ttt_method_profile("sar", detector_response=True)
+
+
+def _plain(**over):
+    values = dict(ttt=True, ttt_preset=None, ttt_method=None, ttt_steps=None, ttt_batch_size=None, ttt_lr=None,
+                  ttt_update_filter=None, ttt_max_batches=None, ttt_max_grad_norm=None, ttt_max_update_norm=None,
+                  ttt_max_total_update_norm=None, ttt_max_loss_ratio=None, ttt_max_loss_increase=None)  # fmt: skip
+    values.update(over)
+    return types.SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize(
+    "over,preset,method,filt",
+    [
+        ({}, "safe", "tent", "norm_only"),
+        ({"ttt_method": "sar"}, "sar_safe", "sar", "lora_only"),
+        ({"ttt_method": "eata"}, "eata_safe", "eata", "lora_norm_only"),
+        ({"ttt_sdft_task": "pose"}, "pose_safe", "tent", "lora_norm_only"),
+        ({"ttt_sdft_task": "pose", "ttt_method": "mim"}, "pose_mim", "mim", "adapter_only"),
+        ({"ttt_update_filter": "adapter_only"}, None, None, "adapter_only"),
+    ],
+)
+def test_a_plain_ttt_picks_task_then_method_then_filter(over, preset, method, filt):
+    from yolozu.tta.presets import apply_ttt_preset_args
+
+    args = apply_ttt_preset_args(_plain(**over))
+    assert (args.ttt_preset, args.ttt_method, args.ttt_update_filter) == (preset, method, filt)
+    assert args.ttt_max_grad_norm is not None and args.ttt_max_loss_ratio == 3.0
+
+
+def test_customised_core_knobs_keep_theirs_and_get_the_guards_and_a_preset_sets_the_core():
+    from yolozu.tta.presets import apply_ttt_preset_args
+
+    args = apply_ttt_preset_args(_plain(ttt_steps=5))
+    assert (args.ttt_preset, args.ttt_steps, args.ttt_max_update_norm, args.ttt_max_loss_ratio) == (None, 5, 1.0, 3.0)
+    args = apply_ttt_preset_args(_plain(ttt_preset="detector_response_safe", ttt_lr=1e-2, ttt_max_update_norm=0.5))
+    assert (args.ttt_lr, args.ttt_steps, args.ttt_detector_response, args.ttt_max_update_norm) == (5e-5, 3, True, 0.5)
+
+
+def test_requirements_fail_before_the_model_with_an_example():
+    from yolozu.tta.presets import validate_ttt_lora_requirements, validate_ttt_requirements
+
+    with pytest.raises(ValueError, match="--lora-r 4 --ttt --ttt-preset sar_safe"):
+        validate_ttt_lora_requirements(_plain(ttt_update_filter="lora_only"))
+    validate_ttt_lora_requirements(_plain(ttt_update_filter="lora_only", lora_r=4))
+    with pytest.raises(ValueError, match="top-k 0 or >= min-selected"):
+        validate_ttt_requirements(_plain(ttt_detector_response=True, ttt_response_topk=1, ttt_response_min_selected=2))
+
+
+def test_foreground_selection_and_response_loss_with_abstention():
+    from yolozu.response_selection import detector_response_loss, select_foreground_queries
+
+    teacher = torch.tensor([[[4.0, 0.0, -1.0], [0.0, 0.0, 3.0], [2.0, 1.0, 0.0]]])
+    assert select_foreground_queries(teacher, confidence_min=0.5, topk=1).mask.tolist() == [[True, False, False]]
+    assert select_foreground_queries(teacher, confidence_min=0.5, topk=0).mask.tolist() == [[True, False, True]]
+    student = {"logits": torch.zeros(1, 3, 3, requires_grad=True), "bbox": torch.ones(1, 3, 4, requires_grad=True)}
+    loss, m = detector_response_loss(student, {"logits": teacher, "bbox": torch.zeros(1, 3, 4)}, confidence_min=0.5,
+                                     topk=5, class_weight=1.0, bbox_weight=1.0, entropy_weight=0.05)  # fmt: skip
+    loss.backward()
+    assert m["response_selected_queries"] == 2.0 and m["response_abstained"] == 0.0 and loss.item() > 0
+    assert student["bbox"].grad.abs().sum() > 0
+    loss, m = detector_response_loss(student, {"logits": teacher}, confidence_min=0.5, topk=5, min_selected=3,
+                                     class_weight=1.0, bbox_weight=1.0, entropy_weight=0.05)  # fmt: skip
+    assert loss.item() == 0.0 and m["response_abstained"] == 1.0
+
+
+class _Queries(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.cls = nn.Linear(4, 3)
+        self.box = nn.Linear(4, 4)
+
+    def forward(self, x):
+        hidden = self.norm(x).unsqueeze(1).repeat(1, 2, 1)
+        return {"logits": self.cls(hidden) + torch.tensor([3.0, 0.0, 0.0]), "bbox": self.box(hidden)}
+
+
+def test_tent_detector_response_adapts_and_abstains_keeping_weights_and_buffers():
+    from yolozu.tta.tent import TentConfig, TentRunner
+
+    torch.manual_seed(0)
+    model = _Queries()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 4)
+    runner = TentRunner(model, TentConfig(lr=1e-2, update_filter="all", detector_response=True, response_conf_min=1.0))
+    row = runner.adapt_step(x)
+    assert row["update_abstained"] == 1.0 and row["buffers_restored_on_abstention"] == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    runner = TentRunner(model, TentConfig(lr=1e-2, update_filter="all", detector_response=True))
+    row = runner.adapt_step(x)
+    assert row["update_abstained"] == 0.0 and row["response_selected_queries"] > 0
+    assert not torch.equal(model.cls.weight, before["cls.weight"])
+
+
+def test_tent_detector_response_on_the_built_in_detectors_top_k_peaks():
+    from yolozu.adapters.detector import DetectorAdapter
+    from yolozu.tta.tent import TentConfig, TentRunner
+
+    adapter = DetectorAdapter()
+    model = adapter.get_model()
+    runner = TentRunner(model, TentConfig(update_filter="norm_only", detector_response=True, response_conf_min=0.0),
+                        readout=adapter.ttt_readout())  # fmt: skip
+    row = runner.adapt_step(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert 0 < row["response_selected_queries"] <= 20 and row["update_abstained"] == 0.0
+
+
+def test_tta_base_mirror_is_seeded_per_detection_and_lazy_package():
+    code = "import sys, yolozu.tta as t; t.TTTConfig; print('yolozu.tta.tent' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    from yolozu.tta import TTAConfig, TTARunner, apply_tta_transform
+
+    entry = {"image": "x.jpg", "image_size": [100, 50], "detections": [
+        {"bbox": {"cx": 0.2, "cy": 0.3, "w": 0.1, "h": 0.1}, "bbox_abs": {"cx": 20.0}, "offsets": [1.0, 2.0],
+         "keypoints": [[0.1, 0.5], [0.7, 0.5]]}] * 20}  # fmt: skip
+    config = TTAConfig(enabled=True, seed=3, flip_prob=0.5, keypoint_swap_pairs=[(0, 1)])
+    out = apply_tta_transform([entry], config=config)
+    again = apply_tta_transform([entry], config=TTAConfig(enabled=True, seed=3, flip_prob=0.5))
+    mask = out.entries[0]["tta_mask"]
+    assert mask == again.entries[0]["tta_mask"] and 0 < sum(mask) < 20
+    flipped = out.entries[0]["detections"][mask.index(True)]
+    assert flipped["bbox"]["cx"] == pytest.approx(0.8) and flipped["bbox_abs"]["cx"] == 80.0
+    assert flipped["offsets"] == [-1.0, 2.0] and flipped["keypoints"][1][0] == pytest.approx(0.9)
+    assert entry["detections"][0]["bbox"]["cx"] == 0.2
+    with pytest.raises(NotImplementedError):
+        TTARunner().adapt_step(None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images" / "val").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / "val" / "a.png")
+    return root
+
+
+def _run(tmp_path, tiny, *flags):
+    out = tmp_path / "p.json"
+    code = main(["--adapter", "detector", "--dataset", str(tiny), "--output", str(out), "--wrap", "--quiet",
+                 "--workers", "0", *flags])  # fmt: skip
+    return code, out
+
+
+YOLOZU_412_FLAGS = ("--ttt-sdft-task", "depth", "--ttt-aux-depth-weight", "0.1", "--ttt-aux-temperature", "1.0",
+                    "--ttt-response-topk", "20", "--ttt-response-min-selected", "1", "--ttt-response-conf-min", "0.2",
+                    "--tta", "--tta-mode", "model", "--tta-model-merge-iou", "0.5", "--tta-flip-keypoints",
+                    "--tta-flip-pose-offsets", "--tta-keypoint-swap-pairs", "1:2")  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("yolozu.tta.presets", fromlist=["PRESETS"]).PRESETS))
+def test_export_runs_each_preset_with_yolozu_412s_flags(tmp_path, tiny, preset, capsys):
+    lora = ["--lora-r", "4"] if any("--lora-r" in a.option_strings for a in build_parser()._actions) else []
+    code, out = _run(tmp_path, tiny, "--ttt", "--ttt-preset", preset, *lora, *YOLOZU_412_FLAGS)
+    if preset == "sar_safe" and not lora:  # lora_only needs LoRA: refused before the model is built
+        assert code != 0 and "--lora-r" in capsys.readouterr().err and not out.exists()
+        return
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["ttt"]["preset"], meta["ttt"]["sdft_task"], meta["ttt"]["aux_depth_weight"]) == (preset, "depth", 0.1)
+    assert meta["ttt"]["tent"]["detector_response"] == (preset == "detector_response_safe")
+    assert meta["tta"]["mode"] == "model" and meta["tta"]["keypoint_swap_pairs"] == [[1, 2]]
+
+
+def test_export_postprocess_mode_mirrors_detections_with_yolozus_default(tmp_path, tiny):
+    code, out = _run(tmp_path, tiny, "--tta", "--tta-mode", "postprocess", "--tta-seed", "1")
+    assert code == 0
+    tta = json.loads(out.read_text())["meta"]["tta"]
+    assert (tta["mode"], tta["flip_prob"]) == ("postprocess", 0.5) and "applied_ratio" in tta
+    with pytest.raises(SystemExit) as exit_:
+        _run(tmp_path, tiny, "--tta", "--tta-keypoint-swap-pairs", "1-2")
+    assert exit_.value.code == 2
