@@ -254,12 +254,14 @@ def test_same_seed_gives_byte_identical_predictions(tmp_path, dataset):
     assert other.read_bytes() != first.read_bytes()
 
 
-def test_preset_values_apply_and_explicit_flags_win(tmp_path, dataset):
-    code, out = _export(tmp_path, dataset, "--wrap", "--ttt", "--ttt-preset", "safe", "--ttt-lr", "1e-3")
+def test_a_preset_sets_the_core_settings_and_fills_only_the_unset_guards(tmp_path, dataset):
+    # YOLOZU's rule: --ttt-preset overrides the core knobs (lr here); an explicit guard is kept
+    args = ("--wrap", "--ttt", "--ttt-preset", "safe", "--ttt-lr", "1e-3", "--ttt-max-update-norm", "2")
+    code, out = _export(tmp_path, dataset, *args)
     assert code == 0
     ttt = json.loads(out.read_text())["meta"]["ttt"]
-    assert (ttt["preset"], ttt["update_filter"], ttt["lr"], ttt["max_batches"]) == ("safe", "norm_only", 1e-3, 1)
-    assert ttt["max_update_norm"] == 1.0 and ttt["report"]["batches_used"] == 1
+    assert (ttt["preset"], ttt["update_filter"], ttt["lr"], ttt["max_batches"]) == ("safe", "norm_only", 1e-4, 1)
+    assert ttt["max_update_norm"] == 2.0 and ttt["max_grad_norm"] == 1.0 and ttt["report"]["batches_used"] == 1
 
 
 def _confident_boxes_match(first, second, score=0.3):
@@ -318,6 +320,10 @@ def test_tta_and_bn_stats_paths_write_their_logs(tmp_path, dataset):
     assert code == 0
     assert json.loads(log.read_text())["tta"] == {
         "enabled": True,
+        "mode": "model",
+        "keypoint_swap_pairs": None,
+        "flip_keypoints": True,
+        "flip_pose_offsets": True,
         "augmentations": ["identity", "hflip"],
         "merge": "nms",
         "iou": 0.55,

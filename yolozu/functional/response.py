@@ -92,6 +92,30 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def _per_candidate(student: Tensor, teacher: Tensor, kind: str, no_object: int) -> tuple[Tensor, Tensor]:
+    """Per-candidate (B, Q) class KL(teacher || student) and student entropy over the foreground classes."""
+    teacher_fg, _ = _split(teacher, kind, no_object)
+    student_fg, _ = _split(student, kind, no_object)
+    if kind == "softmax":
+        log_q = F.log_softmax(student_fg, dim=-1)
+        class_per = F.kl_div(log_q, F.softmax(teacher_fg, dim=-1), reduction="none").sum(dim=-1)
+        return class_per, -(log_q.exp() * log_q).sum(dim=-1)
+    p = torch.sigmoid(teacher_fg)
+    cross = F.binary_cross_entropy_with_logits(student_fg, p, reduction="none").sum(dim=-1)
+    return cross - binary_entropy(teacher_fg).sum(dim=-1), binary_entropy(student_fg).sum(dim=-1)
+
+
+def _check_weights(class_weight: float, bbox_weight: float, entropy_weight: float, topk: int, min_selected: int):
+    weights = {"class_weight": class_weight, "bbox_weight": bbox_weight, "entropy_weight": entropy_weight}
+    for name, value in weights.items():
+        if float(value) < 0.0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(min_selected) < 1:
+        raise ValueError(f"min_selected must be >= 1, got {min_selected}")
+    if 0 < int(topk) < int(min_selected):
+        raise ValueError(f"topk must be 0 or >= min_selected, got topk {topk} and min_selected {min_selected}")
+
+
 def response_terms(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -122,32 +146,14 @@ def response_terms(
             f"student and teacher detector logits must have matching shapes, got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)}"
         )
-    weights = {"class_weight": class_weight, "bbox_weight": bbox_weight, "entropy_weight": entropy_weight}
-    for name, value in weights.items():
-        if float(value) < 0.0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if int(min_selected) < 1:
-        raise ValueError(f"min_selected must be >= 1, got {min_selected}")
-    if 0 < int(topk) < int(min_selected):
-        raise ValueError(f"topk must be 0 or >= min_selected, got topk {topk} and min_selected {min_selected}")
+    _check_weights(class_weight, bbox_weight, entropy_weight, topk, min_selected)
     selection = select_foreground_queries(
         teacher_logits, confidence_min=confidence_min, topk=topk, kind=kind, no_object=no_object
     )
     mask = selection.mask
     count = mask.sum()
     take = (count >= int(min_selected)).to(student_logits.dtype)
-    teacher_fg, _ = _split(teacher_logits.detach(), kind, no_object)
-    student_fg, _ = _split(student_logits, kind, no_object)
-    if kind == "softmax":
-        log_q = F.log_softmax(student_fg, dim=-1)
-        class_per = F.kl_div(log_q, F.softmax(teacher_fg, dim=-1), reduction="none").sum(dim=-1)
-        entropy_per = -(log_q.exp() * log_q).sum(dim=-1)
-    else:
-        p = torch.sigmoid(teacher_fg)
-        class_per = F.binary_cross_entropy_with_logits(student_fg, p, reduction="none").sum(dim=-1) - binary_entropy(
-            teacher_fg
-        ).sum(dim=-1)
-        entropy_per = binary_entropy(student_fg).sum(dim=-1)
+    class_per, entropy_per = _per_candidate(student_logits, teacher_logits.detach(), kind, no_object)
     class_loss = _masked_mean(class_per, mask) * take
     entropy_loss = _masked_mean(entropy_per, mask) * take
     bbox_loss = student_logits.sum() * 0.0
