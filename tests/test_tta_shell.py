@@ -176,7 +176,7 @@ def test_tent_runner_steps_logs_and_resets_bitwise():
     bn = sum(p.numel() for n, p in model.named_parameters() if n.startswith("bn"))
     assert log["updated_param_count"] == bn and log["steps"] == 3
     assert not same_tensors(snapshot(model), before)
-    runner.reset()
+    runner.reset(source=True)
     assert same_tensors(snapshot(model), before)
     again = TentRunner(model, config=TentConfig(lr=1e-2, update_filter="norm_only"))
     for x in _images(3):

@@ -64,7 +64,7 @@ def test_new_fields_in_yolozus_order_validated_and_in_meta_groups():
     with pytest.raises(ValueError, match="response_topk"):
         TTTConfig(response_topk=1, response_min_selected=2).method_settings()
     grouped = TTTConfig(detector_response=True, aux_depth_weight=0.25).grouped()
-    assert grouped["tent"]["detector_response"] is True and grouped["aux_depth_weight"] == 0.25
+    assert grouped["tent"]["detector_response"] is True and grouped["tent"]["aux_depth_weight"] == 0.25
     assert set(SUPPORTED_TTT_METHODS) >= {"tent", "mim", "cotta", "eata", "sar"}
 
 
@@ -238,7 +238,9 @@ def test_export_runs_each_preset_with_yolozu_412s_flags(tmp_path, tiny, preset, 
         return
     assert code == 0, capsys.readouterr().err
     meta = json.loads(out.read_text())["meta"]
-    assert (meta["ttt"]["preset"], meta["ttt"]["sdft_task"], meta["ttt"]["aux_depth_weight"]) == (preset, "depth", 0.1)
+    assert (meta["ttt"]["preset"], meta["ttt"]["sdft_task"], meta["ttt"]["tent"]["aux_depth_weight"]) == (
+        preset, "depth", 0.1
+    )
     assert meta["ttt"]["tent"]["detector_response"] == (preset == "detector_response_safe")
     assert meta["tta"]["mode"] == "model" and meta["tta"]["keypoint_swap_pairs"] == [[1, 2]]
 

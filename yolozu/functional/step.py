@@ -172,6 +172,12 @@ def no_method_state(trainable: Params) -> tuple:
     return ()
 
 
+def no_yolozu_keys(row: dict) -> dict:
+    """The default ``yolozu_row``: no keys of YOLOZU's beyond the shared ones."""
+    del row
+    return {}
+
+
 def no_calibration(state: TTTState, batches: Any) -> TTTState:
     """The default ``calibrate``: a method that needs no in-distribution data.
 
@@ -206,7 +212,10 @@ class Method(NamedTuple):
     stop the run like a guard (after ``guards.STOP_REASONS``). ``clean_forward`` says the loss runs one plain
     forward of the unaltered batch, so its output is a prediction of that batch. ``calibrate(state, batches)``
     returns the state after a look at in-distribution data (EATA's Fisher information; the registry names the
-    setting that says which data).
+    setting that says which data). ``calls`` are the forward and backward passes of one update (YOLOZU's
+    ``forward_calls``/``backward_calls``); ``optional_metrics`` may be NaN before they are first set (a row shows
+    None for them, not a non-finite value); ``yolozu_row(row)`` gives YOLOZU's step keys for a row of this method
+    (its own names beside ours; ``update_skipped: True`` when the kept step changed nothing).
     """
 
     loss_fn: LossFn
@@ -221,6 +230,9 @@ class Method(NamedTuple):
     stop_reasons: tuple[str, ...] = ()
     clean_forward: bool = False
     calibrate: Callable[[TTTState, Any], TTTState] = no_calibration
+    calls: tuple[int, int] = (1, 1)
+    optional_metrics: tuple[str, ...] = ()
+    yolozu_row: Callable[[dict], dict] = no_yolozu_keys
 
     def init_state(self, model: nn.Module, selected: Sequence[str]) -> TTTState:
         """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters.

@@ -57,7 +57,7 @@ def _settings_of(config: TTTConfig) -> dict[str, Any]:
     settings = config.grouped()
     tent = settings.pop("tent", {})
     settings["aux"] = {
-        **{f"{task}_weight": settings.pop(f"aux_{task}_weight") for task in ("pose", "keypoints", "depth", "seg")},
+        **{f"{task}_weight": tent.get(f"aux_{task}_weight") for task in ("pose", "keypoints", "depth", "seg")},
         "temperature": settings.pop("aux_temperature"),
     }
     settings["detector_response"] = {

@@ -29,8 +29,6 @@ SUPPORTED_TTT_METHODS = tuple(METHODS)
 """The registered methods (YOLOZU's five, then the project's and any plug-in's): the choices of ``method``."""
 RESETS = ("stream", "sample")
 SDFT_TASKS = ("pose", "keypoints", "depth", "seg", "full")
-AUX_KEYS = {"pose": ("rot6d", "pose"), "keypoints": ("keypoints",), "depth": ("depth",), "seg": ("seg_logits", "seg")}
-"""The model-output keys each auxiliary weight acts on (YOLOZU's), when the output is a dict holding them."""
 SCHEDULES = ("pre", "online")
 ONLINE_PREDICT = ("after_update", "adapt_forward")
 
@@ -65,17 +63,12 @@ COMMON = {
         type=int,
     ),
     "log_out": setting(None, "write a JSON log of the run here", type=str, converter=attrs.converters.optional(str)),
-    # YOLOZU 4.12's multi-task fields (they act only on outputs holding AUX_KEYS: not on the built-in detectors)
-    **{
-        f"aux_{task}_weight": setting(
-            0.0,
-            f"weight of the consistency loss of the {task} outputs ({'/'.join(keys)}) against the current batch's "
-            "frozen-model outputs (0: off)",
-            number(0),
-        )
-        for task, keys in AUX_KEYS.items()
-    },
-    "aux_temperature": setting(1.0, "temperature of the auxiliary consistency losses", number(0, low_open=True)),
+    # YOLOZU 4.12's multi-task fields (the aux_*_weight ones are Tent's settings: yolozu.functional.methods.tent)
+    "aux_temperature": setting(
+        1.0,
+        "temperature of auxiliary self-distillation (recorded: YOLOZU's Tent consistency does not use it either)",
+        number(0, low_open=True),
+    ),
     "sdft_task": setting(
         None,
         "task hint: picks a task preset for a plain --ttt (pose, keypoints, depth, seg) and is recorded",
@@ -126,7 +119,8 @@ POSITIONAL_TAIL = (
     "sdft_task", "detector_response", "response_conf_min", "response_topk", "response_min_selected",
     "response_class_weight", "response_bbox_weight", "response_entropy_weight",
 )  # fmt: skip
-"""YOLOZU 4.12's fields after the methods' (the last three declared by Tent's settings), before the project's."""
+"""YOLOZU 4.12's fields after the methods' (the aux weights and the detector response are Tent's settings), before
+the project's."""
 
 
 def _fields(methods: Mapping[str, MethodEntry]) -> dict[str, Any]:

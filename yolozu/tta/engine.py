@@ -23,6 +23,7 @@ from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.state import Params, count
 from yolozu.functional.step import Method
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.method_profiles import TTT_METHOD_PROFILES, get_ttt_method_profile
 from yolozu.tta.methods import entry
 from yolozu.tta.report import TTTReport
 
@@ -232,12 +233,18 @@ class Adaptation:
                 continue
             reason = guards.reason(code, self.method.stop_reasons)
             row = {"step": len(self.rows), "batch": batch, **dict(zip(names, values)), **self.method.row_fields}
+            unset = {k: None for k in self.method.optional_metrics if not math.isfinite(row[k])}
             row.update(
                 grad_norm_clipped=min(row["grad_norm"], self._clip) if self._clip is not None else row["grad_norm"],
-                non_finite_fields=[k for k in names if not math.isfinite(row[k])],
+                non_finite_fields=[k for k in names if k not in unset and not math.isfinite(row[k])],
                 rolled_back=not kept,
                 stop_reason=reason,
+                **unset,
             )
+            yolozu = self.method.yolozu_row(row)
+            skipped = bool(yolozu.pop("update_skipped", False))
+            forward, backward = self.method.calls
+            row.update(yolozu, forward_calls=forward, backward_calls=backward, optimizer_step=kept and not skipped)
             if kept:
                 self.losses.append(row["loss"])
             if reason is not None:
@@ -277,6 +284,11 @@ class Adaptation:
         Returns:
           The ``TTTReport``."""
         ratios = [row["mask_ratio"] for row in self.rows if "mask_ratio" in row and not row["rolled_back"]]
+        optimizer_steps = sum(row["optimizer_step"] for row in self.rows)
+        abstained = sum(row.get("update_abstained") == 1.0 for row in self.rows)
+        profile = TTT_METHOD_PROFILES.get(self.config.method) and get_ttt_method_profile(
+            self.config.method, detector_response=self.config.detector_response
+        )
         return TTTReport(
             enabled=True,
             method=self.config.method,
@@ -292,4 +304,11 @@ class Adaptation:
             stop_reason=self.stops[0] if self.stops else None,
             step_metrics=list(self.rows),
             warnings=[*warnings, *self.stops],
+            method_profile=profile,
+            forward_calls=sum(row["forward_calls"] for row in self.rows),
+            backward_calls=sum(row["backward_calls"] for row in self.rows),
+            optimizer_steps=optimizer_steps,
+            update_ratio=optimizer_steps / max(1, steps_requested),
+            abstained_steps=abstained,
+            abstention_ratio=abstained / max(1, len(self.rows)),
         )

@@ -9,8 +9,16 @@ on the way the module is left exactly as it was. ``adapt_stream`` is the same ad
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from typing import Any, Iterable, Sequence
+
+import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows: the process backend reports itself unavailable
+    resource = None
 
 from yolozu.adapter import Record, missing_ttt_hooks
 from yolozu.functional.readout import readout_of
@@ -54,6 +62,42 @@ def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> It
             f"{type(loader).__name__}, not an iterable of input batches; it must return (or yield) the batches"
         )
     return loader
+
+
+def _process_peak_rss_bytes() -> int | None:
+    """The process's peak resident set size in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS); None
+    without the ``resource`` module."""
+    if resource is None:
+        return None
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _memory_start(model: Any) -> dict:
+    """The memory record's start for a run on ``model``'s device: CUDA's allocator (its peak reset), else the
+    process's peak RSS, else ``unavailable`` with the reason (YOLOZU's backends)."""
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(first.device)
+        device = first.device.index if first.device.index is not None else torch.cuda.current_device()
+        allocated = torch.cuda.memory_allocated(device)
+        return {"backend": "torch_cuda", "metric": "peak_allocated_bytes", "device": device,
+                "start_allocated_bytes": allocated}  # fmt: skip
+    peak = _process_peak_rss_bytes()
+    if peak is None:
+        return {"backend": "unavailable", "metric": None, "reason": "resource_module_unavailable"}
+    return {"backend": "process", "metric": "peak_rss_bytes", "start_peak_rss_bytes": peak}
+
+
+def _memory_finish(start: dict) -> dict:
+    """The memory record at the end of a run begun with ``_memory_start``."""
+    out = dict(start)
+    if start["backend"] == "torch_cuda":
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(start["device"])
+        out["end_allocated_bytes"] = torch.cuda.memory_allocated(start["device"])
+    elif start["backend"] == "process":
+        out["end_peak_rss_bytes"] = out["peak_rss_bytes"] = _process_peak_rss_bytes()
+    return out
 
 
 def disabled_report(config: TTTConfig) -> TTTReport:
@@ -143,7 +187,9 @@ def run_ttt(
     calibration: Sequence[Record] | None = None,
 ) -> TTTReport:
     """Adapt ``adapter.get_model()`` on ``records`` with ``config`` (``adapt_stream``) and write the adapted
-    tensors into it.
+    tensors into it. ``reset="sample"`` is accepted as YOLOZU does: the records adapt as given (YOLOZU's callers
+    pass one image and restore the weights between images; ``yolozu export --ttt-reset sample`` adapts every image
+    from the source weights itself).
 
     Args:
       adapter: a YOLOZU adapter with ``get_model`` and ``build_loader``.
@@ -152,25 +198,21 @@ def run_ttt(
       progress: a progress bar with ``update(n)``, or None.
       calibration: in-distribution records (``adaptation_for``), or None.
     Returns:
-      The run's ``TTTReport``.
+      The run's ``TTTReport``, with the run's peak ``memory``.
     Raises:
       RuntimeError: the adapter lacks a TTT hook.
-      EmptySelectionError: the update filter selects no parameter.
-      ValueError: ``config.reset`` is ``sample`` (the export flow's)."""
+      EmptySelectionError: the update filter selects no parameter."""
     if not config.enabled:
         return disabled_report(config)
     require_ttt_hooks(adapter)
-    if config.reset != "stream":
-        raise ValueError(
-            f"run_ttt adapts one stream before prediction; reset={config.reset!r} adapts every image from "
-            f"the source weights and belongs to the export flow (yolozu.cli.export), not to run_ttt"
-        )
-    start = time.perf_counter()
+    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
     adaptation, batches_used = adapt_stream(adapter, records, config, progress=progress, calibration=calibration)
     adaptation.write_back()
-    return adaptation.report(
+    report = adaptation.report(
         seconds=time.perf_counter() - start,
         steps_requested=config.steps,
         batches_used=batches_used,
         warnings=[] if batches_used else ["the loader yielded no batch; nothing was adapted"],
     )
+    report.memory = _memory_finish(memory)
+    return report

@@ -25,9 +25,17 @@ from yolozu.inference.flip import FlipTTAConfig
 from yolozu.inference.predictor import Predictor, chunks, missing_predict_hooks, non_finite_warning
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import adapt_stream, adaptation_for, loader_of, require_ttt_hooks, run_ttt
+from yolozu.tta.integration import (
+    _memory_finish,
+    _memory_start,
+    adapt_stream,
+    adaptation_for,
+    loader_of,
+    require_ttt_hooks,
+    run_ttt,
+)
 from yolozu.tta.part import WHOLE, Part
-from yolozu.tta.report import TTTReport
+from yolozu.tta.report import TTTReport, sample_mode
 
 
 def _check(config: TTTConfig, tta: FlipTTAConfig | None) -> None:
@@ -116,7 +124,7 @@ def _adapt_bar(progress: Callable[[str, int], Any], config: TTTConfig, records: 
 
 def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part) -> tuple[list, Any]:
     bar = _adapt_bar(progress, config, records)
-    start = time.perf_counter()
+    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
     try:
         adaptation, batches_used = adapt_stream(
             adapter, records, config, progress=bar, calibration=calibration, offset=part.offset
@@ -126,6 +134,7 @@ def _predict_pre(adapter, records, config, predictor, progress, calibration, bat
     report = adaptation.report(
         seconds=time.perf_counter() - start, steps_requested=config.steps, batches_used=batches_used
     )
+    report.memory = _memory_finish(memory)
     params, buffers = adaptation.prediction_tensors()
     bar = progress("predict", len(records))
     try:
@@ -176,7 +185,7 @@ def no_bars(desc: str, total: int) -> _NoProgress:
 
 def _adapt_while_predicting(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, TTTReport]:
     """The ``online`` and reset ``sample`` schedules, with one progress bar."""
-    start = time.perf_counter()
+    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
     run = _predict_online if config.reset == "stream" else _predict_episodic
     bar = progress("adapt+predict", len(records))
     try:
@@ -186,6 +195,9 @@ def _adapt_while_predicting(adapter, records, config, predictor, progress, calib
     report = adaptation.report(
         seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
     )
+    report.memory = _memory_finish(memory)
+    if config.reset == "sample":
+        sample_mode(report, [str(r.get("image")) if isinstance(r, dict) else str(i) for i, r in enumerate(records)])
     return predictions, report
 
 

@@ -4,26 +4,52 @@ runner = TentRunner(model, config=TentConfig(lr=1e-3, update_filter="norm_only")
 for batch in loader:
     metrics = runner.adapt_step(batch)     # the model holds the adapted weights afterwards
 runner.maybe_log()                          # {"updated_param_count", ...}, logged every log_every steps
-runner.reset()                              # source weights, buffers and optimiser state again
+runner.reset()                              # YOLOZU's: keeps the adapted weights (reset(source=True): the source)
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
+from yolozu.functional.methods.tent import aux_consistency, aux_key_weights
 from yolozu.functional.optim import GradientTransformation
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.response import weak_photometric_view
 from yolozu.functional.settings import copy_field, number, one_of, setting
+from yolozu.tta.base import TTARunner
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 
 log = logging.getLogger(__name__)
-_deterministic_weak_photometric_view = weak_photometric_view  # YOLOZU's name of the response variant's view
+_deterministic_weak_photometric_view = weak_photometric_view  # YOLOZU's name of the student's view
+
+
+def _extract_outputs(output: Any) -> dict:
+    """YOLOZU's reading of a forward output as a dict: a dict as it is, a tensor as ``{"logits": tensor}``."""
+    return output if isinstance(output, dict) else {"logits": output}
+
+
+def _aux_consistency_loss(
+    outputs: dict,
+    teacher_outputs: dict | None,
+    *,
+    pose_weight: float = 0.0,
+    keypoints_weight: float = 0.0,
+    depth_weight: float = 0.0,
+    seg_weight: float = 0.0,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """YOLOZU's eager face of Tent's auxiliary consistency (``functional.methods.tent.aux_consistency``):
+    (the weighted loss or None when no key applies, e.g. without a teacher; each applied key's float term)."""
+    if teacher_outputs is None:
+        return None, {}
+    weights = aux_key_weights(pose_weight, keypoints_weight, depth_weight, seg_weight)
+    total, parts = aux_consistency(outputs, teacher_outputs, weights)
+    return total, {name: float(value) for name, value in parts.items()}
 _FIELDS = attrs.fields_dict(TTTConfig)
 
 
@@ -38,12 +64,14 @@ class TentConfig(TTTConfig):
     log_every: int = setting(0, "log the counters every this many steps (0: never)", number(0, integer=True))
 
 
-class TentRunner:
+class TentRunner(TTARunner):
     """Tent on a module, one ``adapt_step(batch)`` at a time; the module holds the adapted weights after each."""
 
-    def __init__(self, model: nn.Module, config: TentConfig = TentConfig(), *, readout: Readout = DEFAULT_READOUT):
+    def __init__(
+        self, model: nn.Module, config: TentConfig | None = None, *, readout: Readout = DEFAULT_READOUT
+    ) -> None:
         self.model = model
-        self.config = config
+        self.config = config = TentConfig() if config is None else config
         self._adaptation = Adaptation(model, config, readout)
 
     @property
@@ -63,22 +91,31 @@ class TentRunner:
         runner and is reset with the weights."""
         return self._adaptation.method.optimizer
 
-    def adapt_step(self, batch: torch.Tensor) -> dict:
-        """One guarded entropy step; returns ``loss_entropy``, ``grad_norm``, ``update_norm``, ... of the step.
+    @property
+    def _has_aux(self) -> bool:
+        """Whether an auxiliary consistency weight is set (YOLOZU's attribute)."""
+        return bool(self.config.method_settings().aux_weights())
 
-        A step a guard stops is rolled back and later calls do nothing until ``reset()``.
+    def adapt_step(self, batch: torch.Tensor) -> dict:
+        """One guarded step.
+
+        A step a guard stops is rolled back and later calls do nothing until ``reset(source=True)``.
 
         Args:
           batch: the input batch ``(B, C, H, W)``.
         Returns:
-          The step's row (``step_metrics`` fields and ``loss_entropy``), or ``skipped`` and ``stop_reason`` once
-          stopped."""
+          The step's row with YOLOZU's keys (``loss_total``, ``loss_entropy``, ``loss_aux_consistency``,
+          ``aux_target_current_batch``, ``grad_norm``, ``grad_norm_clipped``, ``forward_calls``,
+          ``backward_calls``, ``optimizer_steps``, ``update_abstained``) and ours, or ``skipped`` and
+          ``stop_reason`` once stopped."""
         if self._adaptation.stopped:
             return {"skipped": True, "stop_reason": self._adaptation.stop_reason}
         (row,) = self._adaptation.adapt(batch, len(self._adaptation.rows), steps=1)
         self._adaptation.write_back()
         self.maybe_log()
-        return {"loss_entropy": row["loss"], **row}
+        defaults = {"loss_entropy": row["loss"], "loss_aux_consistency": 0.0, "aux_target_current_batch": 0.0,
+                    "update_abstained": 0.0}  # fmt: skip
+        return {**defaults, **row, "optimizer_steps": float(row["optimizer_step"])}
 
     def maybe_log(self) -> dict:
         """The counters (``updated_param_count``, ``steps``, ``last_loss``, ``stopped``, ``stop_reason``); they
@@ -99,7 +136,13 @@ class TentRunner:
             log.info("tent step %d: %s", taken, counters)
         return counters
 
-    def reset(self) -> None:
-        """Restore the source weights, buffers and optimiser state into the module."""
-        self._adaptation.restart()
-        self._adaptation.write_back()
+    def reset(self, *, source: bool = False) -> None:
+        """YOLOZU's reset: the adapted weights and the optimiser's state stay (YOLOZU only puts the learning
+        rate back to the configured one, which this runner never changes). ``source=True``: restore the source
+        weights, buffers and optimiser state into the module, and clear a guard's stop.
+
+        Args:
+          source: restore the source (the project's reset) instead of keeping the adapted weights."""
+        if source:
+            self._adaptation.restart()
+            self._adaptation.write_back()

@@ -285,8 +285,11 @@ def cotta_method(
 
     def student_loss(params, buffers, batch, targets):
         output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
-        loss = consistency_loss(readout.scores(output), targets, readout.score_kind)
-        return loss, LossOutput(new_buffers, {"consistency_loss": loss.detach()}, output)
+        scores = readout.scores(output)
+        loss = consistency_loss(scores, targets, readout.score_kind)
+        probs = torch.sigmoid(scores) if readout.score_kind == "sigmoid" else F.softmax(scores, dim=1)
+        metrics = {"consistency_loss": loss.detach(), "consistency_mse": (probs.detach() - targets).square().mean()}
+        return loss, LossOutput(new_buffers, metrics, output)
 
     def draw(k: Key, source: Params, batch: Tensor) -> Any:
         if settings.views == "fixed":
@@ -323,7 +326,9 @@ def cotta_method(
         init=init,
         calibrate=calibrate,
         predict_params=predict_params,
-        metric_names=("consistency_loss", "restored_count"),
+        metric_names=("consistency_loss", "consistency_mse", "restored_count"),
+        # the teacher's views (its plain view too when no identity branch), the source's, the student's
+        calls=(len(augmentations) + ("identity" not in augmentations) + 2, 1),
         row_fields={
             "ema_momentum": settings.ema_momentum,
             "restore_prob": settings.restore_prob,

@@ -152,9 +152,18 @@ def eata_loss(apply: Apply, readout: Readout, s: EATASettings, bn: str):
         e0 = entropy_margin(s.e_margin, logits.shape[1])
         keep = selection(probs.detach(), entropy.detach(), eata.probs, e0, s)
         weight = torch.exp(e0 - entropy.detach()) * keep
-        loss = (entropy * weight).sum() / keep.sum().clamp_min(1)
-        loss = loss + anchor_penalty({n: params[n] for n in source}, source, eata.fisher, s)
-        metrics = {"selected": keep.sum().to(loss.dtype), "selected_ratio": keep.to(loss.dtype).mean()}
+        adapt = (entropy * weight).sum() / keep.sum().clamp_min(1)
+        anchor = anchor_penalty({n: params[n] for n in source}, source, eata.fisher, s)
+        loss = adapt + anchor
+        metrics = {
+            "selected": keep.sum().to(loss.dtype),
+            "selected_ratio": keep.to(loss.dtype).mean(),
+            "samples": torch.full_like(loss, keep.numel()).detach(),
+            "adapt_loss": adapt.detach(),
+            "anchor_loss": anchor.detach(),
+            "mean_conf": probs.detach().amax(dim=1).mean(),
+            "mean_entropy": entropy.detach().mean(),
+        }
         moved = eata._replace(probs=moving_probs(eata.probs, probs.detach(), keep))
         return loss, LossOutput(new_buffers, metrics, output, moved)
 
@@ -182,6 +191,7 @@ def skip_or_keep(s: EATASettings):
         metrics.update(
             skipped=skipped,
             update_norm=torch.where(skipped, torch.zeros_like(metrics["update_norm"]), metrics["update_norm"]),
+            skip_streak=streak.to(metrics["loss"].dtype),
             eata_max_skip_streak_exceeded=streak > s.max_skip_streak if s.max_skip_streak is not None else never,
             eata_selected_ratio_below_min=metrics["selected_ratio"] < s.selected_ratio_min,
         )
@@ -234,10 +244,24 @@ def eata_method(
         finish=skip_or_keep(settings),
         init=init,
         calibrate=calibrate,
-        metric_names=("selected", "selected_ratio", "skipped"),
+        metric_names=("selected", "selected_ratio", "skipped", "samples", "adapt_loss", "anchor_loss", "mean_conf",
+                      "mean_entropy", "skip_streak"),  # fmt: skip
         stop_reasons=STOP_REASONS,
         clean_forward=True,
+        yolozu_row=eata_row,
     )
+
+
+def eata_row(row: dict) -> dict:
+    """YOLOZU's EATA step keys beside ours: ``selected_count`` and ``batch_count`` (kept and all samples: the
+    readout's candidates), ``skip_reason`` (None for a kept step) and whether the step changed nothing."""
+    skipped = bool(row["skipped"])
+    return {
+        "selected_count": row["selected"],
+        "batch_count": row["samples"],
+        "skip_reason": "selected_below_min_valid_dets" if skipped else None,
+        "update_skipped": skipped,
+    }
 
 
 def diagonal_fisher(apply: Apply, readout: Readout, state: TTTState, batches: Any) -> Params:

@@ -68,4 +68,10 @@ def mim_method(
             k, b, h, w, patch_size=settings.patch_size, mask_prob=settings.mask_prob, device=batch.device
         )
 
-    return Method(reconstruction_loss, optimizer, draw=draw_mask, metric_names=("mask_ratio",))
+    return Method(
+        reconstruction_loss,
+        optimizer,
+        draw=draw_mask,
+        metric_names=("mask_ratio",),
+        yolozu_row=lambda row: {"mim_loss": row["loss"]},
+    )

@@ -151,25 +151,30 @@ def sar_method(
     s = settings
     rho = s.rho * s.first_step_scale
 
-    def first_pass(trainable: Params, state: TTTState, batch: Tensor) -> tuple[Tensor, Tensor]:
+    def first_pass(trainable: Params, state: TTTState, batch: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         view = view_bn_mode(bn)  # the second pass alone updates running statistics
         output, _ = apply(combine(state.frozen, trainable), state.buffers, batch, bn_mode=view)
         entropy, reliable = reliable_entropy(readout.class_rows(output), s.e_margin)
-        return masked_mean(entropy, reliable), reliable
+        loss = masked_mean(entropy, reliable)
+        return loss, (reliable, loss.detach())
 
-    def prepare(state: TTTState, batch: Tensor, noise: Any) -> tuple[Params, Tensor]:
+    def prepare(state: TTTState, batch: Tensor, noise: Any) -> tuple[Params, Tensor, Tensor]:
         del noise
-        grads, reliable = grad_params(first_pass, state.trainable, state, batch, has_aux=True)
-        return sam_perturbation(grads, state.trainable, rho, s.adaptive), reliable
+        grads, (reliable, first) = grad_params(first_pass, state.trainable, state, batch, has_aux=True)
+        return sam_perturbation(grads, state.trainable, rho, s.adaptive), reliable, first
 
     def loss_fn(params, buffers, batch, extra):
-        perturbation, reliable = extra
+        perturbation, reliable, first = extra
         shifted = {n: p + perturbation[n] if n in perturbation else p for n, p in params.items()}
         output, new_buffers = apply(shifted, buffers, batch, bn_mode=bn)
         entropy, reliable_again = reliable_entropy(readout.class_rows(output), s.e_margin)
         selected = reliable & reliable_again
         loss = masked_mean(entropy, selected)
-        counts = {"reliable": reliable.sum().to(loss.dtype), "selected": selected.sum().to(loss.dtype)}
+        counts = {
+            "reliable": reliable.sum().to(loss.dtype),
+            "selected": selected.sum().to(loss.dtype),
+            "loss_first": first,
+        }
         return loss, LossOutput(new_buffers, counts, output)
 
     def init(trainable: Params) -> SARState:
@@ -181,5 +186,20 @@ def sar_method(
         prepare=prepare,
         finish=recover_or_keep(s, optimizer),
         init=init,
-        metric_names=("reliable", "selected", "ema_loss", "recovered"),
+        metric_names=("reliable", "selected", "ema_loss", "recovered", "loss_first"),
+        row_fields={"sar_rho": s.rho, "sar_adaptive": s.adaptive},
+        calls=(2, 2),  # SAM's two passes
+        optional_metrics=("ema_loss",),  # no average before a step with a selected sample, nor after a recovery
+        yolozu_row=lambda row: sar_row(row, rho),
     )
+
+
+def sar_row(row: dict, rho: float) -> dict:
+    """YOLOZU's SAR step keys beside ours: ``loss_second`` (the loss at the perturbed weights),
+    ``sar_rho_applied`` (rho x first_step_scale) and whether the step changed nothing (no selected sample, or a
+    recovery)."""
+    return {
+        "loss_second": row["loss"],
+        "sar_rho_applied": rho,
+        "update_skipped": row["selected"] == 0 or bool(row["recovered"]),
+    }

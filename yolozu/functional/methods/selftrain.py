@@ -220,4 +220,5 @@ def selftrain_method(
         predict_params=predict_params,
         metric_names=("positives", "ignored_ratio", "level"),
         row_fields={"ema_momentum": settings.ema_momentum, "flip": settings.flip},
+        calls=(2 + settings.flip, 1),  # the teacher's plain (and mirrored) view, the student's
     )

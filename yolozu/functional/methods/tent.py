@@ -19,6 +19,8 @@ responses on a weak photometric view of the batch are pulled towards; a batch wi
 from __future__ import annotations
 
 import attrs
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from yolozu.functional import optim
@@ -33,8 +35,33 @@ from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_ste
 @attrs.frozen(kw_only=True)
 class TentSettings:
     """Tent's learning rate, filter and BatchNorm mode are every method's; its own settings are YOLOZU 4.12's
-    detector-response variant (off by default: plain entropy minimisation)."""
+    auxiliary consistency weights and detector-response variant (off by default: plain entropy minimisation).
 
+    The auxiliary weights act on a dict output's multi-task keys (``AUX_KEYS``) when present: the student's
+    outputs on a weak photometric view of the batch are pulled towards the frozen model's on the batch itself
+    (L1; smooth L1 for keypoints; BCE to the sigmoid for segmentation logits). The built-in and torchvision
+    detectors have none of these outputs, so there they change nothing."""
+
+    def aux_weights(self) -> dict[str, float]:
+        """The weight of each auxiliary output key (``AUX_KEYS``), zero ones left out."""
+        return aux_key_weights(self.aux_pose_weight, self.aux_keypoints_weight, self.aux_depth_weight,
+                               self.aux_seg_weight)  # fmt: skip
+
+
+    aux_pose_weight: float = setting(
+        0.0, "Tent: weight of the pose outputs' consistency (rot6d; log_z, offsets, k_delta scaled)", number(0),
+        yolozu=True,
+    )
+    aux_keypoints_weight: float = setting(
+        0.0, "Tent: weight of the keypoints output's consistency", number(0), yolozu=True
+    )
+    aux_depth_weight: float = setting(
+        0.0, "Tent: weight of the depth outputs' consistency (depth, depth_map)", number(0), yolozu=True
+    )
+    aux_seg_weight: float = setting(
+        0.0, "Tent: weight of the segmentation outputs' consistency (seg_logits, mask_logits)", number(0),
+        yolozu=True,
+    )
     detector_response: bool = setting(
         False, "Tent: foreground response consistency with a frozen teacher instead of entropy", yolozu=True
     )
@@ -67,6 +94,39 @@ class TentSettings:
                 f"response_topk ({self.response_topk}) must be 0 or >= response_min_selected "
                 f"({self.response_min_selected}): fewer candidates could never reach the minimum"
             )
+
+
+def aux_key_weights(pose: float, keypoints: float, depth: float, seg: float) -> dict[str, float]:
+    """YOLOZU's output keys of each auxiliary task and their weights (pose's secondary keys scaled; ``log_z`` is
+    depth's at half weight when pose has none)."""
+    pairs = [("rot6d", pose), ("log_z", pose * 0.5), ("offsets", pose * 0.5), ("k_delta", pose * 0.3),
+             ("keypoints", keypoints), ("depth", depth), ("depth_map", depth),
+             ("seg_logits", seg), ("mask_logits", seg)]  # fmt: skip
+    if depth > 0 and pose == 0:
+        pairs.append(("log_z", depth * 0.5))
+    return {key: weight for key, weight in pairs if weight > 0}
+
+
+def aux_consistency(student, teacher, weights: dict[str, float]) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """The weighted consistency of the student's multi-task outputs with the teacher's (detached), per key
+    present in both dicts with the same shape; (None, {}) when no key applies."""
+    total, parts = None, {}
+    if not isinstance(student, dict) or not isinstance(teacher, dict):
+        return None, parts
+    for key, weight in weights.items():
+        s, t = student.get(key), teacher.get(key)
+        if not isinstance(s, Tensor) or not isinstance(t, Tensor) or s.shape != t.shape:
+            continue
+        t = t.detach()
+        if key in ("seg_logits", "mask_logits"):
+            term = F.binary_cross_entropy_with_logits(s, t.sigmoid())
+        elif key == "keypoints":
+            term = F.smooth_l1_loss(s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1))
+        else:
+            term = F.l1_loss(s, t)
+        parts[f"aux_{key}"] = (term * weight).detach()
+        total = term * weight if total is None else total + term * weight
+    return total, parts
 
 
 def entropy(logits: Tensor, kind: str) -> Tensor:
@@ -114,13 +174,62 @@ def tent_method(
       The ``Method``."""
     if settings.detector_response:
         return response_method(apply, optimizer, settings, readout=readout, bn=bn)
+    if settings.aux_weights():
+        return aux_method(apply, optimizer, settings, readout=readout, bn=bn)
 
     def entropy_loss(params, buffers, batch, extra):
         del extra
         output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
         return tent_loss(output, readout), LossOutput(new_buffers, {}, output)
 
-    return Method(entropy_loss, optimizer, clean_forward=True)
+    return Method(entropy_loss, optimizer, clean_forward=True, yolozu_row=tent_row)
+
+
+AUX_METRICS = ("loss_entropy", "loss_aux_consistency", "aux_student_view_mean_abs_delta")
+
+
+def aux_method(
+    apply: Apply,
+    optimizer: optim.GradientTransformation,
+    settings: TentSettings,
+    *,
+    readout: Readout = DEFAULT_READOUT,
+    bn: str = "running",
+) -> Method:
+    """Tent with YOLOZU's auxiliary consistency: the frozen model (the current weights, detached, stored
+    BatchNorm statistics) on the batch is the target; the student on the weak photometric view minimises its
+    entropy plus the weighted consistency of its multi-task outputs with the target's (recomputed every batch:
+    nothing persists between steps)."""
+    weights = settings.aux_weights()
+
+    def loss_fn(params, buffers, batch, extra):
+        del extra
+        teacher, _ = apply({k: v.detach() for k, v in params.items()}, buffers, batch, bn_mode="eval")
+        view = weak_photometric_view(batch)
+        student, new_buffers = apply(params, buffers, view, bn_mode=bn)
+        ent = tent_loss(student, readout)
+        aux, parts = aux_consistency(student, teacher, weights)
+        aux = ent * 0.0 if aux is None else aux
+        nan = torch.full_like(ent, float("nan")).detach()
+        metrics = {"loss_entropy": ent.detach(), "loss_aux_consistency": aux.detach(),
+                   "aux_student_view_mean_abs_delta": (view - batch).abs().mean().detach(),
+                   **{f"aux_{k}": parts.get(f"aux_{k}", nan) for k in weights}}  # fmt: skip
+        return ent + aux, LossOutput(new_buffers, metrics, student)
+
+    names = AUX_METRICS + tuple(f"aux_{k}" for k in weights)
+    return Method(
+        loss_fn, optimizer, metric_names=names, calls=(2, 1), optional_metrics=names[len(AUX_METRICS):],
+        row_fields={"aux_target_current_batch": 1.0}, yolozu_row=tent_row,
+    )  # fmt: skip
+
+
+def tent_row(row: dict) -> dict:
+    """YOLOZU's Tent step keys: ``loss_total`` (the step's loss) and, for the response variant, whether the
+    update abstained."""
+    out = {"loss_total": row["loss"]}
+    if "update_abstained" in row:
+        out["update_skipped"] = row["update_abstained"] == 1.0
+    return out
 
 
 def _boxes(output) -> object:
@@ -179,7 +288,8 @@ def response_method(
     names = ("loss_response_class", "loss_response_bbox", "loss_response_foreground_entropy",
              "response_selected_queries", "response_selected_ratio", "response_selected_confidence_mean",
              "response_abstained", "update_abstained", "buffers_restored_on_abstention")  # fmt: skip
-    return Method(loss_fn, optimizer, finish=abstain_or_keep, metric_names=names)
+    # two forwards (teacher, student) and one backward per update
+    return Method(loss_fn, optimizer, finish=abstain_or_keep, metric_names=names, calls=(2, 1), yolozu_row=tent_row)
 
 
 def make_tent_step(
