@@ -253,3 +253,102 @@ def test_export_postprocess_mode_mirrors_detections_with_yolozus_default(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         _run(tmp_path, tiny, "--tta", "--tta-keypoint-swap-pairs", "1-2")
     assert exit_.value.code == 2
+
+
+def _images(n, size=8):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "method,extra,calls,keys",
+    [
+        ("tent", {}, (1, 1), ("loss_total",)),
+        ("cotta", {"cotta_restore_prob": 0.0}, (4, 1), ("consistency_mse", "ema_momentum", "restored_count", "aug")),
+        ("eata", {"eata_conf_min": 0.0, "eata_entropy_min": 0.0, "eata_e_margin": 10.0, "eata_min_valid_dets": 0},
+         (1, 1),
+         ("selected_count", "batch_count", "skip_reason", "skip_streak", "adapt_loss", "anchor_loss", "mean_conf",
+          "mean_entropy")),
+        ("sar", {"sar_e_margin": 10.0}, (2, 2), ("loss_first", "loss_second", "sar_rho", "sar_rho_applied")),
+        ("mim", {"mim_patch_size": 4, "mim_mask_prob": 0.5}, (1, 1), ("mim_loss", "mask_ratio")),
+    ],
+)  # fmt: skip
+def test_report_counts_passes_and_steps_and_rows_carry_yolozus_keys(method, extra, calls, keys):
+    from tests.toy import TensorAdapter, TinyAutoencoder, TinyClassifier, seeded
+    from yolozu.tta.integration import run_ttt
+
+    config = TTTConfig(enabled=True, method=method, steps=3, lr=1e-2, batch_size=2, seed=0, **extra)
+    model = seeded(TinyAutoencoder if method == "mim" else TinyClassifier)
+    report = run_ttt(TensorAdapter(model), _images(2), config)
+    assert (report.forward_calls, report.backward_calls) == (3 * calls[0], 3 * calls[1])
+    assert report.optimizer_steps == 3 and report.update_ratio == 1.0 and report.abstained_steps == 0
+    assert report.method_profile["paper"] and report.memory["metric"] in ("peak_rss_bytes", "peak_allocated_bytes")
+    for row in report.step_metrics:
+        assert set(keys) <= set(row)
+        assert all(v is None or not isinstance(v, float) or v == v for v in row.values()), row  # no NaN
+    summary = report.to_dict()
+    assert summary["loss_summary"]["count"] == 3 and summary["abstention_ratio"] == 0.0
+
+
+def test_an_unstepped_sar_row_has_no_nan_and_zero_steps_keep_yolozus_loss_summary():
+    from tests.toy import TensorAdapter, TinyClassifier, seeded
+    from yolozu.tta.integration import run_ttt
+    from yolozu.tta.report import TTTReport
+
+    # a tiny e_margin: no sample is reliable, so no step moves the weights and the loss average is never set
+    config = TTTConfig(enabled=True, method="sar", steps=2, lr=1e-2, batch_size=2, seed=0, sar_e_margin=1e-9)
+    report = run_ttt(TensorAdapter(seeded(TinyClassifier)), _images(2), config)
+    first = report.step_metrics[0]
+    assert first["ema_loss"] is None and "ema_loss" not in first["non_finite_fields"]
+    assert report.optimizer_steps == 0 and report.update_ratio == 0.0 and report.forward_calls == 4
+    empty = TTTReport(enabled=True, method="tent", reset="stream").to_dict()["loss_summary"]
+    assert empty == {"count": 0, "min": None, "mean": None, "max": None, "last": None, "first": None}
+
+
+def test_the_sample_mode_report_lists_each_adapted_image(tmp_path, tiny):
+    code, out = _run(tmp_path, tiny, "--ttt", "--ttt-reset", "sample", "--ttt-steps", "2", "--ttt-lr", "1e-3")
+    assert code == 0
+    report = json.loads(out.read_text())["meta"]["ttt"]["report"]
+    assert (report["mode"], report["samples_total"], report["samples_kept"]) == ("sample", 1, 1)
+    (only,) = report["per_sample"]
+    assert only["index"] == 0 and only["image"].endswith("a.png")
+    assert only["report"]["steps_run"] == len(only["report"]["losses"]) >= 1
+
+
+class _MultiTask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.cls = nn.Linear(4, 3)
+        self.pose = nn.Linear(4, 6)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((self.bn.training, x.detach().clone()))
+        h = self.bn(x)
+        return {"logits": self.cls(h), "rot6d": self.pose(h)}
+
+
+def test_tent_runner_keys_aux_consistency_on_the_current_batch_and_both_resets():
+    from yolozu.tta.tent import TentConfig, TentRunner
+
+    torch.manual_seed(0)
+    model = _MultiTask()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = TentRunner(model, config=TentConfig(lr=1e-2, aux_pose_weight=1.0))
+    assert runner._has_aux and not TentRunner(_MultiTask())._has_aux
+    first, second = torch.full((2, 4), 0.2) + torch.eye(2, 4), torch.full((2, 4), 0.8) - torch.eye(2, 4)
+    rows = [runner.adapt_step(first), runner.adapt_step(second)]
+    for row in rows:
+        assert row["loss_aux_consistency"] > 0 and row["aux_rot6d"] > 0 and row["aux_target_current_batch"] == 1.0
+        assert (row["forward_calls"], row["backward_calls"], row["optimizer_steps"]) == (2, 1, 1.0)
+        assert row["loss_total"] == row["loss"] and row["update_abstained"] == 0.0
+    # the target is the frozen model on this very batch (stored statistics: eval), the student the weak view
+    assert [training for training, _ in model.calls] == [False, True, False, True]
+    assert torch.equal(model.calls[0][1], first) and torch.equal(model.calls[2][1], second)
+    assert not torch.equal(model.calls[1][1], first) and model.calls[1][1].shape == first.shape
+    adapted = {k: v.clone() for k, v in model.state_dict().items()}
+    runner.reset()  # YOLOZU's: the adapted weights stay
+    assert all(torch.equal(v, adapted[k]) for k, v in model.state_dict().items())
+    runner.reset(source=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
