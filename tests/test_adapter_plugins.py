@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.toy import UNGUARDED
 from yolozu.adapters import UnknownAdapterError, adapter_names, build_adapter
 from yolozu.adapters.plugins import ENTRY_POINT_GROUP, PluginError
 from yolozu.cli.export import main
@@ -68,7 +69,7 @@ def test_the_docs_example_is_a_complete_adapter_in_under_40_lines(plugin_dir, da
     assert _export(dataset, plain, "my_detector:MyAdapter", "--checkpoint", str(checkpoint)) == 0
     records = [{"image": str(p), "labels": []} for p in sorted((dataset / "images" / "val").iterdir())]
     assert json.loads(plain.read_text()) == mine.predict(records)
-    ttt = ["--ttt", "--ttt-method", "tent", "--ttt-update-filter", "norm_only", "--ttt-lr", "0.5", "--wrap"]
+    ttt = ["--ttt", "--ttt-method", "tent", "--ttt-update-filter", "norm_only", "--ttt-lr", "0.5", "--wrap", *UNGUARDED]
     assert _export(dataset, adapted, "my_detector:MyAdapter", "--checkpoint", str(checkpoint), *ttt) == 0
     doc = json.loads(adapted.read_text())
     assert doc["meta"]["ttt"]["report"]["steps_run"] == 1

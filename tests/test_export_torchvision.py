@@ -10,6 +10,7 @@ import pytest
 import torch
 from tv_zoo import BUILDS, TORCHVISION, build, build_named, write_images, zoo_folder
 
+from tests.toy import UNGUARDED
 from yolozu.adapters.tv_adapter import TorchvisionAdapter
 from yolozu.cli.export import main
 
@@ -66,7 +67,7 @@ def test_with_ttt_the_export_adapts_its_norms(dataset, checkpoint, tmp_path):
     plain, adapted = tmp_path / "plain.json", tmp_path / "adapted.json"
     assert _export(dataset, plain, checkpoint) == 0
     ttt = ["--ttt", "--ttt-method", "tent", "--ttt-schedule", "online", "--ttt-batch-size", "2", "--ttt-lr", "0.01"]
-    assert _export(dataset, adapted, checkpoint, *ttt, "--wrap") == 0
+    assert _export(dataset, adapted, checkpoint, *ttt, *UNGUARDED, "--wrap") == 0
     doc = json.loads(adapted.read_text())
     report = doc["meta"]["ttt"]["report"]
     assert report["steps_run"] == 1 and report["updated_param_count"] > 0

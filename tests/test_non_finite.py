@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.toy import UNGUARDED
 from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.inference.predictor import NON_FINITE, finite_per_image
@@ -17,7 +18,7 @@ from yolozu.inference.predictor import NON_FINITE, finite_per_image
 OLD = b'["the previous run"]\n'
 DIVERGE = ["--ttt", "--ttt-lr", "1e30", "--ttt-steps", "2", "--ttt-batch-size", "2"]
 GUARDS_OFF = {
-    "no-stop": ["--no-ttt-stop-on-non-finite"],
+    "no-stop": ["--no-ttt-stop-on-non-finite", *UNGUARDED],
     "no-rollback": ["--no-ttt-rollback-on-stop"],
     "no-rollback-reusing-the-forward": [  # batch 1 diverges; batch 2 is predicted with its weights
         "--no-ttt-rollback-on-stop",

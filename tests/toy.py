@@ -101,3 +101,11 @@ class TinyHeatmap(nn.Module):
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(x)))
         return self.head(h + self.lora(h))
+
+
+UNGUARDED = (
+    "--ttt-max-grad-norm", "none", "--ttt-max-update-norm", "none", "--ttt-max-total-update-norm", "none",
+    "--ttt-max-loss-ratio", "none",
+)  # fmt: skip
+"""Export flags that keep a plain ``--ttt`` with customised core settings unguarded: YOLOZU's preset rule fills
+the guards a flag leaves unset, and ``none`` is a set value."""

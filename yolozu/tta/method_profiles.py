@@ -12,6 +12,10 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
+import attrs
+
+from yolozu.tta.methods import entry
+
 _READOUT = {
     "class_axis": "readout",
     "foreground_selection": "none",
@@ -121,7 +125,7 @@ def get_ttt_method_profile(method: str, *, detector_response: bool = False) -> d
         raise ValueError(f"unknown TTT method profile {method!r}; expected one of: {choices}")
     profile = deepcopy(TTT_METHOD_PROFILES[key])
     if detector_response:
-        if key != "tent":
+        if "detector_response" not in attrs.fields_dict(entry(key).settings):
             raise ValueError(f"detector response selection is supported only for tent, not {method!r}")
         profile.update(
             profile_id="yolozu_detection_response_v1",
