@@ -352,3 +352,16 @@ def test_tent_runner_keys_aux_consistency_on_the_current_batch_and_both_resets()
     assert all(torch.equal(v, adapted[k]) for k, v in model.state_dict().items())
     runner.reset(source=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_benchmark_recipes_export_flags_give_the_recipes_config_under_the_preset_rules():
+    from yolozu.cli.export import ttt_config
+    from yolozu.demo.bench import recipes
+    from yolozu.tta.presets import apply_ttt_preset_args
+
+    for name, recipe in recipes.RECIPES.items():
+        if recipe.ttt is None:
+            continue
+        args = apply_ttt_preset_args(build_parser().parse_args(["--dataset", "d", "--output", "o",
+                                                                *recipes.export_flags(name)]))  # fmt: skip
+        assert ttt_config(args) == TTTConfig(**{"enabled": True, "seed": 0, **recipe.ttt}), name

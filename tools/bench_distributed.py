@@ -26,7 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from yolozu.tta.preset_table import GUARDS  # noqa: E402
+
 TENT = ["--ttt", "--ttt-method", "tent", "--ttt-max-batches", "none", "--ttt-lr", "1e-3"]
+TENT += [flag for guard in GUARDS for flag in ("--ttt-" + guard.replace("_", "-"), "none")]  # unguarded, as measured
 MODES = {
     "predict": [],
     "episodic": [*TENT, "--ttt-reset", "sample"],

@@ -30,6 +30,7 @@ import torch
 
 from yolozu.demo.bench.recipes import BENCHMARKED
 from yolozu.demo.corruptions import CORRUPTIONS
+from yolozu.tta.preset_table import GUARDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = "val-fog-5"
@@ -56,6 +57,7 @@ def steps(device: str, out: Path, shift_images: int) -> list[list[tuple[str, lis
     export = [py, "tools/export_predictions.py", "--adapter", "detector", "--dataset", "data/demo", "--split"]
     export += [SPLIT, "--device", device, "--wrap", "--quiet", "--seed", "0", *(["--max-images", "8"] if dry else [])]
     tent = ["--ttt", "--ttt-method", "tent", "--ttt-lr", "3e-3", "--ttt-update-filter", "norm_only"]
+    tent += [flag for guard in GUARDS for flag in ("--ttt-" + guard.replace("_", "-"), "none")]  # unguarded
     tent += ["--ttt-max-batches", "none"]
     schedules = {"online": ["--ttt-schedule", "online"], "sample": ["--ttt-reset", "sample", "--ttt-streams", "8"]}
     side_by_side = [(f"determinism {schedule} {run}", [*export, *tent, *flags, "--output",

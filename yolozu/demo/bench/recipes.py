@@ -16,6 +16,7 @@ import attrs
 
 from yolozu.cli.export import flag_of
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.preset_table import GUARDS
 
 
 @attrs.frozen
@@ -154,6 +155,9 @@ def export_flags(name: str) -> list[str]:
     fields = attrs.fields_dict(TTTConfig)
     for field, value in recipe.ttt.items():
         flags += [flag_of(fields[field]), str(value)]
+    for guard in GUARDS:  # a guard the recipe leaves unset stays unset (a preset would fill it)
+        if guard not in recipe.ttt:
+            flags += [flag_of(fields[guard]), "none"]
     return flags
 
 
