@@ -93,15 +93,16 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
     """The TTT config the flags ask for: preset values, then every explicitly given flag.
 
     Args:
-      args: parsed arguments holding ``ttt``, ``ttt_preset``, ``seed`` and a ``ttt_*`` value per field.
+      args: parsed arguments holding ``ttt``, ``ttt_preset``, ``seed`` and a ``ttt_*`` value per field (an absent
+        one reads as its default).
     Returns:
       The validated ``TTTConfig``."""
-    given = {f.name: getattr(args, f"ttt_{f.name}") for f in ttt_fields()}
+    given = {f.name: getattr(args, f"ttt_{f.name}", None) for f in ttt_fields()}
     explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
     explicit.setdefault("seed", getattr(args, "seed", None))
-    if not args.ttt:
+    if not getattr(args, "ttt", False):
         return TTTConfig(**explicit)
-    return TTTConfig.from_preset(args.ttt_preset, **{"enabled": True, **explicit})
+    return TTTConfig.from_preset(getattr(args, "ttt_preset", None), **{"enabled": True, **explicit})
 
 
 def ttt_meta(config: TTTConfig, report: dict | None) -> dict:
