@@ -113,10 +113,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if value is not None and (args.bn_stats != mode or value < 0):
             raise UsageError(f"{flag} applies to --bn-stats {mode} and must be >= 0 ({unit}), got {value} with "
                              f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode {mode} --ttt{flag} N")
-    flags = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only", "--tta-keypoint-swap-pairs")
-    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
-    if given and not args.tta:
-        raise UsageError(f"{given[0]} applies to --tta only; add --tta or drop it")
+    if misused := tta_modes.misused_flag(args):
+        raise UsageError(misused)
 
 
 def _adapter(args: argparse.Namespace, config: TTTConfig, rank_device: str | None = None):

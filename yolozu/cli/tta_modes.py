@@ -31,3 +31,13 @@ def postprocess(predictions: list, meta: dict, tta: FlipTTAConfig | TTAConfig | 
     settings = json.loads(json.dumps(attrs.asdict(tta)))  # tuples -> lists
     meta["tta"] = {**settings, "mode": "postprocess", **summarize_tta(result.entries, warnings=result.warnings)}
     return result.entries
+
+
+TTA_ONLY = ("--tta-flip-prob", "--tta-seed", "--tta-norm-only", "--tta-keypoint-swap-pairs")
+"""Flags that mean something only with ``--tta``."""
+
+
+def misused_flag(args) -> str | None:
+    """The usage error of a ``TTA_ONLY`` flag given without ``--tta`` (None when there is none)."""
+    given = [f for f in TTA_ONLY if getattr(args, f[2:].replace("-", "_")) is not None]
+    return f"{given[0]} applies to --tta only; add --tta or drop it" if given and not args.tta else None
