@@ -365,3 +365,13 @@ def test_benchmark_recipes_export_flags_give_the_recipes_config_under_the_preset
         args = apply_ttt_preset_args(build_parser().parse_args(["--dataset", "d", "--output", "o",
                                                                 *recipes.export_flags(name)]))  # fmt: skip
         assert ttt_config(args) == TTTConfig(**{"enabled": True, "seed": 0, **recipe.ttt}), name
+
+
+def test_a_plain_ttt_with_customised_steps_exports_guarded(tmp_path, tiny):
+    code, out = _run(tmp_path, tiny, "--ttt", "--ttt-steps", "2")
+    assert code == 0
+    ttt = json.loads(out.read_text())["meta"]["ttt"]
+    assert (ttt["preset"], ttt["steps"], ttt["update_filter"]) == (None, 2, "all")  # the core knobs as given
+    assert (ttt["max_grad_norm"], ttt["max_update_norm"], ttt["max_total_update_norm"], ttt["max_loss_ratio"]) == (
+        1.0, 1.0, 1.0, 3.0
+    )  # safe's guards
