@@ -375,3 +375,24 @@ def test_a_plain_ttt_with_customised_steps_exports_guarded(tmp_path, tiny):
     assert (ttt["max_grad_norm"], ttt["max_update_norm"], ttt["max_total_update_norm"], ttt["max_loss_ratio"]) == (
         1.0, 1.0, 1.0, 3.0
     )  # safe's guards
+
+
+def test_tent_detector_response_on_a_torchvision_detectors_candidates(tmp_path):
+    from yolozu.adapters.tv_adapter import TorchvisionAdapter
+    from yolozu.demo.tv_detector import build_fcos_small
+    from yolozu.tta.engine import Adaptation
+
+    torch.manual_seed(0)
+    model = build_fcos_small(6).eval()
+    fcos = TorchvisionAdapter(model, image_size=64)
+    view, readout = fcos.get_model(), fcos.ttt_readout()
+    config = TTTConfig(enabled=True, update_filter="norm_only", lr=1e-3, detector_response=True, response_conf_min=0.0,
+                       response_topk=5, seed=0)  # fmt: skip
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # an untrained FCOS scores every candidate near its 0.01 prior: no foreground, so the step abstains
+    (row,) = Adaptation(view, config, readout).adapt(x, 0, 1)
+    assert (row["response_selected_queries"], row["update_abstained"], row["update_norm"]) == (0.0, 1.0, 0.0)
+    with torch.no_grad():  # confident candidates (sigmoid 0.88): the teacher's five best are selected
+        model.head.classification_head.cls_logits.bias.fill_(2.0)
+    (row,) = Adaptation(view, config, readout).adapt(x, 0, 1)
+    assert row["response_selected_queries"] == 5 and row["update_abstained"] == 0.0 and row["update_norm"] > 0
