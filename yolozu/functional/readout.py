@@ -88,7 +88,14 @@ class Readout:
     def candidates(self, output: Any, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The detector's candidates as ``(B, Q, C)`` class logits (classes last) and the flat positions they
         were read at: a dense map's top-k peaks (at ``index`` when given, e.g. a teacher's), every other
-        position of ``scores`` as it is (queries, anchors; a classifier's row is one candidate)."""
+        position of ``scores`` as it is (queries, anchors; a classifier's row is one candidate).
+
+        Args:
+          output: a forward output.
+          index: flat positions (B, k) to read a dense map at (a teacher's peaks), or None: its own top-k.
+        Returns:
+          ((B, Q, C) class logits, the positions read or None).
+        """
         scores = self.scores(output)
         if self.spatial and scores.ndim == 4:
             index = peak_indices(scores, 100) if index is None else index

@@ -65,7 +65,10 @@ def select_foreground_queries(
 
     Args:
       teacher_logits: (B, Q, C) candidate logits, classes last (detached here).
+      confidence_min: the least foreground probability of a selected candidate, in [0, 1].
+      topk: at most this many candidates per image (0: no cap).
       kind: ``softmax`` (with a no-object class at index ``no_object``) or ``sigmoid``.
+      no_object: the no-object class of softmax logits (RT-DETR's last: -1).
     Returns:
       the selection (mask and fg confidence, both (B, Q)).
     """
@@ -134,8 +137,18 @@ def response_terms(
     """The response loss (module docstring) and its tensor metrics; no host sync (usable inside a step).
 
     Args:
-      student_logits, teacher_logits: (B, Q, C) candidate logits of the same candidates.
-      student_bbox, teacher_bbox: (B, Q, 4) box logits of them, or None (no box term).
+      student_logits: (B, Q, C) candidate logits of the student (differentiated).
+      teacher_logits: (B, Q, C) logits of the same candidates from the teacher.
+      student_bbox: (B, Q, 4) box logits of the student's candidates, or None (no box term).
+      teacher_bbox: (B, Q, 4) box logits of the teacher's, or None.
+      confidence_min: the least teacher foreground probability of a selected candidate.
+      topk: at most this many selected candidates per image (0: no cap).
+      min_selected: abstain below this many selected candidates.
+      class_weight: weight of the class KL.
+      bbox_weight: weight of the box smooth L1.
+      entropy_weight: weight of the student's foreground entropy.
+      kind: ``softmax`` or ``sigmoid`` scores.
+      no_object: the no-object class of softmax logits.
     Returns:
       (loss: 0-d tensor, 0 when abstaining; metrics: ``loss_response_class``, ``loss_response_bbox``,
       ``loss_response_foreground_entropy``, ``response_selected_queries``, ``response_selected_ratio``,
@@ -181,6 +194,11 @@ def weak_photometric_view(batch: Tensor) -> Tensor:
 
     Raises:
       TypeError: a dict or other structured batch, or a non-floating tensor.
+
+    Args:
+      batch: images (B, C, H, W) (any floating tensor).
+    Returns:
+      The view, a new tensor shaped like ``batch``.
     """
     if isinstance(batch, (dict, list, tuple)):
         raise TypeError("the weak photometric view needs one image tensor; structured batches are rejected")

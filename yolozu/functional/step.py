@@ -173,7 +173,13 @@ def no_method_state(trainable: Params) -> tuple:
 
 
 def no_yolozu_keys(row: dict) -> dict:
-    """The default ``yolozu_row``: no keys of YOLOZU's beyond the shared ones."""
+    """The default ``yolozu_row``: no keys of YOLOZU's beyond the shared ones.
+
+    Args:
+      row: a step row.
+    Returns:
+      An empty dict.
+    """
     del row
     return {}
 

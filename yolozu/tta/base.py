@@ -25,11 +25,21 @@ class TTARunner:
         return None
 
     def adapt_step(self, batch: Any) -> dict[str, float]:
-        """One adaptation step on ``batch``; returns its scalar metrics."""
+        """One adaptation step on ``batch``; returns its scalar metrics.
+
+        Args:
+          batch: an input batch.
+        Returns:
+          The step's scalar metrics.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement adapt_step(batch)")
 
     def maybe_log(self) -> dict[str, Any] | None:
-        """Runner-specific counters, if any (None here)."""
+        """Runner-specific counters, if any (None here).
+
+        Returns:
+          The counters, or None.
+        """
         return None
 
 
@@ -125,6 +135,7 @@ def apply_tta_transform(entries: Iterable[dict[str, Any]], *, config: TTAConfig)
 
     Args:
       entries: predictions ``[{"image", "detections": [{"bbox": {cx, cy, w, h}, ...}], ...}]``.
+      config: the mirror's settings (``enabled``, ``seed``, ``flip_prob``, keypoint and offset options).
     Returns:
       ``TransformResult(entries, warnings)``; disabled: copies of the entries unchanged.
     """
@@ -150,7 +161,14 @@ def apply_tta_transform(entries: Iterable[dict[str, Any]], *, config: TTAConfig)
 
 def summarize_tta(entries: Iterable[dict[str, Any]], *, warnings: Iterable[str] = ()) -> dict[str, Any]:
     """How many detections the postprocess mirror saw and mirrored (from each entry's ``tta_mask``), and the
-    warnings: ``{"detections", "applied", "applied_ratio", "warnings"}``."""
+    warnings: ``{"detections", "applied", "applied_ratio", "warnings"}``.
+
+    Args:
+      entries: the transformed predictions.
+      warnings: the transform's warnings.
+    Returns:
+      ``{"detections", "applied", "applied_ratio", "warnings"}``.
+    """
     masks = [e["tta_mask"] for e in entries if isinstance(e, dict) and isinstance(e.get("tta_mask"), list)]
     total, applied = sum(map(len, masks)), sum(sum(map(bool, m)) for m in masks)
     return {

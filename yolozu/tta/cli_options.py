@@ -29,7 +29,12 @@ TTT_SDFT_TASK_CHOICES = SDFT_TASKS
 
 def add_ttt_arguments(parser: argparse.ArgumentParser | Any, *, include_enable_flag: bool = True) -> None:
     """Add ``--ttt`` (unless ``include_enable_flag`` is False: a caller that enables TTT its own way),
-    ``--ttt-preset`` and one flag per ``TTTConfig`` setting to ``parser`` (a parser or an argument group)."""
+    ``--ttt-preset`` and one flag per ``TTTConfig`` setting to ``parser`` (a parser or an argument group).
+
+    Args:
+      parser: an ``argparse`` parser or argument group.
+      include_enable_flag: add ``--ttt`` too.
+    """
     if include_enable_flag:
         parser.add_argument("--ttt", action="store_true", help="adapt the model before/while predicting")
     parser.add_argument(
@@ -47,6 +52,11 @@ def build_ttt_config_from_args(args: Any) -> TTTConfig:
 
     Raises:
       ValueError: a value out of its field's range.
+
+    Args:
+      args: parsed arguments (an absent ``ttt_*`` reads as its default).
+    Returns:
+      The ``TTTConfig``, enabled.
     """
     enabled = argparse.Namespace(**{**vars(args), "ttt": True})
     enabled.seed = getattr(args, "seed", None)
@@ -71,7 +81,13 @@ def _settings_of(config: TTTConfig) -> dict[str, Any]:
 
 def build_ttt_settings_from_args(args: Any) -> dict[str, Any]:
     """The settings as a JSON-ready dict in YOLOZU's shape: the shared settings flat, each method's under its
-    name, ``aux`` and ``detector_response`` groups; ``enabled`` says whether ``--ttt`` was given."""
+    name, ``aux`` and ``detector_response`` groups; ``enabled`` says whether ``--ttt`` was given.
+
+    Args:
+      args: parsed arguments.
+    Returns:
+      The settings dict.
+    """
     settings = _settings_of(build_ttt_config_from_args(args))
     settings.update(enabled=bool(getattr(args, "ttt", False)), preset=getattr(args, "ttt_preset", None))
     return settings
@@ -79,7 +95,14 @@ def build_ttt_settings_from_args(args: Any) -> dict[str, Any]:
 
 def build_ttt_cli_args(args: Any, *, include_enable_flag: bool = True) -> list[str]:
     """The ``--ttt*`` argument list that gives the same settings (every setting, None ones left out); [] when
-    ``--ttt`` is off. For handing the settings to a child process."""
+    ``--ttt`` is off. For handing the settings to a child process.
+
+    Args:
+      args: parsed arguments.
+      include_enable_flag: start with ``--ttt``.
+    Returns:
+      The argument list.
+    """
     if not getattr(args, "ttt", False):
         return []
     config = build_ttt_config_from_args(args)

@@ -118,6 +118,12 @@ def get_ttt_method_profile(method: str, *, detector_response: bool = False) -> d
 
     Raises:
       ValueError: an unknown method, or ``detector_response`` for a method other than tent.
+
+    Args:
+      method: a method name (any case).
+      detector_response: the profile of Tent's response variant.
+    Returns:
+      The profile (a fresh deep copy).
     """
     key = str(method or "").strip().lower()
     if key not in TTT_METHOD_PROFILES:

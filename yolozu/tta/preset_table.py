@@ -55,14 +55,24 @@ class TTTPreset:
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> "TTTPreset":
         """A preset from ``TTTConfig`` field values: its core knobs (one image, one step at lr 1e-4 unless
-        given), its guards, the rest as ``settings``."""
+        given), its guards, the rest as ``settings``.
+
+        Args:
+          values: ``TTTConfig`` field values (a paper preset's).
+        Returns:
+          The ``TTTPreset``.
+        """
         core = {"steps": 1, "batch_size": 1, "lr": 1e-4, "max_batches": 1, **values}
         named = {f.name for f in attrs.fields(cls)} - {"settings"}
         return cls(**{k: v for k, v in core.items() if k in named},
                    settings={k: v for k, v in values.items() if k not in named})  # fmt: skip
 
     def values(self) -> dict[str, Any]:
-        """The ``TTTConfig`` field values of this preset (set guards only), with ``enabled``."""
+        """The ``TTTConfig`` field values of this preset (set guards only), with ``enabled``.
+
+        Returns:
+          Field name -> value.
+        """
         out = {"enabled": True, **self.settings, **{name: getattr(self, name) for name in CORE}}
         out.update({name: getattr(self, name) for name in GUARDS if getattr(self, name) is not None})
         return out
@@ -110,7 +120,13 @@ AUTO = {"sar": "sar_safe", "eata": "eata_safe", "cotta": "cotta_safe", "mim": "m
 
 
 def preset_values(name: str) -> dict[str, Any]:
-    """The field values of preset ``name`` (a fresh dict)."""
+    """The field values of preset ``name`` (a fresh dict).
+
+    Args:
+      name: a key of ``PRESETS``.
+    Returns:
+      Field name -> value.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown TTT preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].values()

@@ -24,7 +24,13 @@ def _given(args: Any, name: str) -> Any:
 
 def auto_preset(args: Any) -> str:
     """The preset a plain ``--ttt`` picks: the task's (``--ttt-sdft-task``, for tent or mim), then the
-    method's, then ``adapter_only`` for that filter, else ``safe``."""
+    method's, then ``adapter_only`` for that filter, else ``safe``.
+
+    Args:
+      args: parsed arguments (``ttt_method``, ``ttt_sdft_task``, ``ttt_update_filter``).
+    Returns:
+      The preset's name.
+    """
     method = str(_given(args, "method") or "tent").lower()
     task = str(_given(args, "sdft_task") or "").lower()
     chosen = TASK_PRESETS.get((task, "tent" if method == "all" else method)) or AUTO.get(method)
@@ -34,7 +40,13 @@ def auto_preset(args: Any) -> str:
 
 
 def core_is_default(args: Any) -> bool:
-    """Whether every core knob is absent or at ``TTTConfig``'s default (a plain ``--ttt``)."""
+    """Whether every core knob is absent or at ``TTTConfig``'s default (a plain ``--ttt``).
+
+    Args:
+      args: parsed arguments.
+    Returns:
+      True when a plain ``--ttt`` may apply its preset whole.
+    """
     defaults = _DEFAULTS
     for name in CORE:
         value = _given(args, name)
@@ -51,7 +63,12 @@ def core_is_default(args: Any) -> bool:
 
 def fill_guards(args: Any, preset: TTTPreset) -> None:
     """Set each guard flag left unset to the preset's limit; the loss limit only when neither loss limit was
-    given (ratio preferred)."""
+    given (ratio preferred).
+
+    Args:
+      args: parsed arguments, changed in place.
+      preset: the preset whose guards fill them.
+    """
     for name in ("max_grad_norm", "max_update_norm", "max_total_update_norm"):
         if _given(args, name) is None and getattr(preset, name) is not None:
             setattr(args, f"ttt_{name}", float(getattr(preset, name)))
@@ -72,6 +89,11 @@ def apply_ttt_preset_args(args: Any) -> Any:
 
     Raises:
       ValueError: an unknown ``ttt_preset``.
+
+    Args:
+      args: parsed arguments (``ttt``, ``ttt_preset`` and the ``ttt_*`` settings), changed in place.
+    Returns:
+      ``args``.
     """
     name = getattr(args, "ttt_preset", None)
     if name:
@@ -95,6 +117,9 @@ def validate_ttt_lora_requirements(args: Any) -> None:
 
     Raises:
       ValueError: ``lora_only`` with ``--lora-r`` absent or 0.
+
+    Args:
+      args: parsed arguments (``ttt``, ``ttt_update_filter``, ``lora_r``).
     """
     if not getattr(args, "ttt", False):
         return
@@ -112,6 +137,9 @@ def validate_ttt_requirements(args: Any) -> None:
 
     Raises:
       ValueError: naming the options and a working example.
+
+    Args:
+      args: parsed arguments.
     """
     validate_ttt_lora_requirements(args)
     if not getattr(args, "ttt", False) or not _given(args, "detector_response"):

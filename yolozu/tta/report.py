@@ -112,7 +112,14 @@ SAMPLES_KEPT = 20
 def sample_mode(report: TTTReport, images: list[str]) -> TTTReport:
     """``report`` of a reset ``sample`` run with YOLOZU's sample-mode fields: ``mode``, ``samples_total``,
     ``samples_kept``, ``samples_truncated`` and ``per_sample`` (index, image and each adapted image's steps,
-    losses and stop), from the rows (each row's ``batch`` is its image's index)."""
+    losses and stop), from the rows (each row's ``batch`` is its image's index).
+
+    Args:
+      report: the run's report, changed in place.
+      images: every record's image, by index.
+    Returns:
+      ``report``.
+    """
     per_image: dict[int, list[dict]] = {}
     for row in report.step_metrics:
         per_image.setdefault(row["batch"], []).append(row)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from yolozu.functional import optim
@@ -170,6 +171,21 @@ def _views_in_frame(apply: Apply, readout: Readout, settings: CoTTASettings, vie
     return fixed if settings.views == "fixed" else random
 
 
+def _consistency_metrics(loss: Tensor, scores: Tensor, targets: Tensor, kind: str) -> dict[str, Tensor]:
+    """The step's ``consistency_loss`` and ``consistency_mse``: the student's probabilities against the targets
+    (YOLOZU's key)."""
+    probs = torch.sigmoid(scores) if kind == "sigmoid" else F.softmax(scores, dim=1)
+    return {"consistency_loss": loss.detach(), "consistency_mse": (probs.detach() - targets).square().mean()}
+
+
+def _teacher_forwards(settings: CoTTASettings) -> int:
+    """The teacher's forward passes per step: each fixed view and the plain one when no identity branch holds
+    it, or each random view and the plain one."""
+    if settings.views == "fixed":
+        return len(settings.augmentations) + ("identity" not in settings.augmentations)
+    return settings.random_views + 1
+
+
 def teacher_prepare(apply: Apply, readout: Readout, settings: CoTTASettings, bn: str):
     """CoTTA's ``prepare``: the teacher's soft targets for a batch (no gradient). The teacher and source views
     normalise like the student but leave the running statistics alone.
@@ -271,7 +287,8 @@ def cotta_method(
     source model (``source_threshold``). Predictions use the teacher unless ``settings.predict_with`` says
     otherwise.
 
-    Metrics add ``consistency_loss`` (= ``loss``), ``ema_momentum`` and ``restored_count``.
+    Metrics add ``consistency_loss`` (= ``loss``), ``consistency_mse`` (the student's probabilities against the
+    targets: YOLOZU's key), ``ema_momentum`` and ``restored_count``.
 
     Args:
       apply: the model as a pure function (``bridge.make_apply``).
@@ -287,9 +304,7 @@ def cotta_method(
         output, new_buffers = apply(params, buffers, batch, bn_mode=bn)
         scores = readout.scores(output)
         loss = consistency_loss(scores, targets, readout.score_kind)
-        probs = torch.sigmoid(scores) if readout.score_kind == "sigmoid" else F.softmax(scores, dim=1)
-        metrics = {"consistency_loss": loss.detach(), "consistency_mse": (probs.detach() - targets).square().mean()}
-        return loss, LossOutput(new_buffers, metrics, output)
+        return loss, LossOutput(new_buffers, _consistency_metrics(loss, scores, targets, readout.score_kind), output)
 
     def draw(k: Key, source: Params, batch: Tensor) -> Any:
         if settings.views == "fixed":
@@ -327,8 +342,7 @@ def cotta_method(
         calibrate=calibrate,
         predict_params=predict_params,
         metric_names=("consistency_loss", "consistency_mse", "restored_count"),
-        # the teacher's views (its plain view too when no identity branch), the source's, the student's
-        calls=(len(augmentations) + ("identity" not in augmentations) + 2, 1),
+        calls=(_teacher_forwards(settings) + 2, 1),  # the teacher's, then the source's and the student's
         row_fields={
             "ema_momentum": settings.ema_momentum,
             "restore_prob": settings.restore_prob,

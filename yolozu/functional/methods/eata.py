@@ -254,7 +254,13 @@ def eata_method(
 
 def eata_row(row: dict) -> dict:
     """YOLOZU's EATA step keys beside ours: ``selected_count`` and ``batch_count`` (kept and all samples: the
-    readout's candidates), ``skip_reason`` (None for a kept step) and whether the step changed nothing."""
+    readout's candidates), ``skip_reason`` (None for a kept step) and whether the step changed nothing.
+
+    Args:
+      row: a step row of this method.
+    Returns:
+      YOLOZU's keys for the row (and ``update_skipped``).
+    """
     skipped = bool(row["skipped"])
     return {
         "selected_count": row["selected"],

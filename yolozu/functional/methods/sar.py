@@ -197,7 +197,14 @@ def sar_method(
 def sar_row(row: dict, rho: float) -> dict:
     """YOLOZU's SAR step keys beside ours: ``loss_second`` (the loss at the perturbed weights),
     ``sar_rho_applied`` (rho x first_step_scale) and whether the step changed nothing (no selected sample, or a
-    recovery)."""
+    recovery).
+
+    Args:
+      row: a step row of this method.
+      rho: the perturbation radius applied (rho x first_step_scale).
+    Returns:
+      YOLOZU's keys for the row (and ``update_skipped``).
+    """
     return {
         "loss_second": row["loss"],
         "sar_rho_applied": rho,

@@ -43,7 +43,11 @@ class TentSettings:
     detectors have none of these outputs, so there they change nothing."""
 
     def aux_weights(self) -> dict[str, float]:
-        """The weight of each auxiliary output key (``AUX_KEYS``), zero ones left out."""
+        """The weight of each auxiliary output key (``AUX_KEYS``), zero ones left out.
+
+        Returns:
+          Output key -> weight.
+        """
         return aux_key_weights(self.aux_pose_weight, self.aux_keypoints_weight, self.aux_depth_weight,
                                self.aux_seg_weight)  # fmt: skip
 
@@ -98,7 +102,16 @@ class TentSettings:
 
 def aux_key_weights(pose: float, keypoints: float, depth: float, seg: float) -> dict[str, float]:
     """YOLOZU's output keys of each auxiliary task and their weights (pose's secondary keys scaled; ``log_z`` is
-    depth's at half weight when pose has none)."""
+    depth's at half weight when pose has none).
+
+    Args:
+      pose: the pose weight.
+      keypoints: the keypoints weight.
+      depth: the depth weight.
+      seg: the segmentation weight.
+    Returns:
+      Output key -> weight, zero weights left out.
+    """
     pairs = [("rot6d", pose), ("log_z", pose * 0.5), ("offsets", pose * 0.5), ("k_delta", pose * 0.3),
              ("keypoints", keypoints), ("depth", depth), ("depth_map", depth),
              ("seg_logits", seg), ("mask_logits", seg)]  # fmt: skip
@@ -109,7 +122,15 @@ def aux_key_weights(pose: float, keypoints: float, depth: float, seg: float) -> 
 
 def aux_consistency(student, teacher, weights: dict[str, float]) -> tuple[Tensor | None, dict[str, Tensor]]:
     """The weighted consistency of the student's multi-task outputs with the teacher's (detached), per key
-    present in both dicts with the same shape; (None, {}) when no key applies."""
+    present in both dicts with the same shape; (None, {}) when no key applies.
+
+    Args:
+      student: the student's output (a dict of tensors, else nothing applies).
+      teacher: the teacher's output.
+      weights: output key -> weight (``aux_key_weights``).
+    Returns:
+      (the weighted loss, a 0-d tensor, or None; ``aux_<key>`` -> its detached weighted term).
+    """
     total, parts = None, {}
     if not isinstance(student, dict) or not isinstance(teacher, dict):
         return None, parts
@@ -199,7 +220,17 @@ def aux_method(
     """Tent with YOLOZU's auxiliary consistency: the frozen model (the current weights, detached, stored
     BatchNorm statistics) on the batch is the target; the student on the weak photometric view minimises its
     entropy plus the weighted consistency of its multi-task outputs with the target's (recomputed every batch:
-    nothing persists between steps)."""
+    nothing persists between steps).
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: Tent's settings (its auxiliary weights).
+      readout: how class samples are read from an output.
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+    Returns:
+      The ``Method`` (two forwards and one backward per update).
+    """
     weights = settings.aux_weights()
 
     def loss_fn(params, buffers, batch, extra):
@@ -225,7 +256,13 @@ def aux_method(
 
 def tent_row(row: dict) -> dict:
     """YOLOZU's Tent step keys: ``loss_total`` (the step's loss) and, for the response variant, whether the
-    update abstained."""
+    update abstained.
+
+    Args:
+      row: a step row of Tent.
+    Returns:
+      YOLOZU's keys for the row (and ``update_skipped`` for the response variant).
+    """
     out = {"loss_total": row["loss"]}
     if "update_abstained" in row:
         out["update_skipped"] = row["update_abstained"] == 1.0
@@ -239,7 +276,16 @@ def _boxes(output) -> object:
 
 
 def abstain_or_keep(old: TTTState, new: TTTState, metrics: dict, noise) -> tuple[TTTState, dict]:
-    """The response variant's ``finish``: an abstained step keeps the old weights, optimiser state and buffers."""
+    """The response variant's ``finish``: an abstained step keeps the old weights, optimiser state and buffers.
+
+    Args:
+      old: the state before the step.
+      new: the state after it.
+      metrics: the step's metrics (``response_abstained``).
+      noise: the step's randomness (unused).
+    Returns:
+      (the kept state, the metrics with ``update_abstained`` and ``buffers_restored_on_abstention``).
+    """
     del noise
     metrics = dict(metrics)
     abstained = metrics["response_abstained"] > 0
@@ -265,7 +311,17 @@ def response_method(
     bn: str = "running",
 ) -> Method:
     """Tent's detector-response variant as a ``Method`` (module docstring): the teacher is the current weights,
-    detached, on the batch with stored BatchNorm statistics; the student the same weights on the weak view."""
+    detached, on the batch with stored BatchNorm statistics; the student the same weights on the weak view.
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: Tent's settings (``response_*``).
+      readout: how candidates are read from an output (``Readout.candidates``).
+      bn: the student's BatchNorm mode (``step.BN_MODES``).
+    Returns:
+      The ``Method`` (two forwards and one backward per update).
+    """
     s = settings
 
     def loss_fn(params, buffers, batch, extra):
