@@ -19,8 +19,9 @@ from torch import nn
 from yolozu.cli.export import build_parser, main
 from yolozu.tta.config import POSITIONAL_TAIL, SUPPORTED_TTT_METHODS, TTTConfig
 
-YOLOZU_412_PRESETS = ("safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe", "detector_response_safe",
-                      "pose_safe", "keypoints_safe", "depth_safe", "seg_safe", "pose_mim")  # fmt: skip
+YOLOZU_412_PRESETS = ("safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe",
+                      "detector_response_safe", "pose_safe", "keypoints_safe", "depth_safe", "seg_safe",
+                      "pose_mim")  # fmt: skip
 """YOLOZU 4.12's presets (the project adds the papers' own)."""
 
 
