@@ -41,6 +41,7 @@ def _profile(paper: str, implementation_class: str, efficacy: str, loss: dict, n
         "paper": paper,
         "efficacy": efficacy,
         "efficacy_evidence": _EVIDENCE,
+        "paper_departures": "docs/ttt.md, How each method differs from its paper",
         "loss": {**loss, "detector_logits": deepcopy(_READOUT)},
         "notes": notes,
         **extra,
@@ -74,6 +75,7 @@ TTT_METHOD_PROFILES: dict[str, dict[str, Any]] = {
             "augmented_view_query_correspondence": "established_by_readout_flip_back",
         },
         "EMA teacher, augmentation-averaged pseudo-labels when the teacher is unsure, stochastic restore.",
+        paper_preset="cotta_paper",
     ),
     "eata": _profile(
         "Niu et al., ICML 2022",
@@ -81,6 +83,7 @@ TTT_METHOD_PROFILES: dict[str, dict[str, Any]] = {
         "gain_measured",
         {"primary": "reliable_non_redundant_entropy_plus_fisher_anchor", "selection_unit": "readout_candidate"},
         "Sample selection by entropy margin and cosine redundancy; Fisher anchor when calibration data is given.",
+        paper_preset="eata_paper",
     ),
     "sar": _profile(
         "Niu et al., ICLR 2023",
