@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import yolozu.cli.eval
-import yolozu.cli.export
+import yolozu.cli.inputs
 from yolozu.cli import main as cli
 from yolozu.data import ManifestError, build_manifest
 from yolozu.demo.synth import SynthSpec, write_split
@@ -70,7 +70,7 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_output(tmp_path, dataset, 
     out.write_bytes(OLD)
     preds = tmp_path / "p.json"
     preds.write_text('[{"image": "a.png", "detections": []}]')
-    module = yolozu.cli.export if command == "export" else yolozu.cli.eval
+    module = yolozu.cli.inputs if command == "export" else yolozu.cli.eval
     monkeypatch.setattr(module, "build_manifest", interrupt)
     args = ["--output", str(out)] if command == "export" else ["--predictions", str(preds), "--output", str(out)]
     code, err = _run(capsys, command, "--dataset", str(dataset), *args)

@@ -23,13 +23,12 @@ from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli import tta_modes
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
 from yolozu.cli.export_parser import build_parser, flip_tta_of
+from yolozu.cli.inputs import RunInputs, model_inputs, run_inputs
 from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
-from yolozu.data import build_manifest
-from yolozu.data.manifest import dataset_files, find_split
-from yolozu.inference.predictor import NON_FINITE, Predictor
+from yolozu.inference.predictor import NON_FINITE, Predictor, non_finite_tensors, non_finite_warning
 from yolozu.io.commit import write_outputs
 from yolozu.io.paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
-from yolozu.io.predictions import wrap
+from yolozu.io.predictions import PredictionsError, check_against_records, wrap
 from yolozu.parallel.plan import check_dist_sync, in_order, merge_reports, part_for, plan_for
 from yolozu.parallel.world import DistributedError, RankFailed, World, commit, gather_to_root, joined, run_everywhere
 from yolozu.runtime.determinism import set_deterministic
@@ -82,9 +81,8 @@ class _Progress:
 def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
     """The output paths, checked before any work; a symbolic link followed is said on stderr."""
     given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in OUTPUT_FLAGS}
-    checkpoint = [("the --checkpoint", args.checkpoint)] if args.checkpoint else []
     try:
-        outputs = check_outputs(given, checkpoint)
+        outputs = check_outputs(given, model_inputs(args.adapter, args.checkpoint))
     except OutputPathError as e:
         raise UsageError(str(e)) from None
     for note in link_notes(outputs):
@@ -124,25 +122,26 @@ def _adapter(args: argparse.Namespace, config: TTTConfig, rank_device: str | Non
         raise UsageError(str(e)) from None
 
 
-def _records(args: argparse.Namespace, adapter: object, outputs: dict[str, OutputPath]) -> list[dict]:
-    """The dataset's records (label class ids checked against the model's classes), none of whose files is an
-    output."""
-    split = args.split or find_split(args.dataset)
-    records = build_manifest(args.dataset, split, num_classes=getattr(adapter, "num_classes", None))
+def _inputs(args: argparse.Namespace, adapter: object, config: TTTConfig, outputs: dict[str, OutputPath]) -> RunInputs:
+    """The dataset's records (label class ids checked against the model's classes) and the calibration split's,
+    when the method asks for one; no file the run reads is an output (``yolozu.cli.inputs``)."""
+    calibration_split = config.calibration_split() if config.enabled else None
+    inputs = run_inputs(args, calibration_split, getattr(adapter, "num_classes", None))
     try:
-        check_not_inputs(list(outputs.values()), dataset_files(args.dataset, split, records))
+        check_not_inputs(list(outputs.values()), inputs.files)
     except OutputPathError as e:
         raise UsageError(str(e)) from None
-    return records if args.max_images is None else records[: args.max_images]
+    return inputs
 
 
-def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
+def _adapted(
+    args, adapter, records: list[dict], config: TTTConfig, tta, part: Part, calibration: list[dict] | None
+) -> tuple[list, TTTReport]:
     """Predictions after test-time training and the report; non-finite outputs are an error unless
     ``--ttt-allow-non-finite``, then a warning on stderr (and in the report). A method that calibrates on
-    in-distribution data (EATA's ``--ttt-eata-fisher-data``) reads that split of the dataset. ``part``: this
-    rank's share of a distributed run."""
+    in-distribution data (EATA's ``--ttt-eata-fisher-data``) gets that split's records, ``calibration``.
+    ``part``: this rank's share of a distributed run."""
     try:
-        split = config.calibration_split()
         predictions, report = adapt_and_predict(
             adapter,
             records,
@@ -150,7 +149,7 @@ def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: P
             tta=tta,
             batch_size=args.batch_size,
             progress=lambda desc, total: _Progress(desc, total, args.quiet),
-            calibration=build_manifest(args.dataset, split) if split else None,
+            calibration=calibration,
             part=part,
         )
     except (RuntimeError, ValueError, NotImplementedError) as e:
@@ -166,6 +165,38 @@ def _adapted(args, adapter, records: list[dict], config: TTTConfig, tta, part: P
     return predictions, report
 
 
+def _check_model_finite(args: argparse.Namespace, adapter: object) -> None:
+    """A model with a NaN or infinite weight predicts nothing at all, whatever the path (plain, BatchNorm
+    statistics, TTA or TTT): an error before any image is read (``--ttt-allow-non-finite`` lets a TTT run go on,
+    with the warnings of its report)."""
+    get_model = getattr(adapter, "get_model", None)
+    model = get_model() if callable(get_model) else None
+    if not isinstance(model, torch.nn.Module):
+        return
+    names = non_finite_tensors(model)
+    if names and not (args.ttt and args.allow_non_finite):
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        source = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"the {args.adapter} adapter's model"
+        raise NonFiniteError(
+            f"the model has non-finite weights ({len(names)} tensors: {shown}); {source} is corrupt or diverged and "
+            "would predict no detection on any image. Nothing was written"
+        )
+
+
+def _check_predictions(args: argparse.Namespace, adapter: object, records: list[dict], predictions: list) -> None:
+    """Predictions are checked against the records (count, order, image paths, score and box ranges, class ids)
+    before anything is written: a plug-in adapter's are untrusted, and a non-finite prediction is never written."""
+    try:
+        check_against_records(predictions, records, getattr(adapter, "num_classes", None))
+    except PredictionsError as e:
+        raise PredictionsError(f"adapter {args.adapter!r} returned bad predictions: {e}; nothing was written") from None
+
+
+def _plain_non_finite(predictor: Predictor, records: list[dict]) -> None:
+    if predictor.non_finite:
+        raise NonFiniteError(f"{non_finite_warning(predictor.non_finite, len(records))}. Nothing was written")
+
+
 def _norm_options(args: argparse.Namespace) -> dict[str, float]:
     """The strength of the stored statistics ``--bn-stats`` mixes with the batch's: ``--bn-prior`` (mix) or
     ``--bn-shrink`` (shrink), or its default; nothing for the other modes."""
@@ -176,9 +207,11 @@ def _norm_options(args: argparse.Namespace) -> dict[str, float]:
     return {}
 
 
-def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Part) -> tuple[list, TTTReport]:
+def _plain(
+    args, adapter, records: list[dict], config: TTTConfig, tta, part: Part, calibration: list[dict] | None
+) -> tuple[list, TTTReport]:
     """Predictions without test-time training (the adapter's own, or with batch statistics / flip TTA)."""
-    del part
+    del part, calibration
     with _Progress("predict", len(records), args.quiet) as bar:
         if tta is None and args.bn_stats == "running":
             predictions = adapter.predict(records)
@@ -187,6 +220,7 @@ def _plain(args, adapter, records: list[dict], config: TTTConfig, tta, part: Par
             bn = "eval" if args.bn_stats == "running" else args.bn_stats
             predictor = Predictor(adapter, tta=tta, **_norm_options(args))
             predictions = predictor.predict(records, bn=bn, batch_size=args.batch_size, progress=bar)
+            _plain_non_finite(predictor, records)
     return predictions, disabled_report(config)
 
 
@@ -232,9 +266,12 @@ def _describe(error: Exception) -> tuple[int, str | None]:
 def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
     """The export in one process."""
     adapter = _adapter(args, config)
-    records = _records(args, adapter, outputs)
+    _check_model_finite(args, adapter)
+    inputs = _inputs(args, adapter, config, outputs)
+    records = inputs.records
     run = _adapted if config.enabled else _plain
-    predictions, report = run(args, adapter, records, config, tta_modes.flip(tta), WHOLE)
+    predictions, report = run(args, adapter, records, config, tta_modes.flip(tta), WHOLE, inputs.calibration)
+    _check_predictions(args, adapter, records, predictions)
     meta = _meta(args, adapter, records, config, report.to_dict(), tta)
     predictions = tta_modes.postprocess(predictions, meta, tta)
     _write(args, outputs, predictions, meta)
@@ -249,11 +286,13 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
 
     def work(lockstep):
         adapter = _adapter(mine, config, world.device)
-        records = _records(mine, adapter, outputs)
+        _check_model_finite(mine, adapter)
+        inputs = _inputs(mine, adapter, config, outputs)
+        records = inputs.records
         plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
         shard = [records[i] for i in plan.indices(world.rank)]
         part = part_for(plan, world.rank, records, lockstep)
-        return adapter, records, plan, run(mine, adapter, shard, config, tta_modes.flip(tta), part)
+        return adapter, records, plan, run(mine, adapter, shard, config, tta_modes.flip(tta), part, inputs.calibration)
 
     adapter, records, plan, result = run_everywhere(world, work, _describe)
     gathered = gather_to_root(world, result)
@@ -262,6 +301,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
     def write() -> None:
         nonlocal document
         predictions = in_order(plan, [g[0] for g in gathered])
+        _check_predictions(args, adapter, records, predictions)
         report = merge_reports(plan, [g[1] for g in gathered])
         meta = _meta(args, adapter, records, config, report.to_dict(), tta)
         meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)

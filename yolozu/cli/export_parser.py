@@ -11,6 +11,7 @@ from yolozu.adapters.images import default_workers
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli.adapter_flags import add_adapter_flags
 from yolozu.cli.lora_flags import add_lora_flags
+from yolozu.cli.numbers import bound_numbers
 from yolozu.inference.flip import MERGES, FlipTTAConfig
 from yolozu.parallel.plan import DIST_SYNC
 from yolozu.tta.base import TTAConfig
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tta_flags(parser.add_argument_group("test-time augmentation"))
     add_lora_flags(parser.add_argument_group("low-rank adapters (LoRA) for test-time training"))
     _ttt_flags(parser.add_argument_group("test-time training"))
-    return parser
+    return bound_numbers(parser)
 
 
 def _tta_flags(tta: argparse._ArgumentGroup) -> None:

@@ -54,6 +54,13 @@ def finite_per_image(output: Any, n: int) -> list[bool]:
     return flags
 
 
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s floating parameters and buffers that hold a NaN or an infinity (a corrupt or
+    diverged checkpoint: its outputs would be NaN, which decodes to no detection at all)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def non_finite_warning(images: Sequence[str], total: int) -> str:
     """The report's warning for the ``images`` (of ``total``) whose model output was not finite."""
     shown = ", ".join(images[:3]) + (" ..." if len(images) > 3 else "")

@@ -93,6 +93,29 @@ def validate_predictions(preds: Any) -> list[dict]:
     return preds
 
 
+def check_against_records(
+    preds: Any, records: Sequence[Mapping[str, Any]], num_classes: int | None = None
+) -> list[dict]:
+    """``preds`` as a model's predictions for ``records`` must be: valid (``validate_predictions``), one entry per
+    record in the same order with the record's image path, and class ids below ``num_classes`` when given.
+    Raises PredictionsError naming the first entry that is not; returns ``preds``."""
+    validate_predictions(preds)
+    if len(preds) != len(records):
+        raise PredictionsError(f"{len(preds)} predictions for {len(records)} images: one entry per image is needed")
+    for i, (entry, record) in enumerate(zip(preds, records)):
+        if entry["image"] != str(record["image"]):
+            raise PredictionsError(
+                f"predictions[{i}].image is {entry['image']!r}, but image {i} of the run is {str(record['image'])!r}"
+            )
+        for j, det in enumerate(entry["detections"]):
+            if num_classes is not None and det["class_id"] >= num_classes:
+                raise PredictionsError(
+                    f"predictions[{i}].detections[{j}].class_id: {det['class_id']} is beyond the model's "
+                    f"{num_classes} classes"
+                )
+    return preds
+
+
 def unwrap(obj: Any) -> list[dict]:
     """The prediction list of a plain list or of the wrapped ``{"schema_version", "predictions", "meta"}`` form.
 
