@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -82,10 +83,23 @@ def _image_size(record: Mapping[str, Any]) -> tuple[int, int]:
     if "width" in record and "height" in record:
         return int(record["width"]), int(record["height"])
     try:
-        with Image.open(record["image"]) as im:
-            return im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(record["image"]) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise EvaluationError(
+            f"refusing image {record['image']}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a "
+            "decompression bomb?)"
+        ) from None
     except (OSError, FileNotFoundError) as e:
         raise EvaluationError(f"cannot read the size of image {record['image']}: {e}") from None
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise EvaluationError(
+            f"refusing image {record['image']}: {width} x {height} pixels is over the limit of "
+            f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?)"
+        )
+    return width, height
 
 
 def coco_dicts(

@@ -8,6 +8,7 @@ The pieces are separate so the export flow can run the model itself (e.g. with a
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,16 +45,54 @@ def reconstruction(output: Mapping[str, Tensor]) -> Tensor:
     return output["recon"]
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Pillow's modes of a 16-bit greyscale PNG (``convert("RGB")`` would clip each value to 255: a white image)."""
+
+
+def _check_pixels(im: Image.Image, path: str | Path) -> None:
+    """Refuse an image whose header announces more pixels than Pillow's ``MAX_IMAGE_PIXELS`` (a decompression
+    bomb: a small file that decodes to gigabytes)."""
+    width, height = im.size
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageLoadError(
+            f"refusing image {path}: {width} x {height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS} "
+            "(a decompression bomb?); resize it first"
+        )
+
+
+def _rgb(im: Image.Image, path: str | Path) -> Image.Image:
+    """``im`` as 8-bit RGB at its true bit depth: a 16-bit greyscale image is scaled from [0, 65535] to [0, 255]
+    (rounded), not clipped."""
+    if im.mode not in SIXTEEN_BIT_MODES:
+        return im.convert("RGB")
+    values = np.asarray(im, dtype=np.float64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageLoadError(f"cannot read image {path}: {im.mode} values outside [0, 65535] (not a 16-bit image)")
+    grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def load_image(path: str | Path, size: int | None) -> np.ndarray:
-    """One image as RGB uint8 ``(size, size, 3)``, resized bilinearly when its size differs (None: as it is)."""
+    """One image as RGB uint8 ``(size, size, 3)``, resized bilinearly when its size differs (None: as it is); a
+    16-bit image is scaled to 8 bits (``_rgb``), an image of more than ``Image.MAX_IMAGE_PIXELS`` is refused."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below
+            with Image.open(path) as im:
+                _check_pixels(im, path)
+                im = _rgb(im, path)
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise ImageLoadError(f"image not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise ImageLoadError(
+            f"refusing image {path}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); "
+            "resize it first"
+        ) from None
+    except ImageLoadError:
+        raise
     except OSError as e:
         raise ImageLoadError(f"cannot read image {path}: {e}") from None
 

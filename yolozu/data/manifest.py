@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,30 @@ def build_manifest(
     records = []
     for img in images:
         lbl = label_path(root, split, img)
-        labels = parse_label_file(lbl, num_classes) if lbl.is_file() else []
+        labels = parse_label_file(lbl, num_classes) if _label_exists(lbl) else []
         records.append({"image": str(img), "labels": labels})
     return records
+
+
+def _label_exists(path: Path) -> bool:
+    """Whether the label file ``path`` is there: False when nothing has its name (an image without objects);
+    anything there that is not a regular file (a folder, a symbolic link to nothing, a FIFO, a device) is a
+    ManifestError, since counting it as "no objects" would silently change the metrics."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ManifestError(
+                f"label file {path} is a symbolic link to {os.readlink(path)!r}, which does not exist; fix or "
+                "remove the link"
+            ) from None
+        return False
+    except OSError as e:
+        raise ManifestError(f"cannot read the label file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, a device or a socket)"
+        raise ManifestError(f"label file {path} is {kind}; a label file is a text file: fix or remove it")
+    return True
 
 
 def dataset_files(root: str | os.PathLike, split: str, records: list[dict[str, Any]]) -> list[tuple[str, str]]:
