@@ -13,7 +13,26 @@ USAGE = "usage: yolozu {export,eval} [options]   (yolozu COMMAND -h: its options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv[0]`` names; ``-h`` lists the commands, an unknown one is a usage error (exit 2)."""
+    """Run the command ``argv[0]`` names; ``-h`` lists the commands, an unknown one is a usage error (exit 2).
+    Ctrl-C at any moment, from the first instant (also inside ``import torch``), is the one line "interrupted"
+    and exit 130: the SIGINT handler is installed before anything heavy is imported."""
+    from yolozu.runtime import interrupts
+    from yolozu.runtime.faults import fault_point
+
+    previous = interrupts.install()
+    try:
+        fault_point("cli-start")
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        interrupts.uninstall(previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from yolozu.runtime import interrupts
+
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         lines = [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
@@ -27,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from yolozu.cli.export import main as run
     else:
         from yolozu.cli.eval import main as run
+    interrupts.check()  # an interrupt some import swallowed
     return run(args[1:])
 
 

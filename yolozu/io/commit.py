@@ -6,10 +6,12 @@ syncs it; only when every one is complete does it create missing folders, give e
 output and rename them into place. An error, Ctrl-C or even SIGKILL before that commit leaves every output as
 it was, creates no folder and leaves no temporary file behind.
 
-The commit itself is a few system calls per file: POSIX has no rename of several files at once. Ctrl-C is held
-back until it is done, the documents are renamed in the order given (put the file readers look at first, the
-predictions, last), and a hidden file that a process killed inside those microseconds left behind is removed
-by the next write of the same output. Paths are checked beforehand by ``yolozu.io.paths``.
+The commit itself is a few system calls per file: POSIX has no rename of several files at once. Each old
+output is first given a hidden second name (a hard link), then the documents are renamed in the order given
+(put the file readers look at first, the predictions, last); a rename that fails, or Ctrl-C (held back during
+the renames), puts every replaced output back from its second name and removes the folders the commit created,
+so the old outputs stay byte-identical. Only SIGKILL inside those microseconds can leave a mix; a hidden file it
+leaves behind is removed by the next write of the same output. Paths are checked beforehand by ``yolozu.io.paths``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 import threading
@@ -28,7 +31,8 @@ from typing import Any, Iterator, Sequence
 import attrs
 
 from yolozu.io.paths import PathLike, existing_folder
-from yolozu.runtime.faults import kill_point
+from yolozu.runtime import interrupts
+from yolozu.runtime.faults import fault_point, kill_point
 
 
 @attrs.define
@@ -172,19 +176,78 @@ def _name_in_place(staged: _Staged) -> Path:
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Ctrl-C (SIGINT) waits until the block is done, then interrupts as it would have."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _interrupts_held() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) is held back during the block and noted in the list it yields, for the block to act on
+    (the commit undoes its renames, then raises KeyboardInterrupt)."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        yield
+        yield caught
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)
+        if caught and not callable(previous):  # SIGINT was ignored or defaulted: keep that behaviour
+            caught.clear()
+
+
+def _backup(target: Path) -> Path | None:
+    """A hidden second name (a hard link; a copy where the file system has none) for the file ``target`` before
+    it is replaced, so that a failed commit can put it back; None when there is no file to keep."""
+    if not os.path.lexists(target):
+        return None
+    backup = target.parent / f"{_temp_prefix(target)}{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    return backup
+
+
+def _undo(done: Sequence[tuple[Path, Path | None, bool]]) -> None:
+    """Put every replaced output back as it was (newest first): its backup renamed over it, or the new file
+    removed where there was none."""
+    for target, backup, replaced in reversed(done):
+        if backup is not None and replaced:
+            os.replace(backup, target)
+        elif backup is not None:  # still a second name of the untouched output (rename would do nothing)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(backup)
+        elif replaced:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+
+
+def _rename_all(staged: Sequence[_Staged], temps: Sequence[Path]) -> None:
+    """Rename every temporary file onto its target, all or none: each old output is kept under a hidden name
+    until every rename succeeded, and a failure or Ctrl-C on the way puts every one back before raising."""
+    done: list[tuple[Path, Path | None, bool]] = []
+    try:
+        with _interrupts_held() as caught:
+            try:
+                for s, temp in zip(staged, temps):
+                    done.append((s.target, _backup(s.target), False))
+                    try:
+                        fault_point("output-rename")
+                        os.replace(temp, s.target)
+                    except OSError as e:
+                        raise type(e)(
+                            f"cannot replace {s.target}: {e.strerror or e}; every output was left as it was"
+                        ) from None
+                    done[-1] = (s.target, done[-1][1], True)
+                    s.name = None
+                if caught:
+                    raise KeyboardInterrupt
+            except BaseException:
+                _undo(done)
+                done.clear()
+                raise
+    finally:
+        for _, backup, _ in done:
+            if backup is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(backup)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -197,14 +260,15 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _commit(staged: Sequence[_Staged], create_folders: bool) -> None:
-    """Create missing folders, give every temporary file a name beside its target, then rename them in order;
-    a failure before the renames removes what it made."""
+    """Create missing folders, give every temporary file a name beside its target, then rename them in order
+    (``_rename_all``); a failure anywhere leaves the old outputs and removes the files and folders it made."""
     kill_point("output-commit")
+    interrupts.check()  # a Ctrl-C some library swallowed still ends the run before any output is replaced
     created: list[Path] = []
     try:
         for s in staged:
             created += _make_folders(s.target.parent, create_folders, s.target)
-        temps = [_name_in_place(s) for s in staged]
+        _rename_all(staged, [_name_in_place(s) for s in staged])
     except BaseException:
         for s in staged:
             _discard(s)
@@ -212,10 +276,6 @@ def _commit(staged: Sequence[_Staged], create_folders: bool) -> None:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    with _interrupts_held():
-        for s, temp in zip(staged, temps):
-            os.replace(temp, s.target)
-            s.name = None
     for s in staged:
         remove_stale_temps(s.target)
     for folder in {s.target.parent for s in staged}:

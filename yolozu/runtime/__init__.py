@@ -1,1 +1,1 @@
-"""Process-wide switches: deterministic kernels and named fault points."""
+"""Process-wide switches: deterministic kernels, named fault points and the interrupt latch."""

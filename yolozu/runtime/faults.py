@@ -8,17 +8,26 @@ reaches the point ``name``: a crash at an exact, repeatable moment, with no timi
 
 ``YOLOZU_KILL_AT=count`` kills nothing and counts every point reached (``reached()``), which is how a test
 enumerates the kill points of a run.
+
+Fault points (``fault_point(name)``) are the same idea for failures a process survives: with
+``YOLOZU_FAULT_AT=name:n`` the n-th pass raises ``OSError(EXDEV)`` there (a rename across file systems, which
+fails after the renames before it succeeded), and with ``YOLOZU_FAULT_AT=name:n:sigint`` the process sends itself
+SIGINT (Ctrl-C at that exact moment). ``reset_faults()`` starts the count again (a test running several faulty
+runs in one process).
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import signal
 
 ENV = "YOLOZU_KILL_AT"
+FAULT_ENV = "YOLOZU_FAULT_AT"
 
 _reached: collections.Counter[str] = collections.Counter()
+_faults: collections.Counter[str] = collections.Counter()
 
 
 def kill_point(name: str) -> None:
@@ -34,3 +43,25 @@ def kill_point(name: str) -> None:
 def reached() -> dict[str, int]:
     """How many times each kill point was passed while ``YOLOZU_KILL_AT`` was set."""
     return dict(_reached)
+
+
+def fault_point(name: str) -> None:
+    """Fail here if ``YOLOZU_FAULT_AT`` names this point and occurrence: ``name:n`` raises ``OSError(EXDEV)``,
+    ``name:n:sigint`` sends this process SIGINT."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _faults[name] += 1
+    point, _, rest = spec.partition(":")
+    count, _, kind = rest.partition(":")
+    if point != name or count != str(_faults[name]):
+        return
+    if kind == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV) + f" (injected at {name}:{count})")
+
+
+def reset_faults() -> None:
+    """Count fault points from zero again."""
+    _faults.clear()
