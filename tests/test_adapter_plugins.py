@@ -96,20 +96,23 @@ NOT_CALLABLE = 3
 
 
 @pytest.mark.parametrize(
-    "name,expected",
+    "name,expected,code",
     [
-        ("yolo11", "unknown adapter 'yolo11'; choose one of: detector, dummy, torchvision"),
-        ("no_such_module:build", "cannot import no_such_module"),
-        ("test_adapter_plugins:nothing", "has no nothing"),
-        ("test_adapter_plugins:NOT_CALLABLE", "not a factory"),
-        ("test_adapter_plugins:NotAnAdapter", "not a ModelAdapter: it needs predict(records)"),
-        (":build", "package.module:factory"),
+        ("yolo11", "unknown adapter 'yolo11'; choose one of: detector, dummy, torchvision", 2),
+        ("no_such_module:build", "cannot import no_such_module", 1),
+        ("test_adapter_plugins:nothing", "has no nothing", 1),
+        ("test_adapter_plugins:NOT_CALLABLE", "not a factory", 1),
+        ("test_adapter_plugins:NotAnAdapter", "not a ModelAdapter: it needs predict(records)", 1),
+        (":build", "package.module:factory", 1),
     ],
 )
-def test_a_bad_adapter_is_a_usage_error_naming_it(name, expected, dataset, tmp_path, capsys):
+def test_a_bad_adapter_is_one_line_naming_it(name, expected, code, dataset, tmp_path, capsys):
+    """An unknown name is a bad command line (exit 2, with the usage line); a plug-in that cannot be loaded or
+    built is a failed run (exit 1, one line)."""
     out = tmp_path / "p.json"
-    assert _export(dataset, out, name) == 2
-    assert expected in capsys.readouterr().err and not out.exists()
+    assert _export(dataset, out, name) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert expected in err[-1] and len(err) == code and not out.exists()
     with pytest.raises((UnknownAdapterError, PluginError), match=re.escape(expected)):
         build_adapter(name)
 

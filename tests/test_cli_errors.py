@@ -97,7 +97,7 @@ def test_a_file_given_as_dataset_is_not_a_folder(tmp_path, capsys):
 def test_the_split_hint_names_the_flag(tmp_path, capsys):
     (tmp_path / "ds" / "images" / "test").mkdir(parents=True)
     code, err = _run(capsys, "eval", "--dataset", str(tmp_path / "ds"), "--predictions", str(tmp_path / "p.json"))
-    assert code == 2 and len(err) == 1 and "pass --split NAME" in err[0] and "split=..." not in err[0]
+    assert code == 1 and len(err) == 1 and "pass --split NAME" in err[0] and "split=..." not in err[0]
 
 
 def test_a_bad_global_flag_is_not_labelled_ttt(tmp_path, dataset, capsys):

@@ -123,7 +123,7 @@ def test_cli_prints_and_writes_the_report(dataset, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["map50"] == pytest.approx(1.0) and printed["split"] == "val"
     assert json.loads(out.read_text()) == printed
-    assert main(["--predictions", str(tmp_path / "missing.json"), "--dataset", str(root)]) == 2
+    assert main(["--predictions", str(tmp_path / "missing.json"), "--dataset", str(root)]) == 1
     assert "missing.json" in capsys.readouterr().err
 
 

@@ -94,12 +94,12 @@ def test_eval_names_the_file_of_an_out_of_range_prediction(tmp_path, dataset, ca
     preds.write_text(json.dumps(_with(("bbox", "cx"), 320.0)))
     with pytest.raises(PredictionsError, match=f"{preds}: predictions\\[1\\]\\.detections\\[0\\]\\.bbox\\.cx"):
         load_predictions(preds)
-    assert eval_main(["--predictions", str(preds), "--dataset", str(dataset), "--split", "val"]) == 2
+    assert eval_main(["--predictions", str(preds), "--dataset", str(dataset), "--split", "val"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {preds}: predictions[1].detections[0].bbox.cx: must be in [0, 1]")
 
 
-@pytest.mark.parametrize("iou", ["0", "1.5", "-0.2", "nan"])
+@pytest.mark.parametrize("iou", ["0", "1.5", "-0.2"])
 def test_tta_iou_outside_zero_one_is_a_usage_error(tmp_path, dataset, capsys, iou):
     out = tmp_path / "p.json"
     code = export_main(["--dataset", str(dataset), "--split", "val", "--output", str(out), "--tta", "--tta-iou", iou])
@@ -108,3 +108,14 @@ def test_tta_iou_outside_zero_one_is_a_usage_error(tmp_path, dataset, capsys, io
     assert not out.exists()
     with pytest.raises(ValueError, match=r"FlipTTAConfig.iou must be in \(0, 1\]"):
         FlipTTAConfig(iou=float(iou))
+
+
+def test_a_nan_tta_iou_is_refused_when_parsed(tmp_path, dataset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--dataset", str(dataset), "--split", "val", "--output", str(tmp_path / "p.json"), "--tta",
+                     "--tta-iou", "nan"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --tta-iou: must be a finite number, "
+                                                                     "got 'nan'")
+    with pytest.raises(ValueError, match=r"FlipTTAConfig.iou must be in \(0, 1\]"):
+        FlipTTAConfig(iou=float("nan"))

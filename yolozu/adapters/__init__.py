@@ -74,9 +74,10 @@ def adapter_factory(name: str) -> Callable[..., Any]:
 
 def build_adapter(name: str, **kwargs: Any) -> ModelAdapter:
     """The adapter called ``name`` (``adapter_factory``) built with ``kwargs``; a plug-in must return an object
-    with ``predict``."""
-    adapter = adapter_factory(name)(**kwargs)
-    return adapter if name in ADAPTERS else plugins.check_adapter(adapter, name)
+    with ``predict``, and whatever its factory raises is a PluginError naming it."""
+    if name in ADAPTERS:
+        return ADAPTERS[name](**kwargs)
+    return plugins.check_adapter(plugins.call_factory(adapter_factory(name), name, kwargs), name)
 
 
 def parse_device(name: str) -> torch.device:

@@ -11,7 +11,6 @@ from typing import Any
 
 from yolozu.adapters import ADAPTERS, UnknownAdapterError, build_adapter, parse_device
 from yolozu.adapters.images import default_workers
-from yolozu.adapters.plugins import PluginError
 
 MODEL_FLAGS = ("model", "num_classes", "frozen_bn_eps", "image_size")
 """Options of the torchvision adapter (and of plug-ins, which get the ones given)."""
@@ -75,9 +74,11 @@ def adapter_options(args: argparse.Namespace, device_name: str | None = None) ->
 
 
 def adapter_from_args(args: argparse.Namespace, device_name: str | None = None) -> Any:
-    """The adapter ``--adapter`` names, built with the options of the command line (see ``adapter_options``)."""
+    """The adapter ``--adapter`` names, built with the options of the command line (see ``adapter_options``); an
+    unknown name is an ``AdapterUsageError``, a plug-in that fails a ``PluginError`` (a failed run, not a bad
+    command line)."""
     options = adapter_options(args, device_name)
     try:
         return build_adapter(args.adapter, **options)
-    except (UnknownAdapterError, PluginError) as e:
+    except UnknownAdapterError as e:
         raise AdapterUsageError(str(e)) from None

@@ -6,10 +6,13 @@ The metrics themselves are ``yolozu.metrics``; this module is the command around
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from typing import Any, Sequence
 
+from yolozu.cli.errors import describe
 from yolozu.data import build_manifest
 from yolozu.data.manifest import dataset_files, find_split
 from yolozu.io.commit import write_outputs
@@ -52,22 +55,32 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _print_report(report: dict[str, Any]) -> None:
+    """The report on stdout; stdout that cannot take it (``> /dev/full``, a closed pipe) is an OSError, and stdout
+    is pointed at /dev/null so that Python's own flush at exit does not fail again with a traceback."""
+    try:
+        print(json.dumps(report, indent=2))
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OSError(f"cannot print the report to stdout: {e.strerror or e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``--predictions P --dataset ROOT [--split S] [--output report.json]``; prints the JSON report.
 
-    Exit 0; 2 for bad input (the predictions, the dataset, the output path); 1 when the report cannot be
-    written; 130 on Ctrl-C. Every error is one line on stderr, and a failed run prints no report."""
+    Exit codes and lines from the table of ``yolozu.cli.errors``: 0; 2 for a bad command line (an output path that
+    cannot be written or names an input); 1 for inputs that cannot be used (the predictions, the dataset) or a
+    report that cannot be written or printed; 130 on Ctrl-C. Every error is one line on stderr, and a failed run
+    prints no report."""
     args = build_parser().parse_args(argv)
     try:
-        report = _report(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2))
+        _print_report(_report(args))
+    except BaseException as e:  # noqa: B036 - every ending is a row of the table (yolozu.cli.errors)
+        code, line = describe(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return code
     return 0

@@ -4,13 +4,15 @@ Without ``--ttt`` (and ``--tta``) the predictions are exactly ``adapter.predict(
 a build without test-time training. Every output path is checked before any work (``yolozu.io.paths``: no two
 outputs on one file, no input as an output, no device or FIFO), and the outputs are written together only
 when the whole run succeeded: an error, Ctrl-C or a kill leaves every output as it was. Every error is one
-line on stderr: exit 2 for a bad command line, 1 for a run that failed, 130 for Ctrl-C. Under torchrun the
+line on stderr, its exit code from the one table of ``yolozu.cli.errors``: 2 for a bad command line, 1 for a
+run that failed, 130 for Ctrl-C. Under torchrun the
 ranks share the records (``yolozu.parallel.plan``) and rank 0 writes the outputs (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from datetime import datetime, timezone
@@ -19,9 +21,12 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from yolozu.adapters import ADAPTERS
+from yolozu.adapters.plugins import call_plugin
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli import tta_modes
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
+from yolozu.cli.errors import USAGE, NonFiniteError, TTTError, UsageError, describe, printable
 from yolozu.cli.export_parser import build_parser, flip_tta_of
 from yolozu.cli.inputs import RunInputs, model_inputs, run_inputs
 from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
@@ -30,7 +35,8 @@ from yolozu.io.commit import write_outputs
 from yolozu.io.paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
 from yolozu.io.predictions import PredictionsError, check_against_records, wrap
 from yolozu.parallel.plan import check_dist_sync, in_order, merge_reports, part_for, plan_for
-from yolozu.parallel.world import DistributedError, RankFailed, World, commit, gather_to_root, joined, run_everywhere
+from yolozu.parallel.world import RankFailed, World, commit, gather_to_root, joined, run_everywhere
+from yolozu.runtime import interrupts
 from yolozu.runtime.determinism import set_deterministic
 from yolozu.runtime.faults import kill_point
 from yolozu.tta.config import TTTConfig
@@ -40,19 +46,6 @@ from yolozu.tta.part import WHOLE, Part
 from yolozu.tta.presets import apply_ttt_preset_args, validate_ttt_requirements
 from yolozu.tta.report import TTTReport
 from yolozu.tta.schedules import adapt_and_predict
-
-
-class UsageError(Exception):
-    """Bad command-line input (exit code 2)."""
-
-
-class TTTError(Exception):
-    """Test-time training could not run (its settings, the adapter's hooks, the update filter)."""
-
-
-class NonFiniteError(Exception):
-    """The adapted model's outputs were non-finite and ``--ttt-allow-non-finite`` was not given (exit code 1)."""
-
 
 OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")
 
@@ -214,7 +207,10 @@ def _plain(
     del part, calibration
     with _Progress("predict", len(records), args.quiet) as bar:
         if tta is None and args.bn_stats == "running":
-            predictions = adapter.predict(records)
+            plugin = _plugin(args)
+            predictions = adapter.predict(records) if plugin is None else call_plugin(
+                plugin, "predict", adapter.predict, records
+            )
             bar.update(len(records))
         else:
             bn = "eval" if args.bn_stats == "running" else args.bn_stats
@@ -253,14 +249,9 @@ def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions
     write_outputs(documents)
 
 
-def _describe(error: Exception) -> tuple[int, str | None]:
-    """The exit code and the line ``main`` prints for an error (None for one it does not expect)."""
-    if isinstance(error, TTTError):
-        return 1, f"TTT failed: {error}"
-    if isinstance(error, UsageError):
-        return 2, f"error: {error}"
-    known = (NonFiniteError, OSError, ValueError, DistributedError)
-    return 1, f"error: {error}" if isinstance(error, known) else None
+def _plugin(args: argparse.Namespace) -> str | None:
+    """The name of the plug-in adapter the run uses (None for a built-in one): its failures are named after it."""
+    return None if args.adapter in ADAPTERS else args.adapter
 
 
 def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
@@ -294,7 +285,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         part = part_for(plan, world.rank, records, lockstep)
         return adapter, records, plan, run(mine, adapter, shard, config, tta_modes.flip(tta), part, inputs.calibration)
 
-    adapter, records, plan, result = run_everywhere(world, work, _describe)
+    adapter, records, plan, result = run_everywhere(world, work, functools.partial(describe, plugin=_plugin(args)))
     gathered = gather_to_root(world, result)
     document = None
 
@@ -309,7 +300,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         _write(args, outputs, predictions, meta)
         document = wrap(predictions, meta)
 
-    commit(world, write, _describe)
+    commit(world, write, functools.partial(describe, plugin=_plugin(args)))
     return document
 
 
@@ -362,25 +353,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         document = run_export(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except TTTError as e:
-        print(f"TTT failed: {e}", file=sys.stderr)
-        return 1
+        interrupts.check()
     except RankFailed as e:
-        if e.shown and e.code == 2:
+        if e.shown and e.code == USAGE:
             parser.print_usage(sys.stderr)
         if e.shown:
-            print(e, file=sys.stderr)
+            print(printable(str(e)), file=sys.stderr)
         return e.code
-    except UsageError as e:
-        parser.print_usage(sys.stderr)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, ImportError, OSError, ValueError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:  # noqa: B036 - every ending is a row of the table (yolozu.cli.errors)
+        code, line = describe(e, _plugin(args))
+        if line is None:
+            raise
+        if code == USAGE:
+            parser.print_usage(sys.stderr)
+        print(line, file=sys.stderr)
+        return code
     if document is not None and not args.quiet:
         print(_summary(document, args.output), file=sys.stderr)
     return 0

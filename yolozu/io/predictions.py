@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -137,6 +138,34 @@ def unwrap(obj: Any) -> list[dict]:
     return obj
 
 
+MAX_BYTES = 2**31
+"""The largest predictions file read (2 GiB: tens of millions of detections)."""
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of the regular file ``path``, at most ``MAX_BYTES``; a FIFO, a device (/dev/zero) or a folder is
+    refused before it is opened, so that nothing waits for a writer or reads without end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"predictions file not found: {path}") from None
+    except OSError as e:
+        raise type(e)(f"cannot read the predictions file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, a device or a socket)"
+        raise PredictionsError(f"the predictions file {path} is {kind}; give a predictions.json file")
+    if st.st_size > MAX_BYTES:
+        raise PredictionsError(f"the predictions file {path} is {st.st_size} bytes, over the limit of {MAX_BYTES}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise type(e)(f"cannot read the predictions file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_BYTES:
+        raise PredictionsError(f"the predictions file {path} grew over the limit of {MAX_BYTES} bytes while read")
+    return data
+
+
 def load_predictions(path: str | os.PathLike) -> list[dict]:
     """Read and validate a predictions file (plain list or wrapped form); returns the prediction list.
 
@@ -151,12 +180,7 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
       PredictionsError: naming the file and what is wrong.
       FileNotFoundError: the file does not exist."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"predictions file not found: {path}") from None
-    except OSError as e:
-        raise type(e)(f"cannot read the predictions file {path}: {e.strerror or e}") from None
+    data = _read_bounded(path)
     try:
         obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
