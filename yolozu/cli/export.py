@@ -91,6 +91,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout must be > 0 (seconds), got {args.dist_timeout:g}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not 0 < args.tta_iou <= 1:
@@ -327,7 +329,7 @@ def run_export(args: argparse.Namespace) -> dict | None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     tta = flip_tta_of(args)
-    with joined(args.device, os.environ) as world:
+    with joined(args.device, os.environ, args.dist_timeout) as world:
         if world is None:
             return _export(args, outputs, config, tta)
         return _export_ranks(args, outputs, config, tta, world)

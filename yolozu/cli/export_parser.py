@@ -14,6 +14,7 @@ from yolozu.cli.lora_flags import add_lora_flags
 from yolozu.cli.numbers import bound_numbers
 from yolozu.inference.flip import MERGES, FlipTTAConfig
 from yolozu.parallel.plan import DIST_SYNC
+from yolozu.parallel.world import DIST_TIMEOUT
 from yolozu.tta.base import TTAConfig
 from yolozu.tta.cli_options import add_ttt_arguments
 
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"--bn-stats shrink: the threshold in standard errors of the batch's statistics (Gong et al. 2022's "
         f"instance-aware BatchNorm; default {BN_SHRINK:g})",
+    )
+    general.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DIST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"under torchrun: how long a rank waits for the others (the rendezvous, then each exchange) before it "
+        f"gives up with a line saying what it waited for (default {DIST_TIMEOUT:g})",
     )
     general.add_argument("--quiet", action="store_true", help="no progress bars")
     general.add_argument(

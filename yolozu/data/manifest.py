@@ -63,7 +63,17 @@ def _shown(text: str) -> str:
     return repr(_cut(text))
 
 
-def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any]:
+def _parse_line(where: str, line: str, num_classes: int | None, show: bool = True) -> dict[str, Any]:
+    """One label line; ``show=False`` keeps the line's text out of the error (a file from outside the dataset,
+    reached through a symbolic link, may be anything: its content is not for an error message to echo)."""
+    if not show:
+        try:
+            return _parse_line(where, line, num_classes)
+        except ManifestError:
+            raise ManifestError(
+                f"{where}: not a label line 'class cx cy w h' (its text is not shown: the file is outside the "
+                "dataset, reached through a symbolic link)"
+            ) from None
     fields = line.split()
     if len(fields) != 5:
         raise ManifestError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {_shown(line)}")
@@ -85,9 +95,12 @@ def _parse_line(where: str, line: str, num_classes: int | None) -> dict[str, Any
     return {"class_id": int(cls), "cx": values[1], "cy": values[2], "w": values[3], "h": values[4]}
 
 
-def parse_label_file(path: str | os.PathLike, num_classes: int | None = None) -> list[dict[str, Any]]:
+def parse_label_file(
+    path: str | os.PathLike, num_classes: int | None = None, *, show: bool = True
+) -> list[dict[str, Any]]:
     """Labels of one YOLO label file; blank lines are skipped, anything else malformed (a bad field, a class id
-    of ``num_classes`` or more when given, text that is not UTF-8) raises ManifestError naming the file and line."""
+    of ``num_classes`` or more when given, text that is not UTF-8) raises ManifestError naming the file and line
+    (``show=False``: without quoting the line)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -101,7 +114,7 @@ def parse_label_file(path: str | os.PathLike, num_classes: int | None = None) ->
         except UnicodeDecodeError as e:
             raise ManifestError(f"{where}: not UTF-8 text (byte {e.start} of the line); a label file is text") from None
         if line.strip():
-            out.append(_parse_line(where, line, num_classes))
+            out.append(_parse_line(where, line, num_classes, show))
     return out
 
 
@@ -130,9 +143,11 @@ def build_manifest(
     if not images:
         raise ManifestError(f"no images (.jpg, .jpeg, .png) in {img_dir}; {_HINT}")
     records = []
+    inside = os.path.realpath(root)
     for img in images:
         lbl = label_path(root, split, img)
-        labels = parse_label_file(lbl, num_classes) if _label_exists(lbl) else []
+        show = os.path.commonpath([inside, os.path.realpath(lbl)]) == inside
+        labels = parse_label_file(lbl, num_classes, show=show) if _label_exists(lbl) else []
         records.append({"image": str(img), "labels": labels})
     return records
 

@@ -56,6 +56,27 @@ def existing_folder(folder: Path) -> Path:
     return folder
 
 
+def _name_limit(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _check_length(flag: str, path: Path) -> None:
+    """A name the file system cannot hold (a component over its NAME_MAX, a path over PATH_MAX) is a usage error
+    before any work, instead of a raw errno at the end."""
+    limit = _name_limit(existing_folder(Path(os.path.abspath(path)).parent))
+    long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise OutputPathError(
+            f"{flag}: the name {long[:40]}... is {len(os.fsencode(long))} bytes, over this file system's limit of "
+            f"{limit}; give a shorter name"
+        )
+    if len(os.fsencode(os.path.abspath(path))) >= 4096:
+        raise OutputPathError(f"{flag}: the path is over 4096 bytes long; give a shorter path")
+
+
 def check_output(flag: str, path: PathLike) -> OutputPath:
     """``path`` checked as the output ``flag`` names; raise OutputPathError for a path that cannot or must not
     be replaced by a regular file.
@@ -67,7 +88,10 @@ def check_output(flag: str, path: PathLike) -> OutputPath:
       The checked ``OutputPath``.
     Raises:
       OutputPathError: naming the flag and the path."""
+    if not os.fspath(path):
+        raise OutputPathError(f"{flag} is empty; give the path of a file to write")
     path = Path(path)
+    _check_length(flag, path)
     target, link = path, path.is_symlink()
     if link:
         if not path.exists():

@@ -49,7 +49,7 @@ def load_detector(path: str | Path | None = None, *, device: str | torch.device 
     try:
         model = build_detector(blob["config"])
         model.load_state_dict(blob["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a usable detector checkpoint: {first}") from e
     return model.to(device).eval()

@@ -29,6 +29,8 @@ PIXEL_STD = 0.25
 OUTPUT_STRIDE = 4
 HEATMAP_PRIOR = 0.05
 """Initial foreground probability of the heatmap (the focal-loss bias prior, Lin et al. 2017)."""
+MAX_IMAGE_SIZE = 4096
+"""The largest model input side a checkpoint may ask for (a corrupt ``image_size`` such as 2**31 would overflow)."""
 
 
 class CenterNetDetector(nn.Module):
@@ -46,6 +48,8 @@ class CenterNetDetector(nn.Module):
         lora_rank: int = 4,
     ) -> None:
         super().__init__()
+        if not isinstance(image_size, int) or not 32 <= image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer from 32 to {MAX_IMAGE_SIZE} pixels, got {image_size!r}")
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
         if len(widths) != 5:

@@ -15,6 +15,7 @@ others only at the process group's timeout.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import traceback
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -91,14 +92,31 @@ def _device(device: str, local: int) -> tuple[str, str]:
     return "nccl", f"cuda:{local}"
 
 
+DIST_TIMEOUT = 60.0
+"""Seconds a rank waits for its peers (the rendezvous, then each collective) before it gives up with a line
+saying what it waited for: torch's own default is 30 minutes of silence (``--dist-timeout``)."""
+
+
+def _waited_for(environ: Mapping[str, str], rank: int, size: int, timeout: float) -> str:
+    where = f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')}"
+    return (
+        f"rank {rank} of {size} waited {timeout:g} s for the other ranks of the process group at {where} "
+        "(MASTER_ADDR:MASTER_PORT) and none came; start every rank (torchrun --nproc_per_node N), or give them "
+        "longer with --dist-timeout SECONDS"
+    )
+
+
 @contextlib.contextmanager
-def joined(device: str, environ: Mapping[str, str] = os.environ) -> Iterator[World | None]:
+def joined(
+    device: str, environ: Mapping[str, str] = os.environ, timeout: float = DIST_TIMEOUT
+) -> Iterator[World | None]:
     """This process's ``World`` in the default process group (joined here and left at the end, or reused when
     already initialised); None outside torchrun.
 
     Args:
       device: the device asked for (a CUDA rank uses its local GPU).
       environ: the environment read.
+      timeout: seconds to wait for the other ranks to join (``DIST_TIMEOUT``).
     Yields:
       The ``World``, or None."""
     env = torchrun_env(environ)
@@ -110,9 +128,12 @@ def joined(device: str, environ: Mapping[str, str] = os.environ) -> Iterator[Wor
     owner = not dist.is_initialized()
     if owner:
         try:
-            dist.init_process_group(backend, rank=rank, world_size=size)
+            dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout))
         except (ValueError, RuntimeError) as e:
-            raise DistributedError(f"cannot join the process group of rank {rank} of {size}: {e}") from None
+            if "timeout" in str(e).lower() or "timed out" in str(e).lower():
+                raise DistributedError(_waited_for(environ, rank, size, timeout)) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistributedError(f"cannot join the process group of rank {rank} of {size}: {first}") from None
     elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
         raise DistributedError("the initialised process group is not the one RANK and WORLD_SIZE describe")
     try:
