@@ -200,8 +200,13 @@ def run_ttt(
     Returns:
       The run's ``TTTReport``, with the run's peak ``memory``.
     Raises:
+      TypeError: ``config`` is not a ``TTTConfig`` or ``records`` not a sequence (before any weight is touched).
       RuntimeError: the adapter lacks a TTT hook.
       EmptySelectionError: the update filter selects no parameter."""
+    if not isinstance(config, TTTConfig):
+        raise TypeError(f"run_ttt's config must be a TTTConfig, got {type(config).__name__}")
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise TypeError(f"run_ttt's records must be a sequence of records, got {type(records).__name__}")
     if not config.enabled:
         return disabled_report(config)
     require_ttt_hooks(adapter)

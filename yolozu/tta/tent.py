@@ -64,14 +64,49 @@ class TentConfig(TTTConfig):
     log_every: int = setting(0, "log the counters every this many steps (0: never)", number(0, integer=True))
 
 
+_TENT = attrs.fields(TentConfig).method.default
+
+
+def tent_config(config: object) -> TentConfig:
+    """``config`` if it is a ``TentConfig`` (None: the default ``TentConfig()``).
+
+    Args:
+      config: what ``TentRunner`` was given as its config.
+    Returns:
+      ``config``, checked.
+    Raises:
+      ValueError: a ``TTTConfig`` of another method (MIM, EATA, ...).
+      TypeError: anything else, a plain ``TTTConfig`` of Tent included (its ``enabled`` defaults to False and it
+        has no ``log_every``: say ``TentConfig(...)`` with the same settings)."""
+    if config is None:
+        return TentConfig()
+    if isinstance(config, TentConfig):
+        return config
+    if isinstance(config, TTTConfig) and config.method != _TENT:
+        raise ValueError(f"TentRunner runs Tent, but the config's method is {config.method!r}; use "
+                         "yolozu.tta.run_ttt (or the export's --ttt-method) for other methods")
+    raise TypeError(f"TentRunner's config must be a TentConfig, got {type(config).__name__}; write "
+                    "TentConfig(lr=..., ...) with the same settings")
+
+
 class TentRunner(TTARunner):
     """Tent on a module, one ``adapt_step(batch)`` at a time; the module holds the adapted weights after each."""
 
     def __init__(
         self, model: nn.Module, config: TentConfig | None = None, *, readout: Readout = DEFAULT_READOUT
     ) -> None:
+        """Args: ``model``, the module to adapt; ``config``, a ``TentConfig`` (None: the default; ``enabled=False``:
+        ``adapt_step`` changes nothing); ``readout``, how the model's outputs are read.
+
+        Raises: TypeError for arguments of the wrong type, ValueError for a config of another method (MIM, EATA,
+        ...: ``run_ttt`` runs those); both before any weight is touched."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TentRunner needs a torch.nn.Module to adapt, got {type(model).__name__}")
         self.model = model
-        self.config = config = TentConfig() if config is None else config
+        self.config = config = tent_config(config)
+        if not isinstance(readout, Readout):
+            raise TypeError(f"TentRunner's readout must be a yolozu.functional.readout.Readout, got "
+                            f"{type(readout).__name__}")
         self._adaptation = Adaptation(model, config, readout)
 
     @property
@@ -108,6 +143,10 @@ class TentRunner(TTARunner):
           ``aux_target_current_batch``, ``grad_norm``, ``grad_norm_clipped``, ``forward_calls``,
           ``backward_calls``, ``optimizer_steps``, ``update_abstained``) and ours, or ``skipped`` and
           ``stop_reason`` once stopped."""
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"adapt_step needs a batch tensor, got {type(batch).__name__}")
+        if not self.config.enabled:  # TentConfig(enabled=False): the model stays as it is
+            return {"skipped": True, "stop_reason": None, "enabled": False}
         if self._adaptation.stopped:
             return {"skipped": True, "stop_reason": self._adaptation.stop_reason}
         (row,) = self._adaptation.adapt(batch, len(self._adaptation.rows), steps=1)
