@@ -93,8 +93,8 @@ def _device(device: str, local: int) -> tuple[str, str]:
 
 
 DIST_TIMEOUT = 60.0
-"""Seconds a rank waits for its peers (the rendezvous, then each collective) before it gives up with a line
-saying what it waited for: torch's own default is 30 minutes of silence (``--dist-timeout``)."""
+"""Seconds a rank waits for its peers to join (the rendezvous) before it gives up with a line saying what it
+waited for (``--dist-timeout``): torch's own wait is 30 minutes of silence."""
 
 
 def _waited_for(environ: Mapping[str, str], rank: int, size: int, timeout: float) -> str:
@@ -104,6 +104,32 @@ def _waited_for(environ: Mapping[str, str], rank: int, size: int, timeout: float
         "(MASTER_ADDR:MASTER_PORT) and none came; start every rank (torchrun --nproc_per_node N), or give them "
         "longer with --dist-timeout SECONDS"
     )
+
+
+def _rendezvous(environ: Mapping[str, str], rank: int, size: int, timeout: float) -> dist.Store:
+    """The TCP store of ``MASTER_ADDR:MASTER_PORT`` with every rank connected, waiting ``timeout`` seconds at
+    most (rank 0 hosts it unless torchrun's agent does); then the store gets torch's usual timeout, so that the
+    collectives of a long run are not cut short. A rank that waited in vain raises DistributedError saying what
+    it waited for."""
+    host, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    if not host or not port:
+        raise DistributedError(f"torchrun's MASTER_ADDR and MASTER_PORT are needed for rank {rank} of {size}")
+    hosts = rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    try:
+        store = dist.TCPStore(
+            host, _int(environ, "MASTER_PORT"), size, is_master=hosts, timeout=datetime.timedelta(seconds=timeout)
+        )
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "time" not in text:
+            raise
+        raise DistributedError(_waited_for(environ, rank, size, timeout)) from None
+    store.set_timeout(STORE_TIMEOUT)
+    return store
+
+
+STORE_TIMEOUT = datetime.timedelta(minutes=30)
+"""The store's timeout once every rank joined (torch's default for the process group)."""
 
 
 @contextlib.contextmanager
@@ -128,10 +154,9 @@ def joined(
     owner = not dist.is_initialized()
     if owner:
         try:
-            dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout))
+            store = _rendezvous(environ, rank, size, timeout)
+            dist.init_process_group(backend, rank=rank, world_size=size, store=store)
         except (ValueError, RuntimeError) as e:
-            if "timeout" in str(e).lower() or "timed out" in str(e).lower():
-                raise DistributedError(_waited_for(environ, rank, size, timeout)) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DistributedError(f"cannot join the process group of rank {rank} of {size}: {first}") from None
     elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
