@@ -1,0 +1,7 @@
+"""``python -m yolozu.cli export|eval ...``: the ``yolozu`` command (as docs/distributed.md runs it under torchrun)."""
+
+import sys
+
+from yolozu.cli import main
+
+sys.exit(main())
