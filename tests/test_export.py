@@ -401,7 +401,7 @@ def test_tta_flags_misused_are_usage_errors(tmp_path, dataset, capsys, extra, me
         ("unreadable_image", "cannot read image"),
         ("unwritable_output", "error:"),
         ("empty_selection", "TTT failed:"),
-        ("bad_ttt_value", "TTT failed: TTTConfig.lr"),
+        ("bad_ttt_value", "error: --ttt-lr must be"),
         ("no_cuda", "no CUDA device"),
         ("reuse_with_tta", "TTT failed: online_predict='adapt_forward'"),
     ],

@@ -21,26 +21,34 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from yolozu.adapters import ADAPTERS
 from yolozu.adapters.plugins import call_plugin
 from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli import tta_modes
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
+from yolozu.cli.checks import check_model_finite, check_numbers, check_predictions, plugin_of
 from yolozu.cli.errors import USAGE, NonFiniteError, TTTError, UsageError, describe, printable
 from yolozu.cli.export_parser import build_parser, flip_tta_of
 from yolozu.cli.inputs import RunInputs, model_inputs, run_inputs
 from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
-from yolozu.inference.predictor import NON_FINITE, Predictor, non_finite_tensors, non_finite_warning
+from yolozu.inference.predictor import NON_FINITE, Predictor, non_finite_warning
 from yolozu.io.commit import write_outputs
 from yolozu.io.paths import OutputPath, OutputPathError, check_not_inputs, check_outputs, link_notes
-from yolozu.io.predictions import PredictionsError, check_against_records, wrap
+from yolozu.io.predictions import wrap
 from yolozu.parallel.plan import check_dist_sync, in_order, merge_reports, part_for, plan_for
 from yolozu.parallel.world import RankFailed, World, commit, gather_to_root, joined, run_everywhere
 from yolozu.runtime import interrupts
 from yolozu.runtime.determinism import set_deterministic
 from yolozu.runtime.faults import kill_point
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.flags import flag_kwargs, flag_of, ttt_config, ttt_fields, ttt_meta  # noqa: F401 (re-exported)
+from yolozu.tta.flags import (  # noqa: F401 (flag_kwargs, flag_of, ttt_fields re-exported)
+    as_flags,
+    flag_kwargs,
+    flag_of,
+    misplaced_flag,
+    ttt_config,
+    ttt_fields,
+    ttt_meta,
+)
 from yolozu.tta.integration import disabled_report
 from yolozu.tta.part import WHOLE, Part
 from yolozu.tta.presets import apply_ttt_preset_args, validate_ttt_requirements
@@ -81,33 +89,6 @@ def _outputs(args: argparse.Namespace) -> dict[str, OutputPath]:
     for note in link_notes(outputs):
         print(note, file=sys.stderr)
     return {out.flag: out for out in outputs}
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """The general flags' ranges (usage errors, before any work)."""
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_images is not None and args.max_images < 1:
-        raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.dist_timeout <= 0:
-        raise UsageError(f"--dist-timeout must be > 0 (seconds), got {args.dist_timeout:g}")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if not 0 < args.tta_iou <= 1:
-        raise UsageError(f"--tta-iou must be in (0, 1] (an IoU threshold), got {args.tta_iou}")
-    if args.tta_flip_prob is not None and not 0 <= args.tta_flip_prob <= 1:
-        raise UsageError(f"--tta-flip-prob must be in [0, 1] (a probability), got {args.tta_flip_prob}")
-    if args.tta_seed is not None and args.tta_seed < 0:
-        raise UsageError(f"--tta-seed must be >= 0, got {args.tta_seed}")
-    for flag, mode, unit in (("--bn-prior", "mix", "images"), ("--bn-shrink", "shrink", "standard errors")):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and (args.bn_stats != mode or value < 0):
-            raise UsageError(f"{flag} applies to --bn-stats {mode} and must be >= 0 ({unit}), got {value} with "
-                             f"--bn-stats {args.bn_stats}; with --ttt use --ttt-bn-mode {mode} --ttt{flag} N")
-    if misused := tta_modes.misused_flag(args):
-        raise UsageError(misused)
 
 
 def _adapter(args: argparse.Namespace, config: TTTConfig, rank_device: str | None = None):
@@ -160,33 +141,6 @@ def _adapted(
     return predictions, report
 
 
-def _check_model_finite(args: argparse.Namespace, adapter: object) -> None:
-    """A model with a NaN or infinite weight predicts nothing at all, whatever the path (plain, BatchNorm
-    statistics, TTA or TTT): an error before any image is read (``--ttt-allow-non-finite`` lets a TTT run go on,
-    with the warnings of its report)."""
-    get_model = getattr(adapter, "get_model", None)
-    model = get_model() if callable(get_model) else None
-    if not isinstance(model, torch.nn.Module):
-        return
-    names = non_finite_tensors(model)
-    if names and not (args.ttt and args.allow_non_finite):
-        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        source = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"the {args.adapter} adapter's model"
-        raise NonFiniteError(
-            f"the model has non-finite weights ({len(names)} tensors: {shown}); {source} is corrupt or diverged and "
-            "would predict no detection on any image. Nothing was written"
-        )
-
-
-def _check_predictions(args: argparse.Namespace, adapter: object, records: list[dict], predictions: list) -> None:
-    """Predictions are checked against the records (count, order, image paths, score and box ranges, class ids)
-    before anything is written: a plug-in adapter's are untrusted, and a non-finite prediction is never written."""
-    try:
-        check_against_records(predictions, records, getattr(adapter, "num_classes", None))
-    except PredictionsError as e:
-        raise PredictionsError(f"adapter {args.adapter!r} returned bad predictions: {e}; nothing was written") from None
-
-
 def _plain_non_finite(predictor: Predictor, records: list[dict]) -> None:
     if predictor.non_finite:
         raise NonFiniteError(f"{non_finite_warning(predictor.non_finite, len(records))}. Nothing was written")
@@ -209,7 +163,7 @@ def _plain(
     del part, calibration
     with _Progress("predict", len(records), args.quiet) as bar:
         if tta is None and args.bn_stats == "running":
-            plugin = _plugin(args)
+            plugin = plugin_of(args)
             predictions = adapter.predict(records) if plugin is None else call_plugin(
                 plugin, "predict", adapter.predict, records
             )
@@ -251,20 +205,15 @@ def _write(args: argparse.Namespace, outputs: dict[str, OutputPath], predictions
     write_outputs(documents)
 
 
-def _plugin(args: argparse.Namespace) -> str | None:
-    """The name of the plug-in adapter the run uses (None for a built-in one): its failures are named after it."""
-    return None if args.adapter in ADAPTERS else args.adapter
-
-
 def _export(args: argparse.Namespace, outputs: dict[str, OutputPath], config: TTTConfig, tta) -> dict:
     """The export in one process."""
     adapter = _adapter(args, config)
-    _check_model_finite(args, adapter)
+    check_model_finite(args, adapter)
     inputs = _inputs(args, adapter, config, outputs)
     records = inputs.records
     run = _adapted if config.enabled else _plain
     predictions, report = run(args, adapter, records, config, tta_modes.flip(tta), WHOLE, inputs.calibration)
-    _check_predictions(args, adapter, records, predictions)
+    check_predictions(args, adapter, records, predictions)
     meta = _meta(args, adapter, records, config, report.to_dict(), tta)
     predictions = tta_modes.postprocess(predictions, meta, tta)
     _write(args, outputs, predictions, meta)
@@ -279,7 +228,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
 
     def work(lockstep):
         adapter = _adapter(mine, config, world.device)
-        _check_model_finite(mine, adapter)
+        check_model_finite(mine, adapter)
         inputs = _inputs(mine, adapter, config, outputs)
         records = inputs.records
         plan = plan_for(config, args.batch_size, len(records), world.size, args.dist_sync or "none")
@@ -287,14 +236,14 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         part = part_for(plan, world.rank, records, lockstep)
         return adapter, records, plan, run(mine, adapter, shard, config, tta_modes.flip(tta), part, inputs.calibration)
 
-    adapter, records, plan, result = run_everywhere(world, work, functools.partial(describe, plugin=_plugin(args)))
+    adapter, records, plan, result = run_everywhere(world, work, functools.partial(describe, plugin=plugin_of(args)))
     gathered = gather_to_root(world, result)
     document = None
 
     def write() -> None:
         nonlocal document
         predictions = in_order(plan, [g[0] for g in gathered])
-        _check_predictions(args, adapter, records, predictions)
+        check_predictions(args, adapter, records, predictions)
         report = merge_reports(plan, [g[1] for g in gathered])
         meta = _meta(args, adapter, records, config, report.to_dict(), tta)
         meta["distributed"] = meta["ttt"]["distributed"] = plan.meta(world)
@@ -302,7 +251,7 @@ def _export_ranks(args, outputs: dict[str, OutputPath], config: TTTConfig, tta, 
         _write(args, outputs, predictions, meta)
         document = wrap(predictions, meta)
 
-    commit(world, write, functools.partial(describe, plugin=_plugin(args)))
+    commit(world, write, functools.partial(describe, plugin=plugin_of(args)))
     return document
 
 
@@ -310,7 +259,7 @@ def run_export(args: argparse.Namespace) -> dict | None:
     """The whole flow; returns the wrapped document (written to ``args.output`` and the logs). Under torchrun
     (``WORLD_SIZE`` > 1) the ranks share the work and rank 0 writes; the other ranks return None."""
     outputs = _outputs(args)
-    _check_numbers(args)
+    check_numbers(args)
     for flag, why in (("preset", ""), ("log_out", " (it logs the test-time training run)")):
         if getattr(args, f"ttt_{flag}") and not args.ttt:
             raise UsageError(f"--ttt-{flag.replace('_', '-')} needs --ttt{why}")
@@ -320,8 +269,14 @@ def run_export(args: argparse.Namespace) -> dict | None:
     try:
         validate_ttt_requirements(args)  # before the model is built
         config = ttt_config(args)
-    except ValueError as e:
-        raise TTTError(str(e)) from e
+    except ValueError as e:  # a --ttt-* value out of range, or settings that do not go together
+        raise UsageError(as_flags(str(e))) from None
+    ignored = misplaced_flag(args, config.method)
+    if ignored:
+        raise UsageError(ignored)
+    if args.ttt and args.bn_stats != "running":
+        raise UsageError(f"--bn-stats {args.bn_stats} applies without --ttt; with --ttt, prediction normalises as "
+                         "--ttt-bn-mode says (drop --bn-stats)")
     if args.dist_sync and not args.ttt:
         raise UsageError("--ttt-dist-sync needs --ttt (it says how the ranks' test-time training is shared)")
     try:
@@ -363,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(printable(str(e)), file=sys.stderr)
         return e.code
     except BaseException as e:  # noqa: B036 - every ending is a row of the table (yolozu.cli.errors)
-        code, line = describe(e, _plugin(args))
+        code, line = describe(e, plugin_of(args))
         if line is None:
             raise
         if code == USAGE:

@@ -65,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"--bn-stats shrink: the threshold in standard errors of the batch's statistics (Gong et al. 2022's "
         f"instance-aware BatchNorm; default {BN_SHRINK:g})",
     )
-    general.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DIST_TIMEOUT,
-        metavar="SECONDS",
-        help=f"under torchrun: how long a rank waits for the others (the rendezvous, then each exchange) before it "
-        f"gives up with a line saying what it waited for (default {DIST_TIMEOUT:g})",
-    )
+    _dist_flags(general)
     general.add_argument("--quiet", action="store_true", help="no progress bars")
     general.add_argument(
         "--deterministic",
@@ -85,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_flags(parser.add_argument_group("low-rank adapters (LoRA) for test-time training"))
     _ttt_flags(parser.add_argument_group("test-time training"))
     return bound_numbers(parser)
+
+
+def _dist_flags(general: argparse._ArgumentGroup) -> None:
+    general.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DIST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"under torchrun: how long a rank waits for the others to join before it gives up with a line saying "
+        f"what it waited for (default {DIST_TIMEOUT:g})",
+    )
 
 
 def _tta_flags(tta: argparse._ArgumentGroup) -> None:

@@ -4,12 +4,14 @@ choices), and the config and ``meta.ttt`` they give: every setting is declared o
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 import attrs
 
 from yolozu.functional.settings import Number
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.methods import METHODS
 
 NOT_FLAGS = ("enabled", "preset")
 """``TTTConfig`` fields with a flag of their own shape (``--ttt``, ``--ttt-preset``)."""
@@ -103,6 +105,34 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
     if not getattr(args, "ttt", False):
         return TTTConfig(**explicit)
     return TTTConfig.from_preset(getattr(args, "ttt_preset", None), **{"enabled": True, **explicit})
+
+
+def given_flags(args: argparse.Namespace) -> list[attrs.Attribute]:
+    """The ``TTTConfig`` fields whose ``--ttt-*`` flag was given on the command line."""
+    return [f for f in ttt_fields() if getattr(args, f"ttt_{f.name}", None) is not None]
+
+
+def misplaced_flag(args: argparse.Namespace, method: str) -> str | None:
+    """Why a given ``--ttt-*`` flag would be ignored, if one would: a flag without ``--ttt``, or a setting of
+    another method than ``method`` (such a flag would change nothing, yet be recorded in ``meta``)."""
+    given = given_flags(args)
+    if not args.ttt:
+        shown = [flag_of(f) for f in given if f.name != "seed"]
+        return f"{shown[0]} applies to --ttt only; add --ttt or drop it" if shown else None
+    for name, method_entry in METHODS.items():
+        if name == method or not method_entry.prefix:
+            continue
+        foreign = [f for f in given if f.name.startswith(method_entry.prefix)]
+        if foreign:
+            return (f"{flag_of(foreign[0])} is a setting of --ttt-method {name}, not of {method}; drop it or choose "
+                    f"--ttt-method {name}")
+    return None
+
+
+def as_flags(message: str) -> str:
+    """``message`` with every ``TTTConfig.<field>`` named by its flag, as the user typed it (``--ttt-lr``)."""
+    flags = {field.name: flag_of(field) for field in ttt_fields()}
+    return re.sub(r"TTTConfig\.(\w+)", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def ttt_meta(config: TTTConfig, report: dict | None) -> dict:

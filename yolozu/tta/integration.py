@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
+import attrs
 import torch
 
 try:
@@ -203,7 +204,7 @@ def run_ttt(
       TypeError: ``config`` is not a ``TTTConfig`` or ``records`` not a sequence (before any weight is touched).
       RuntimeError: the adapter lacks a TTT hook.
       EmptySelectionError: the update filter selects no parameter."""
-    if not isinstance(config, TTTConfig):
+    if not (attrs.has(type(config)) and callable(getattr(config, "calibration_split", None))):  # a TTTConfig
         raise TypeError(f"run_ttt's config must be a TTTConfig, got {type(config).__name__}")
     if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
         raise TypeError(f"run_ttt's records must be a sequence of records, got {type(records).__name__}")
