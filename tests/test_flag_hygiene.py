@@ -49,3 +49,33 @@ def test_a_flag_that_would_be_ignored_or_is_out_of_range_is_named(tmp_path, data
 def test_the_hinted_flag_exists():
     options = {s for action in build_parser()._actions for s in action.option_strings}
     assert {"--ttt-bn-prior", "--ttt-bn-mode"} <= options
+
+
+def test_a_negative_local_rank_is_named_as_such():
+    from yolozu.parallel.world import DistributedError, torchrun_env
+
+    with pytest.raises(DistributedError, match="LOCAL_RANK must be >= 0, got -1"):
+        torchrun_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"})
+
+
+@pytest.mark.parametrize("kind", ["folder", "/dev/zero"])
+def test_a_checkpoint_that_is_no_file_is_not_called_missing(tmp_path, dataset, capsys, kind):
+    ckpt = Path(kind) if kind.startswith("/") else tmp_path
+    code, err = _run(capsys, dataset, tmp_path, "--checkpoint", str(ckpt))
+    assert code == 1 and len(err) == 1 and "not found" not in err[0]
+    assert err[0].startswith(f"error: {ckpt} is not a detector checkpoint: it is ")
+
+
+def test_an_output_link_that_loops_is_named_a_loop(tmp_path, dataset, capsys):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    code = cli(["export", "--quiet", "--dataset", str(dataset), "--output", str(loop)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "loops back on itself" in err[-1]
+
+
+@pytest.mark.parametrize("split", ["/etc", "../other"])
+def test_a_split_outside_the_dataset_is_refused(tmp_path, dataset, capsys, split):
+    code = cli(["export", "--quiet", "--dataset", str(dataset), "--split", split, "--output", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"split {split!r} must be a folder name" in err[0]

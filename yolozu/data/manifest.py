@@ -118,6 +118,15 @@ def parse_label_file(
     return out
 
 
+def _check_split_name(split: str) -> None:
+    """A split is a folder under ``images/`` and ``labels/``: an absolute path or ``..`` would read (and make an
+    input of) files outside the dataset root."""
+    parts = Path(split).parts
+    if not split or Path(split).is_absolute() or ".." in parts:
+        raise ManifestError(f"split {split!r} must be a folder name under the dataset's images/ (not an absolute "
+                            "path, no '..'); pass --split NAME")
+
+
 def label_path(root: str | os.PathLike, split: str, image: str | os.PathLike) -> Path:
     """The label file of ``<root>/images/<split>/<name>``: ``<root>/labels/<split>/<stem>.txt``."""
     return Path(root) / "labels" / split / (Path(image).stem + ".txt")
@@ -136,6 +145,7 @@ def build_manifest(
     _check_root(root)
     if split is None:
         split = find_split(root)
+    _check_split_name(split)
     img_dir = root / "images" / split
     if not img_dir.is_dir():
         raise ManifestError(f"split {split!r} not found: {img_dir} is not a folder; {_HINT}")

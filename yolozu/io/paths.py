@@ -10,6 +10,7 @@ says so; ``link_notes`` words it for the user).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -94,6 +95,14 @@ def check_output(flag: str, path: PathLike) -> OutputPath:
     _check_length(flag, path)
     target, link = path, path.is_symlink()
     if link:
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputPathError(
+                    f"{flag} {path} is a symbolic link that loops back on itself ({os.readlink(path)}); give the "
+                    "path of the file to write, or remove the link"
+                ) from None
         if not path.exists():
             raise OutputPathError(
                 f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; give the path of "

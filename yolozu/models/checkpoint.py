@@ -35,6 +35,9 @@ def load_detector(path: str | Path | None = None, *, device: str | torch.device 
     A file that is not a detector checkpoint (not a torch file, another object, weights of another
     architecture) is a ValueError naming it; a missing file is FileNotFoundError."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, a FIFO or a socket)"
+        raise ValueError(f"{path} is not a detector checkpoint: it is {kind}; give a checkpoint file")
     if not path.is_file():
         hint = " (run `make train` to create the default checkpoint)" if path == DEFAULT_CHECKPOINT else ""
         raise FileNotFoundError(f"detector checkpoint not found: {path}{hint}")

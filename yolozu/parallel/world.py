@@ -77,8 +77,10 @@ def torchrun_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int
         return None
     size, rank = _int(environ, "WORLD_SIZE"), _int(environ, "RANK")
     local = _int(environ, "LOCAL_RANK", str(rank))
-    if size < 1 or not 0 <= rank < size or local < 0:
+    if size < 1 or not 0 <= rank < size:
         raise DistributedError(f"torchrun's RANK {rank} is not in a world of WORLD_SIZE {size}")
+    if local < 0:
+        raise DistributedError(f"torchrun's LOCAL_RANK must be >= 0, got {local}")
     return rank, size, local
 
 
