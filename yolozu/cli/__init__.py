@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+
+# nothing heavier than sys is imported before main() has installed the SIGINT handler (not even typing: a Ctrl-C
+# there would still be Python's traceback)
 
 COMMANDS = {
     "export": "export predictions.json, optionally with test-time training (--ttt) and flip TTA (--tta)",
@@ -12,7 +14,7 @@ COMMANDS = {
 USAGE = "usage: yolozu {export,eval} [options]   (yolozu COMMAND -h: its options)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | tuple[str, ...] | None = None) -> int:
     """Run the command ``argv[0]`` names; ``-h`` lists the commands, an unknown one is a usage error (exit 2).
     Ctrl-C at any moment, from the first instant (also inside ``import torch``), is the one line "interrupted"
     and exit 130: the SIGINT handler is installed before anything heavy is imported."""
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupts.uninstall(previous)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: list[str] | tuple[str, ...] | None) -> int:
     from yolozu.runtime import interrupts
 
     args = list(sys.argv[1:] if argv is None else argv)
