@@ -132,3 +132,25 @@ def test_a_dist_timeout_that_is_not_positive_is_a_usage_error(tmp_path, dataset,
     code, err = _run(capsys, "export", "--quiet", "--dataset", str(dataset), "--output", str(tmp_path / "p.json"),
                      "--dist-timeout", "0")
     assert code == 2 and err[-1] == "error: --dist-timeout must be > 0 (seconds), got 0"
+
+
+def test_running_out_of_file_descriptors_is_one_line(tmp_path):
+    import resource
+
+    from yolozu.demo.synth import SynthSpec, write_split
+
+    write_split(tmp_path / "many", "val", 3, seed=1, spec=SynthSpec(image_size=64))
+    out = tmp_path / "p.json"
+    out.write_bytes(OLD)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from yolozu.cli import main; sys.exit(main())", "export", "--adapter",
+         "detector", "--dataset", str(tmp_path / "many"), "--split", "val", "--output", str(out), "--quiet",
+         "--workers", "2", "--batch-size", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12)),
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["error: too many open files while 2 image-loading processes ran (the "
+                                                "limit, ulimit -n, is 12); raise it or pass --workers 0"]
+    assert out.read_bytes() == OLD

@@ -8,6 +8,7 @@ own message (the worker hands the error back rather than a traceback).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from typing import Callable, Iterable, Iterator, Sequence
@@ -16,6 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+try:  # imported here: once the process is out of file descriptors no module can be imported
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
 
 
 class ImageLoadError(OSError):
@@ -74,7 +80,28 @@ def image_batches(
         batches = DataLoader(
             images, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda"
         )
-    for batch in batches:
-        if isinstance(batch, ImageLoadError):
-            raise batch
-        yield batch.to(device, non_blocking=True)
+    try:
+        for batch in batches:
+            if isinstance(batch, ImageLoadError):
+                raise batch
+            yield batch.to(device, non_blocking=True)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, ImageLoadError) or not _out_of_files(e):
+            raise
+        error = OSError(
+            f"too many open files while {workers} image-loading processes ran (the limit, ulimit -n, is "
+            f"{_file_limit()}); raise it or pass --workers 0"
+        )
+        error.errno = errno.EMFILE
+        raise error from None
+
+
+def _out_of_files(error: BaseException) -> bool:
+    """Whether ``error`` is the process running out of file descriptors (torch's loader words it its own way)."""
+    return getattr(error, "errno", None) == errno.EMFILE or "Too many open files" in str(error)
+
+
+def _file_limit() -> str:
+    if resource is None:
+        return "unknown"
+    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])

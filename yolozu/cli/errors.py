@@ -18,6 +18,7 @@ escaped, so that no name can forge a line of its own.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 USAGE = 2
@@ -60,6 +61,22 @@ def _usage_errors() -> tuple[type, ...]:
 
 def _run_errors() -> tuple[type, ...]:
     return (NonFiniteError, OSError, ValueError, ImportError, *_loaded("yolozu.parallel.world", "DistributedError"))
+
+
+def quiet_release(error: BaseException) -> None:
+    """Drop ``error``'s traceback, and with it the objects its frames held (a data loader's worker processes, open
+    files), without the "Exception ignored in ... __del__" noise their clean-up may print after a failure: the
+    one line already said what went wrong."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        error.__traceback__ = None
+        for chained in (error.__cause__, error.__context__):
+            if chained is not None:
+                chained.__traceback__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 def describe(error: BaseException, plugin: str | None = None) -> tuple[int, str | None]:

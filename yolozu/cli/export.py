@@ -26,7 +26,7 @@ from yolozu.bridge import BN_PRIOR, BN_SHRINK
 from yolozu.cli import tta_modes
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args
 from yolozu.cli.checks import check_model_finite, check_numbers, check_predictions, plugin_of
-from yolozu.cli.errors import USAGE, NonFiniteError, TTTError, UsageError, describe, printable
+from yolozu.cli.errors import USAGE, NonFiniteError, TTTError, UsageError, describe, printable, quiet_release
 from yolozu.cli.export_parser import build_parser, flip_tta_of
 from yolozu.cli.inputs import RunInputs, model_inputs, run_inputs
 from yolozu.cli.lora_flags import apply_lora_flags, lora_meta
@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, line = describe(e, plugin_of(args))
         if line is None:
             raise
+        quiet_release(e)
         if code == USAGE:
             parser.print_usage(sys.stderr)
         print(line, file=sys.stderr)
