@@ -79,3 +79,10 @@ def test_a_split_outside_the_dataset_is_refused(tmp_path, dataset, capsys, split
     code = cli(["export", "--quiet", "--dataset", str(dataset), "--split", split, "--output", str(tmp_path / "p.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and f"split {split!r} must be a folder name" in err[0]
+
+
+def test_a_nul_in_a_predicted_image_path_is_named(tmp_path, capsys):
+    from yolozu.io.predictions import PredictionsError, validate_predictions
+
+    with pytest.raises(PredictionsError, match=r"predictions\[0\]\.image: a path cannot hold a NUL character"):
+        validate_predictions([{"image": "a\0.png", "detections": []}])

@@ -175,6 +175,14 @@ def _name_in_place(staged: _Staged) -> Path:
     return temp
 
 
+def _named(staged: _Staged) -> Path:
+    """``_name_in_place``, its failure naming the output rather than a hidden temporary file."""
+    try:
+        return _name_in_place(staged)
+    except OSError as e:
+        raise type(e)(f"cannot write {staged.target}: {e.strerror or e}; every output was left as it was") from None
+
+
 @contextlib.contextmanager
 def _interrupts_held() -> Iterator[list[int]]:
     """Ctrl-C (SIGINT) is held back during the block and noted in the list it yields, for the block to act on
@@ -268,7 +276,7 @@ def _commit(staged: Sequence[_Staged], create_folders: bool) -> None:
     try:
         for s in staged:
             created += _make_folders(s.target.parent, create_folders, s.target)
-        _rename_all(staged, [_name_in_place(s) for s in staged])
+        _rename_all(staged, [_named(s) for s in staged])
     except BaseException:
         for s in staged:
             _discard(s)

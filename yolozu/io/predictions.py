@@ -86,6 +86,8 @@ def validate_predictions(preds: Any) -> list[dict]:
             raise PredictionsError(
                 f"{where}.image: must be a non-empty string (the image path), got {entry.get('image')!r}"
             )
+        if "\0" in entry["image"]:
+            raise PredictionsError(f"{where}.image: a path cannot hold a NUL character, got {entry['image']!r}")
         dets = entry.get("detections")
         if not isinstance(dets, list):
             raise PredictionsError(f"{where}.detections: must be a list, got {type(dets).__name__}")
