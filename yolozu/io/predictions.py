@@ -101,7 +101,15 @@ def check_against_records(
 ) -> list[dict]:
     """``preds`` as a model's predictions for ``records`` must be: valid (``validate_predictions``), one entry per
     record in the same order with the record's image path, and class ids below ``num_classes`` when given.
-    Raises PredictionsError naming the first entry that is not; returns ``preds``."""
+
+    Args:
+      preds: what an adapter's ``predict`` returned.
+      records: the records it was given.
+      num_classes: the model's classes, or None (class ids not bounded above).
+    Returns:
+      ``preds``, checked.
+    Raises:
+      PredictionsError: naming the first entry that is not as it must be."""
     validate_predictions(preds)
     if len(preds) != len(records):
         raise PredictionsError(f"{len(preds)} predictions for {len(records)} images: one entry per image is needed")

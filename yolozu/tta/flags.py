@@ -108,13 +108,24 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
 
 
 def given_flags(args: argparse.Namespace) -> list[attrs.Attribute]:
-    """The ``TTTConfig`` fields whose ``--ttt-*`` flag was given on the command line."""
+    """The ``TTTConfig`` fields whose ``--ttt-*`` flag was given on the command line.
+
+    Args:
+      args: the parsed command line.
+    Returns:
+      Those fields, in ``TTTConfig``'s order."""
     return [f for f in ttt_fields() if getattr(args, f"ttt_{f.name}", None) is not None]
 
 
 def misplaced_flag(args: argparse.Namespace, method: str) -> str | None:
     """Why a given ``--ttt-*`` flag would be ignored, if one would: a flag without ``--ttt``, or a setting of
-    another method than ``method`` (such a flag would change nothing, yet be recorded in ``meta``)."""
+    another method than ``method`` (such a flag would change nothing, yet be recorded in ``meta``).
+
+    Args:
+      args: the parsed command line.
+      method: the method the run uses (after presets).
+    Returns:
+      The usage error's text, or None when every given flag takes effect."""
     given = given_flags(args)
     if not args.ttt:
         shown = [flag_of(f) for f in given if f.name != "seed"]
@@ -130,7 +141,12 @@ def misplaced_flag(args: argparse.Namespace, method: str) -> str | None:
 
 
 def as_flags(message: str) -> str:
-    """``message`` with every ``TTTConfig.<field>`` named by its flag, as the user typed it (``--ttt-lr``)."""
+    """``message`` with every ``TTTConfig.<field>`` named by its flag, as the user typed it (``--ttt-lr``).
+
+    Args:
+      message: an error's text.
+    Returns:
+      The text with flags for field names."""
     flags = {field.name: flag_of(field) for field in ttt_fields()}
     return re.sub(r"TTTConfig\.(\w+)", lambda m: flags.get(m.group(1), m.group(0)), message)
 
