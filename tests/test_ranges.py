@@ -115,7 +115,7 @@ def test_a_nan_tta_iou_is_refused_when_parsed(tmp_path, dataset, capsys):
         export_main(["--dataset", str(dataset), "--split", "val", "--output", str(tmp_path / "p.json"), "--tta",
                      "--tta-iou", "nan"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --tta-iou: must be a finite number, "
-                                                                     "got 'nan'")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --tta-iou" in line and line.endswith(": must be a finite number, got 'nan'")
     with pytest.raises(ValueError, match=r"FlipTTAConfig.iou must be in \(0, 1\]"):
         FlipTTAConfig(iou=float("nan"))
