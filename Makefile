@@ -1,39 +1,47 @@
-# make test: creates .venv if missing (torch==2.13.0 first: the CPU wheel), installs yolozu[dev], runs pytest.
-# torchvision is not installed: the only torchvision wheels at hand are built against torch's multi-GB CUDA build
-# and none loads beside the 2.13.0 CPU wheel (0.28.0: "operator torchvision::nms does not exist"), so the
-# torchvision adapter's tests skip here (make test-torchvision runs them where torchvision is installed).
+# make test: creates .venv if missing, installs the torch pair below and yolozu[dev] into it, runs ruff and pytest
+# with YOLOZU_REQUIRE_TORCHVISION=1 (a torchvision test that cannot import torchvision fails instead of skipping).
+# One environment for everything: the CPU suite, the torchvision adapter's tests, the FCOS-small tools and the GPU
+# machine. The pair is the one that loads together from the index (torch's CUDA build, about 5.5 GB; it runs on
+# CPU as well); it is declared here and nowhere else.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# make setup WHEELS=DIR: offline, for a machine without network whose python already has torch and torchvision
+# (the GPU machine): the venv sees that interpreter's packages, pip reads nothing but DIR (tools/gpu_wheels.sh fills
+# .whl with the wheels that machine lacks), and the pair is installed from DIR only if torch or torchvision does not
+# import.
+WHEELS ?=
 
 .PHONY: test setup lint
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	test -x $(PY) || $(PYTHON) -m venv $(if $(WHEELS),--system-site-packages) $(VENV)
+ifeq ($(WHEELS),)
+	$(PY) -m pip install -q $(TORCH_PAIR)
 	$(PY) -m pip install -q -e '.[dev]'
+else
+	$(PY) -m pip install -q --no-index --no-deps $(WHEELS)/*.whl
+	$(PY) -c 'import torch, torchvision' 2>/dev/null || $(PY) -m pip install -q --no-index --find-links $(WHEELS) $(TORCH_PAIR)
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+endif
 	touch $@
 
 test: lint
-	$(PY) -m pytest -q
+	YOLOZU_REQUIRE_TORCHVISION=1 $(PY) -m pytest -q
 
 # make lint: ruff's checks (pyproject.toml [tool.ruff]); make test runs them first.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# make test-torchvision: the torchvision adapter's tests in their own venv, .venv-tv (torch 2.14.1 with
-# torchvision 0.29.1, the pair that loads together from PyPI's wheels; about 5.5 GB).
-TV_VENV := .venv-tv
+# make test-torchvision: only the torchvision adapter's tests (make test runs them too), in the same .venv.
 .PHONY: test-torchvision
-test-torchvision:
-	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
-	$(TV_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(TV_VENV)/bin/python -m pip install -q -e '.[dev]'
-	$(TV_VENV)/bin/python -m pytest -q tests/test_adapter_torchvision.py tests/test_export_torchvision.py tests/test_adapter_plugins.py \
-	  tests/test_tv_detector.py
+test-torchvision: $(STAMP)
+	YOLOZU_REQUIRE_TORCHVISION=1 $(PY) -m pytest -q tests/test_adapter_torchvision.py tests/test_export_torchvision.py \
+	  tests/test_adapter_plugins.py tests/test_tv_detector.py
 
 # make demo-data: the offline demo shift benchmark under data/demo (clean train/val, 19 corruptions x 5 severities of val).
 .PHONY: demo-data
@@ -52,15 +60,14 @@ train: $(STAMP)
 	$(PY) tools/train_detector.py
 
 # train-torchvision: train FCOS-small (torchvision's FCOS on a small BatchNorm backbone, yolozu/demo/tv_detector.py)
-# from random init on data/demo's train split, in the torchvision venv (make test-torchvision makes it); writes
+# from random init on data/demo's train split; writes
 # yolozu/models/checkpoints/fcos_small.pt and fcos_small.json (clean val mAP). TRAIN_TV_ARGS adds flags, e.g.
 # --device cuda or --epochs N (docs/adapters.md).
 TRAIN_TV_ARGS ?=
 .PHONY: train-torchvision
-train-torchvision:
-	@test -x $(TV_VENV)/bin/python || { echo "no $(TV_VENV): run make test-torchvision first" >&2; exit 2; }
-	$(TV_VENV)/bin/python tools/make_demo_data.py --root data/demo --corruptions none
-	$(TV_VENV)/bin/python tools/train_torchvision.py $(TRAIN_TV_ARGS)
+train-torchvision: $(STAMP)
+	$(PY) tools/make_demo_data.py --root data/demo --corruptions none
+	$(PY) tools/train_torchvision.py $(TRAIN_TV_ARGS)
 
 # make export TTT=tent|mim|cotta|eata|sar|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
 # corrupted val split without test-time training, with BatchNorm statistics only and with TTT, evaluate them and
@@ -126,16 +133,15 @@ bench-full: bench-continual bench-gradual
 	$(PY) -m yolozu.demo.bench.shift --full
 
 # make bench-tv: the quick scope on another model family through --adapter (a plug-in factory and its checkpoint),
-# in the torchvision venv (make test-torchvision makes it) -> runs/bench/quick-<tag>.json, docs/benchmarks-<tag>.md
+# -> runs/bench/quick-<tag>.json, docs/benchmarks-<tag>.md
 # (<tag> from the adapter's module: tv_detector for FCOS-small), with the built-in detector's quick.json beside it.
 # Recipes the adapter cannot run (MIM without a reconstruction head) are skipped, with the reason in the report.
 TV_ADAPTER ?= yolozu.demo.tv_detector:adapter
 TV_CHECKPOINT ?= yolozu/models/checkpoints/fcos_small.pt
 .PHONY: bench-tv
-bench-tv:
-	@test -x $(TV_VENV)/bin/python || { echo "no $(TV_VENV): run make test-torchvision first" >&2; exit 2; }
-	$(TV_VENV)/bin/python tools/make_demo_data.py --root data/demo --corruptions all --severities 5
-	$(TV_VENV)/bin/python -m yolozu.demo.bench.shift --quick --adapter $(TV_ADAPTER) --checkpoint $(TV_CHECKPOINT)
+bench-tv: $(STAMP)
+	$(PY) tools/make_demo_data.py --root data/demo --corruptions all --severities 5
+	$(PY) -m yolozu.demo.bench.shift --quick --adapter $(TV_ADAPTER) --checkpoint $(TV_CHECKPOINT)
 
 # make test-gpu: only the CUDA tests (they skip without a GPU; make test runs them too, skipped, and their CPU twins).
 .PHONY: test-gpu

@@ -1,6 +1,7 @@
 """The torchvision adapter on real torchvision detectors with random weights, one of each family (Faster R-CNN,
-RetinaNet, FCOS, SSD) at a small input size: its predictions are the model's own, its frozen norms adapt, every
-method but MIM steps on it, only the selected tensors change, and a rolled-back step leaves it bitwise as it was."""
+RetinaNet, FCOS, SSD) on a light backbone and the ResNet-50 builders and SSD300, at a small input size: its
+predictions are the model's own, its frozen norms adapt, every method but MIM steps on it, only the selected
+tensors change, and a rolled-back step leaves it bitwise as it was."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import attrs
 import pytest
 import torch
 from torch import nn
-from tv_zoo import BUILDS, FAMILIES, FROZEN_EPS, NUM_CLASSES, TORCHVISION, build, build_named, write_images, zoo_folder
+from tv_zoo import FAMILIES, FROZEN_EPS, KIND, NUM_CLASSES, TORCHVISION, UPDATE, build, write_images, zoo_folder
 
 from yolozu.adapters.norms import AdaptableBatchNorm2d, adaptable_copy, freeze_norms
 from yolozu.adapters.tv_adapter import TorchvisionAdapter, to_predictions
@@ -83,23 +84,10 @@ def test_predict_is_the_models_own_eval_output(built, records):
         assert len(adapter.converted) > 0 and eps == {FROZEN_EPS[built.family]}
 
 
-@pytest.mark.parametrize("family,eps", [("retinanet", 0.0), ("fcos", 1e-5)])
-def test_the_resnet50_builders_load_a_frozen_checkpoint_with_torchvisions_eps(family, eps, zoo, records):
-    """A fine-tuned pretrained retinanet_resnet50_fpn runs its frozen norms with eps 0.0, fcos_resnet50_fpn with
-    1e-5: built from the checkpoint alone, the adapter predicts exactly what the saved model does."""
-    name, kwargs = BUILDS[family]
-    reference, adapter = build_named(name, kwargs, eps, zoo)
-    assert {m.eps for m in adapter.detector.modules() if isinstance(m, AdaptableBatchNorm2d)} == {eps}
-    x = adapter.load_batch(records)
-    with torch.no_grad():
-        own = reference(list(x))
-    assert adapter.predict(records) == to_predictions(own, records, tuple(x.shape[-2:]), adapter.class_offset)
-
-
 def test_the_readout_matches_the_family(built, records):
     adapter = built.adapter
     readout = adapter.ttt_readout()
-    sigmoid = built.family in ("retinanet", "fcos")
+    sigmoid = KIND[built.family] in ("retinanet", "fcos")
     assert readout.score_kind == readout.sample_kind == ("sigmoid" if sigmoid else "softmax")
     with torch.no_grad():
         out = adapter.get_model()(adapter.load_batch(records))
@@ -124,9 +112,10 @@ def test_a_tent_step_changes_only_the_selected_tensors_and_a_rollback_is_bitwise
     adapter = built.adapter
     view = adapter.get_model()
     before = {n: t.clone() for n, t in view.state_dict().items()}
-    selected = set(filters.select(view, "norm_only"))
+    update = UPDATE[built.family]
+    selected = set(filters.select(view, **update))
     x = adapter.load_batch(records)
-    config = TTTConfig(enabled=True, method="tent", update_filter="norm_only", lr=1e-2, bn_mode="batch", seed=0)
+    config = TTTConfig(enabled=True, method="tent", lr=1e-2, bn_mode="batch", seed=0, **update)
     adaptation = Adaptation(view, config, adapter.ttt_readout())
     (row,) = adaptation.adapt(x, 0, 1)
     assert not row["rolled_back"] and row["update_norm"] > 0
@@ -142,18 +131,19 @@ def test_a_tent_step_changes_only_the_selected_tensors_and_a_rollback_is_bitwise
 
 
 @pytest.mark.parametrize("method", ["cotta", "eata", "sar"])
-@pytest.mark.parametrize("family", ["two_stage", "retinanet"])
-def test_cotta_eata_and_sar_step_on_softmax_proposals_and_sigmoid_anchors(family, method, zoo, records):
-    """The box head's softmax at proposals (through roi_align, which torch.func cannot differentiate) and
-    independent sigmoids at dense anchors; SSD's softmax anchors and FCOS's locations share these paths."""
+@pytest.mark.parametrize("family", ["two_stage", "retinanet", "ssd", "fcos"])
+def test_cotta_eata_and_sar_step_on_every_family(family, method, zoo, records):
+    """The box head's softmax at proposals (through roi_align, which torch.func cannot differentiate),
+    independent sigmoids at dense anchors (RetinaNet), softmax anchors (SSD) and FCOS's
+    sigmoid locations with centre-ness."""
     adapter = build(family, zoo).adapter
     view = adapter.get_model()
     before = {n: t.clone() for n, t in view.state_dict().items()}
-    selected = set(filters.select(view, "norm_only"))
+    selected = set(filters.select(view, **UPDATE[family]))
     margins = {"eata_e_margin": 10.0, "eata_conf_min": 0.0, "eata_entropy_min": 0.0, "eata_entropy_max": 10.0}
     config = TTTConfig(
-        enabled=True, method=method, update_filter="norm_only", lr=1e-2, bn_mode="batch", seed=0,
-        sar_e_margin=10.0, **margins,
+        enabled=True, method=method, lr=1e-2, bn_mode="batch", seed=0, sar_e_margin=10.0, **margins,
+        **UPDATE[family],
     )
     adaptation = Adaptation(view, config, adapter.ttt_readout())
     (row,) = adaptation.adapt(adapter.load_batch(records), 0, 1)
@@ -183,9 +173,12 @@ def test_adaptable_batchnorm_computes_what_the_frozen_one_does_bitwise():
     assert not torch.equal(adaptable_copy(FrozenBatchNorm2d(8, eps=0.0)).eval()(x), norm.eval()(x))
 
 
-def test_dense_flip_index_maps_each_level_to_its_mirror_image():
-    shapes, anchors = [(3, 4), (2, 2), (1, 1)], 2
-    maps = [torch.randn(h, w, anchors) for h, w in shapes]
+@pytest.mark.parametrize("anchors", [2, [2, 3, 1]])
+def test_dense_flip_index_maps_each_level_to_its_mirror_image(anchors):
+    """One anchor count for every level (RetinaNet, FCOS, SSDlite) or one per level (SSD300)."""
+    shapes = [(3, 4), (2, 2), (1, 1)]
+    counts = [anchors] * 3 if isinstance(anchors, int) else anchors
+    maps = [torch.randn(h, w, a) for (h, w), a in zip(shapes, counts)]
     laid_out = torch.cat([m.flatten() for m in maps])
     mirrored = torch.cat([m.flip(1).flatten() for m in maps])  # what the flipped image's anchors see
     index = dense_flip_index(shapes, anchors, torch.device("cpu"))

@@ -17,7 +17,7 @@ import yolozu
 
 PACKAGE = Path(yolozu.__file__).resolve().parent
 DEMO = PACKAGE / "demo"
-DEMO_EXTRAS = ("skimage", "sklearn", "scipy", "mlxtend", "matplotlib")
+DEMO_EXTRAS = ("skimage", "sklearn", "scipy", "mlxtend", "matplotlib", "imagecorruptions", "cv2", "numba")
 
 
 def module_name(path: Path) -> str:

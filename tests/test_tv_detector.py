@@ -12,22 +12,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from tv_zoo import TORCHVISION, randomise_norms, write_images  # skips (or fails: make test) without torchvision
 
-from yolozu.adapters.tv_models import import_torchvision
-
-try:
-    TORCHVISION = import_torchvision()
-except ImportError as e:  # the library runs without it; these tests need it
-    pytest.skip(str(e), allow_module_level=True)
-
-from tv_zoo import randomise_norms, write_images  # noqa: E402
-
-from yolozu.adapters.tv_adapter import TorchvisionAdapter, to_predictions  # noqa: E402
-from yolozu.cli.export import main as export  # noqa: E402
-from yolozu.demo.tv_detector import DEFAULT_CHECKPOINT, adapter, build_fcos_small  # noqa: E402
-from yolozu.functional import filters  # noqa: E402
-from yolozu.tta.config import TTTConfig  # noqa: E402
-from yolozu.tta.engine import Adaptation  # noqa: E402
+from yolozu.adapters.tv_adapter import TorchvisionAdapter, to_predictions
+from yolozu.cli.export import main as export
+from yolozu.demo.tv_detector import DEFAULT_CHECKPOINT, adapter, build_fcos_small
+from yolozu.functional import filters
+from yolozu.tta.config import TTTConfig
+from yolozu.tta.engine import Adaptation
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "yolozu.demo.tv_detector:adapter"

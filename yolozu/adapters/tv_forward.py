@@ -49,15 +49,40 @@ def top_candidates(logits: Tensor, rank: Tensor, k: int) -> Tensor:
     return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).movedim(-1, 1)
 
 
-def dense_flip_index(shapes: list[tuple[int, int]], anchors: int, device: torch.device) -> Tensor:
+def dense_flip_index(shapes: list[tuple[int, int]], anchors: int | list[int], device: torch.device) -> Tensor:
     """For candidates laid out level by level as (H, W, anchors), the index of each one's mirror image: anchors
-    are centred boxes, so a horizontal flip maps column w to W - 1 - w and keeps the anchor."""
+    are centred boxes, so a horizontal flip maps column w to W - 1 - w and keeps the anchor.
+
+    Args:
+        shapes: each level's feature map (H, W).
+        anchors: anchors per location, one count for every level or one per level (SSD300: 4, 6, 6, 6, 4, 4).
+        device: where the index is made.
+    Returns:
+        (N,) long, N = sum of H * W * anchors over the levels.
+    """
+    counts = [anchors] * len(shapes) if isinstance(anchors, int) else list(anchors)
+    if len(counts) != len(shapes):
+        raise ValueError(f"anchors per location: {len(counts)} counts for {len(shapes)} feature levels")
     parts, offset = [], 0
-    for h, w in shapes:
-        n = h * w * anchors
-        parts.append(torch.arange(n, device=device).view(h, w, anchors).flip(1).flatten() + offset)
+    for (h, w), a in zip(shapes, counts):
+        n = h * w * a
+        parts.append(torch.arange(n, device=device).view(h, w, a).flip(1).flatten() + offset)
         offset += n
     return torch.cat(parts)
+
+
+def anchors_per_location(detector: nn.Module, shapes: list[tuple[int, int]], total: int) -> list[int]:
+    """Anchors per feature location on each level, from the detector's anchor generator (SSD300's differ by level:
+    4, 6, 6, 6, 4, 4; RetinaNet's 9, FCOS's 1 and SSDlite's 6 are the same on every level); checked against the
+    ``total`` candidates the head returned."""
+    counts = [int(a) for a in detector.anchor_generator.num_anchors_per_location()]
+    found = sum(h * w * a for (h, w), a in zip(shapes, counts))
+    if len(counts) != len(shapes) or found != total:
+        raise ValueError(
+            f"the anchor generator's {counts} anchors per location on feature maps {shapes} give {found} "
+            f"candidates, the head returned {total}"
+        )
+    return counts
 
 
 def _prepare(detector: nn.Module, x: Tensor) -> tuple[Any, OrderedDict, list[tuple[int, int]]]:
@@ -88,12 +113,12 @@ def dense_forward(detector: nn.Module, x: Tensor, topk: int, family: str) -> dic
     anchors = detector.anchor_generator(images, feats)
     cls = head["cls_logits"]
     shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
-    per_anchor = cls.shape[1] // sum(h * w for h, w in shapes)
+    per_anchor = anchors_per_location(detector, shapes, cls.shape[1])
     with torch.no_grad():
         if family == "ssd":
             found = detector.postprocess_detections(head, anchors, images.image_sizes)
         else:
-            per_level = [h * w * per_anchor for h, w in shapes]
+            per_level = [h * w * a for (h, w), a in zip(shapes, per_anchor)]
             split = {key: list(value.split(per_level, dim=1)) for key, value in head.items()}
             split_anchors = [list(a.split(per_level)) for a in anchors]
             found = detector.postprocess_detections(split, split_anchors, images.image_sizes)

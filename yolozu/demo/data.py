@@ -26,6 +26,7 @@ from yolozu.demo.corruptions import (
     CORRUPTIONS,
     GEOMETRIC_CORRUPTIONS,
     HELDOUT_CORRUPTIONS,
+    MIN_SIDE,
     SEVERITIES,
     corrupt,
     corrupt_with_labels,
@@ -55,7 +56,8 @@ def write_corrupted_split(
     src_img, src_lbl = root / "images" / source, root / "labels" / source
     if not src_img.is_dir():
         raise FileNotFoundError(f"no clean split to corrupt at {src_img}; make it first (run `make demo-data`)")
-    corrupt(np.zeros((8, 8, 3), np.uint8), corruption, severity, np.random.default_rng(0))  # validate early
+    blank = np.zeros((MIN_SIDE, MIN_SIDE, 3), np.uint8)
+    corrupt(blank, corruption, severity, np.random.default_rng(0))  # validate early
     images = sorted(p for p in src_img.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     name = corrupted_split_name(corruption, severity, source)
 
@@ -147,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [s for s in args.severities if s not in SEVERITIES]
     if bad:
         parser.error(f"severities must be in {list(SEVERITIES)}, got {bad}")
-    if args.image_size < 16:
-        parser.error(f"--image-size must be at least 16, got {args.image_size}")
+    if args.image_size < MIN_SIDE:
+        parser.error(f"--image-size must be at least {MIN_SIDE} (the corruptions' smallest), got {args.image_size}")
     root = Path(args.root)
     t_all = time.perf_counter()
     made = skipped = 0
