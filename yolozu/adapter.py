@@ -8,12 +8,13 @@ Every adapter predicts. Test-time training needs two optional hooks on top (the 
 and may say how TTT reads the model's outputs with ``ttt_readout() -> Readout`` (default: the output is
 class logits over dim 1, and a reconstruction when MIM asks for one). An adapter with a ``num_classes``
 attribute has the dataset's label class ids checked against it by the export. Adapters without the two hooks do
-not support TTT; ``run_ttt`` says which hook is missing.
+not support TTT; ``require_ttt_hooks`` names the missing one, and ``loader_of`` checks what ``build_loader``
+returns.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 Record = Mapping[str, Any]
 """A dataset record: ``{"image": path, "labels": [{"class_id", "cx", "cy", "w", "h"}, ...]}``."""
@@ -36,6 +37,43 @@ def missing_ttt_hooks(adapter: object) -> list[str]:
         elif name == "get_model" and hook() is None:
             missing.append(name)
     return missing
+
+
+def require_ttt_hooks(adapter: object) -> None:
+    """Raise ``RuntimeError`` naming the first TTT hook (``get_model``, ``build_loader``) the adapter lacks.
+
+    Args:
+      adapter: a YOLOZU adapter.
+    Raises:
+      RuntimeError: naming the missing hook and what to do."""
+    missing = missing_ttt_hooks(adapter)
+    if missing:
+        raise RuntimeError(
+            f"adapter {type(adapter).__name__} has no {missing[0]}(), so it does not support test-time "
+            f"training (it needs get_model() and build_loader(records, *, batch_size)); use an adapter that "
+            f"implements them, e.g. --adapter detector, or run without --ttt"
+        )
+
+
+def loader_of(adapter: object, records: Sequence[Record], batch_size: int) -> Iterable[Any]:
+    """``adapter.build_loader(records, batch_size=batch_size)``, checked: anything that is not an iterable of
+    batches (e.g. None, from a hook that forgot to return) is a RuntimeError naming the adapter.
+
+    Args:
+      adapter: a YOLOZU adapter.
+      records: the records to batch.
+      batch_size: images per batch.
+    Returns:
+      The adapter's loader.
+    Raises:
+      RuntimeError: the hook returned something else than an iterable."""
+    loader = adapter.build_loader(records, batch_size=batch_size)
+    if not isinstance(loader, Iterable):
+        raise RuntimeError(
+            f"adapter {type(adapter).__name__}'s build_loader(records, batch_size={batch_size}) returned "
+            f"{type(loader).__name__}, not an iterable of input batches; it must return (or yield) the batches"
+        )
+    return loader
 
 
 class ModelAdapter:

@@ -49,10 +49,9 @@ from yolozu.tta.flags import (  # noqa: F401 (flag_kwargs, flag_of, ttt_fields r
     ttt_fields,
     ttt_meta,
 )
-from yolozu.tta.integration import disabled_report
 from yolozu.tta.part import WHOLE, Part
 from yolozu.tta.presets import apply_ttt_preset_args, validate_ttt_requirements
-from yolozu.tta.report import TTTReport
+from yolozu.tta.report import TTTReport, disabled_report
 from yolozu.tta.schedules import adapt_and_predict
 
 OUTPUT_FLAGS = ("--output", "--ttt-log-out", "--tta-log-out")

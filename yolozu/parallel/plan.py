@@ -25,11 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import attrs
 
-from yolozu.adapter import Record
+from yolozu.adapter import Record, loader_of
 from yolozu.parallel.collectives import SharedModel
 from yolozu.parallel.world import Lockstep, World
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.integration import loader_of
 from yolozu.tta.methods import entry
 from yolozu.tta.part import WHOLE, Batches, Part
 from yolozu.tta.report import TTTReport

@@ -3,7 +3,8 @@
 It builds the method its config names (through the method registry, never by asking which method it is),
 keeps the driver's carry between calls, turns the driver's step records into YOLOZU's ``step_metrics`` rows,
 and writes the adapted tensors into the module only when asked (``write_back``), so an error mid-run leaves
-the module untouched. Every step of every entry point runs through ``functional.driver``.
+the module untouched. Every step of every entry point runs through ``functional.driver``. ``adaptation_for``
+builds one over an adapter's hooks: what the export's schedules (``tta.schedules``) drive.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 from torch import nn
 
+from yolozu.adapter import Record
 from yolozu.bridge import BatchStats, make_apply, write_into
 from yolozu.functional import guards, optim, rng, streams
 from yolozu.functional.driver import ROW_METRICS, Carry, StepRecord, make_driver, start
 from yolozu.functional.filters import select
-from yolozu.functional.readout import DEFAULT_READOUT, Readout
+from yolozu.functional.readout import DEFAULT_READOUT, Readout, readout_of
 from yolozu.functional.state import Params, count
 from yolozu.functional.step import Method
 from yolozu.tta.config import TTTConfig
@@ -312,3 +314,28 @@ class Adaptation:
             abstained_steps=abstained,
             abstention_ratio=abstained / max(1, len(self.rows)),
         )
+
+
+def adaptation_for(
+    adapter: object,
+    config: TTTConfig,
+    *,
+    calibration: Sequence[Record] | None = None,
+    keep_output: bool = False,
+    shared: ModelSharing | None = None,
+) -> Adaptation:
+    """The adaptation of ``adapter``'s model under ``config``. ``calibration``: in-distribution records the method
+    looks at once before adapting when it asks for them (EATA's Fisher information), read through
+    ``build_loader`` in batches of ``config.batch_size``. ``shared``: see ``build_method``.
+
+    Args:
+      adapter: a YOLOZU adapter with ``get_model`` and ``build_loader`` (and, optionally, ``ttt_readout``).
+      config: the settings.
+      calibration: in-distribution records, or None.
+      keep_output: whether each step keeps its forward output (``online_predict="adapt_forward"``).
+      shared: the hooks of a model shared by the ranks, or None.
+    Returns:
+      The ``Adaptation``."""
+    batches = None if calibration is None else adapter.build_loader(list(calibration), batch_size=config.batch_size)
+    model, readout = adapter.get_model(), readout_of(adapter)
+    return Adaptation(model, config, readout, keep_output=keep_output, calibration=batches, shared=shared)

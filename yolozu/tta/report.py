@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from yolozu.tta.config import TTTConfig
 
 
 def json_safe(value: Any) -> Any:
@@ -103,6 +106,16 @@ class TTTReport:
             out[f"{key}_truncated"] = len(out[key]) > CAPPED
             out[key] = out[key][:CAPPED]
         return json_safe(out)
+
+
+def disabled_report(config: TTTConfig) -> TTTReport:
+    """The report of a run with TTT off.
+
+    Args:
+      config: the run's settings (its method and reset are reported).
+    Returns:
+      A ``TTTReport`` with ``enabled`` False."""
+    return TTTReport(enabled=False, method=config.method, reset=config.reset)
 
 
 SAMPLES_KEPT = 20

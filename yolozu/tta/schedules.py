@@ -11,31 +11,29 @@
   ``streams=K`` adapts K images at once with ``vmap`` (the same predictions).
 
 Every schedule reads its batches through ``adapter.build_loader`` and adapts through the one driver; none
-writes into the module. Predictions use the normalisation the adaptation used: test-batch BatchNorm
-statistics unless ``bn_mode`` is ``eval``.
+writes into the module but ``adapt_in_place``, YOLOZU's ``pre`` flow (``integration.run_ttt``, and the export
+for an adapter that predicts only with its own ``predict``). Predictions use the normalisation the adaptation
+used: test-batch BatchNorm statistics unless ``bn_mode`` is ``eval``.
+
+The flow reads top-down: the export (``cli.export``) and ``integration.run_ttt`` call a schedule here, a
+schedule builds and drives an ``engine.Adaptation``, the engine steps through ``functional.driver``. Nothing
+here calls back up (``tests/test_layers.py`` checks the direction).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from yolozu.adapter import Prediction, Record
+from yolozu.adapter import Prediction, Record, loader_of, require_ttt_hooks
 from yolozu.inference.flip import FlipTTAConfig
 from yolozu.inference.predictor import Predictor, chunks, missing_predict_hooks, non_finite_warning
 from yolozu.tta.config import TTTConfig
-from yolozu.tta.engine import Adaptation
-from yolozu.tta.integration import (
-    _memory_finish,
-    _memory_start,
-    adapt_stream,
-    adaptation_for,
-    loader_of,
-    require_ttt_hooks,
-    run_ttt,
-)
+from yolozu.tta.engine import Adaptation, adaptation_for
+from yolozu.tta.memory import _memory_finish, _memory_start
 from yolozu.tta.part import WHOLE, Part
-from yolozu.tta.report import TTTReport, sample_mode
+from yolozu.tta.report import TTTReport, disabled_report, sample_mode
 
 
 def _check(config: TTTConfig, tta: FlipTTAConfig | None) -> None:
@@ -122,19 +120,128 @@ def _adapt_bar(progress: Callable[[str, int], Any], config: TTTConfig, records: 
     return progress("adapt", config.steps * min(config.batch_size, len(records)))
 
 
-def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part) -> tuple[list, Any]:
-    bar = _adapt_bar(progress, config, records)
+def adapt_stream(
+    adapter: object,
+    records: Sequence[Record],
+    config: TTTConfig,
+    *,
+    progress=None,
+    calibration: Sequence[Record] | None = None,
+    offset: int = 0,
+) -> tuple[Adaptation, int]:
+    """The ``pre`` schedule's adaptation: one stream for ``steps`` steps in all, cycling over the first
+    ``max_batches`` batches of ``adapter.build_loader(records, ...)`` (YOLOZU's flow: step i adapts on batch
+    i mod n), until a guard stops it; the module is not written. ``progress`` (e.g. a tqdm bar) is advanced by
+    each step's images. Batch i's random keys and log rows use index ``offset + i`` (a stream that starts at
+    batch ``offset`` of a longer run).
+
+    Args:
+      adapter: a YOLOZU adapter.
+      records: the records adapted on.
+      config: the settings.
+      progress: a progress bar with ``update(n)``, or None.
+      calibration: in-distribution records, or None.
+      offset: the stream's first batch index in the whole run.
+    Returns:
+      ``(adaptation, batches_used)``."""
+    adaptation = adaptation_for(adapter, config, calibration=calibration)
+    loader = itertools.islice(loader_of(adapter, list(records), config.batch_size), config.max_batches)
+    seen: list = []  # the batches read so far, kept for the next pass over them
+    for step in range(config.steps):
+        if step == len(seen):
+            batch = next(loader, None)
+            if batch is None and not seen:
+                break
+            if batch is not None:
+                seen.append(batch)
+        index = step % len(seen)
+        adaptation.adapt(seen[index], offset + index, 1, first_step=step // len(seen))
+        if progress is not None:
+            progress.update(len(seen[index]))
+        if adaptation.stopped:
+            break
+    return adaptation, len(seen)
+
+
+def adapt_pre(
+    adapter: object,
+    records: Sequence[Record],
+    config: TTTConfig,
+    *,
+    progress=None,
+    calibration: Sequence[Record] | None = None,
+    offset: int = 0,
+    write_back: bool = False,
+) -> tuple[Adaptation, TTTReport]:
+    """The ``pre`` schedule's adaptation (``adapt_stream``), timed and its peak memory measured; with
+    ``write_back`` the adapted tensors are then written into the module (YOLOZU's flow, whose own ``predict``
+    uses them), else the module is left as it was (the export predicts from ``prediction_tensors``).
+
+    Args:
+      adapter: a YOLOZU adapter with the TTT hooks.
+      records: the records adapted on.
+      config: the settings.
+      progress: a progress bar with ``update(n)``, or None.
+      calibration: in-distribution records, or None.
+      offset: the stream's first batch index in the whole run.
+      write_back: whether to write the adapted tensors into the module.
+    Returns:
+      ``(adaptation, report)``: the report with the run's ``seconds`` and ``memory``."""
     start, memory = time.perf_counter(), _memory_start(adapter.get_model())
-    try:
-        adaptation, batches_used = adapt_stream(
-            adapter, records, config, progress=bar, calibration=calibration, offset=part.offset
-        )
-    finally:
-        bar.close()
+    adaptation, batches_used = adapt_stream(
+        adapter, records, config, progress=progress, calibration=calibration, offset=offset
+    )
+    if write_back:
+        adaptation.write_back()
     report = adaptation.report(
         seconds=time.perf_counter() - start, steps_requested=config.steps, batches_used=batches_used
     )
     report.memory = _memory_finish(memory)
+    return adaptation, report
+
+
+NO_BATCH = "the loader yielded no batch; nothing was adapted"
+"""The warning of an in-place adaptation whose loader gave nothing to adapt on."""
+
+
+def adapt_in_place(
+    adapter: object,
+    records: Sequence[Record],
+    config: TTTConfig,
+    *,
+    progress=None,
+    calibration: Sequence[Record] | None = None,
+) -> TTTReport:
+    """YOLOZU's ``pre`` flow: adapt ``adapter.get_model()`` on ``records`` (``adapt_pre``) and write the adapted
+    tensors into it, once, at the end; an error on the way leaves the module exactly as it was. TTT off: nothing
+    happens. The body of ``integration.run_ttt``.
+
+    Args:
+      adapter: a YOLOZU adapter with ``get_model`` and ``build_loader``.
+      records: the records adapted on.
+      config: the settings.
+      progress: a progress bar with ``update(n)``, or None.
+      calibration: in-distribution records (``engine.adaptation_for``), or None.
+    Returns:
+      The run's ``TTTReport`` (``NO_BATCH`` first of its warnings when nothing was adapted).
+    Raises:
+      RuntimeError: the adapter lacks a TTT hook."""
+    if not config.enabled:
+        return disabled_report(config)
+    require_ttt_hooks(adapter)
+    _, report = adapt_pre(adapter, records, config, progress=progress, calibration=calibration, write_back=True)
+    if not report.batches_used:
+        report.warnings.insert(0, NO_BATCH)
+    return report
+
+
+def _predict_pre(adapter, records, config, predictor, progress, calibration, batch_size, part) -> tuple[list, Any]:
+    bar = _adapt_bar(progress, config, records)
+    try:
+        adaptation, report = adapt_pre(adapter, records, config, progress=bar, calibration=calibration,
+                                       offset=part.offset)  # fmt: skip
+    finally:
+        bar.close()
     params, buffers = adaptation.prediction_tensors()
     bar = progress("predict", len(records))
     try:
@@ -147,8 +254,8 @@ def _predict_pre(adapter, records, config, predictor, progress, calibration, bat
 
 
 def _predict_with_own_predict(adapter, records, config, progress, calibration, tta) -> tuple[list, TTTReport]:
-    """YOLOZU's flow for an adapter with only ``predict``, ``get_model`` and ``build_loader``: adapt (``run_ttt``,
-    which writes the module), then the adapter's own ``predict``. The module stays adapted."""
+    """YOLOZU's flow for an adapter with only ``predict``, ``get_model`` and ``build_loader``: adapt
+    (``adapt_in_place``, which writes the module), then the adapter's own ``predict``. The module stays adapted."""
     missing = ", ".join(f"{hook}()" for hook in missing_predict_hooks(adapter))
     if config.schedule != "pre" or config.reset != "stream" or tta is not None:
         raise ValueError(
@@ -157,7 +264,7 @@ def _predict_with_own_predict(adapter, records, config, progress, calibration, t
         )
     bar = _adapt_bar(progress, config, records)
     try:
-        report = run_ttt(adapter, records, config, progress=bar, calibration=calibration)
+        report = adapt_in_place(adapter, records, config, progress=bar, calibration=calibration)
     finally:
         bar.close()
     return adapter.predict(records), report
@@ -228,7 +335,7 @@ def adapt_and_predict(
         they adapt on).
       progress: ``progress(desc, total)`` makes a progress bar (e.g. ``tqdm``) counting images: one for
         adaptation and one for prediction in ``pre``, one for both in the other schedules.
-      calibration: in-distribution records for a method that asks for them (``integration.adaptation_for``).
+      calibration: in-distribution records for a method that asks for them (``engine.adaptation_for``).
       part: this process's share of a run spread over several (``tta.part``; default: the whole run).
     Returns:
       ``(predictions, report)``: one ``Prediction`` per record, in order, and the ``TTTReport``."""
