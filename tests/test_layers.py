@@ -219,3 +219,22 @@ def test_no_import_cycle_between_modules_demo_included():
 def test_few_modules_at_the_top_of_the_package():
     top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert len(top) <= 5, top
+
+
+TTT_FLOW = ("engine", "schedules", "integration")
+"""The modules of ``yolozu.tta`` a TTT run passes through, bottom to top: ``integration.run_ttt`` (YOLOZU's entry)
+calls a schedule, a schedule drives the engine, the engine steps through ``functional.driver``."""
+
+
+def test_the_ttt_flow_reads_top_down():
+    imports = {name: imported_modules(PACKAGE / "tta" / f"{name}.py") for name in TTT_FLOW}
+    for floor, name in enumerate(TTT_FLOW):
+        above = {f"yolozu.tta.{upper}" for upper in TTT_FLOW[floor + 1 :]}
+        assert not imports[name] & above, f"yolozu.tta.{name} calls back up: {sorted(imports[name] & above)}"
+    # each floor calls the one below it (else the check above could pass on modules that were split apart)
+    assert "yolozu.tta.schedules" in imports["integration"] and "yolozu.tta.engine" in imports["schedules"]
+    assert "yolozu.functional.driver" in imports["engine"]
+    # the export picks a schedule; nothing in the library goes through YOLOZU's entry above them
+    assert "yolozu.tta.schedules" in imported_modules(PACKAGE / "cli" / "export.py")
+    entry_users = [module_name(p) for p in library_files() if "yolozu.tta.integration" in imported_modules(p)]
+    assert entry_users == [], f"library modules that call through yolozu.tta.integration: {entry_users}"
