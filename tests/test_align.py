@@ -110,6 +110,9 @@ def test_align_without_source_statistics_says_how_to_make_them():
         align_method(make_apply(model), optim.build("adam", 1e-3), readout=Readout(layers=("head",)))
     with pytest.raises(ValueError, match="names none"):
         align_method(make_apply(model), optim.build("adam", 1e-3))
+    flat = finish(accumulate({}, {"head": torch.randn(2, 3)}))  # per-channel moments only
+    with pytest.raises(ValueError, match="per channel; use --no-ttt-align-per-location"):
+        align_method(make_apply(model), optim.build("adam", 1e-3), readout=Readout(layers=("head",), source_stats=flat))
 
 
 def test_the_command_writes_statistics_beside_a_checkpoint_and_refuses_bad_input(tmp_path, capsys):
@@ -123,3 +126,4 @@ def test_the_command_writes_statistics_beside_a_checkpoint_and_refuses_bad_input
     assert side["count"] == 3 and side["bn_mode"] == "batch" and side["layers"] == ["stage4"]
     assert side["command"].startswith("python tools/source_stats.py")
     assert load_stats(out)["stage4"].mean.shape == (192, 5, 5)
+    assert source_stats.main(args + ["--per-channel"]) == 0 and load_stats(out)["stage4"].mean.shape == (192,)

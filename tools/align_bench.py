@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                           for label in configs)
         print(f"{corruption:18s} bn {100 * row['bn']:.1f}  {gains}  ({time.perf_counter() - started:.0f}s)",
               flush=True)
+        _write(args, argv, methods, rows, None)  # a partial file after each corruption
     mean = {}
     for label in configs:
         stats = [map50_gain(found["bn"], found[label]) for found in matches.values()]
@@ -116,12 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     print("mean over corruptions: " + "  ".join(
         f"{label} {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" for label, g in mean.items()
     ))
-    if args.output:
-        result = {"argv": sys.argv[1:] if argv is None else argv, "dataset": args.dataset, "severity": args.severity,
-                  "batch_size": args.batch_size, "methods": dict(methods), "rows": rows, "mean_gain": mean}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    _write(args, argv, methods, rows, mean)
     return 0
+
+
+def _write(args: argparse.Namespace, argv: list[str] | None, methods: list, rows: dict, mean: dict | None) -> None:
+    """The results so far to ``--output`` (``mean_gain`` None until every corruption is done)."""
+    if not args.output:
+        return
+    result = {"argv": sys.argv[1:] if argv is None else argv, "dataset": args.dataset, "severity": args.severity,
+              "batch_size": args.batch_size, "methods": dict(methods), "rows": rows, "mean_gain": mean}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

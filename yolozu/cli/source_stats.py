@@ -22,7 +22,7 @@ from yolozu.adapters.detector import DetectorAdapter
 from yolozu.bridge import make_apply
 from yolozu.cli.adapter_flags import AdapterUsageError, adapter_from_args, add_adapter_flags
 from yolozu.data import build_manifest
-from yolozu.functional.feature_stats import compute_stats
+from yolozu.functional.feature_stats import compute_stats, per_channel
 from yolozu.functional.readout import readout_of
 from yolozu.functional.state import extract
 from yolozu.functional.step import BN_MODES
@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward; the test batch (default 8)")
     p.add_argument("--bn-mode", default="batch", choices=BN_MODES, help="BatchNorm as at test time (default batch)")
     p.add_argument("--layers", nargs="+", default=None, help="layers (default: the ones the adapter names)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="store per-channel moments only (smaller; align then needs --no-ttt-align-per-location)")
     p.add_argument("--output", default=None, help="statistics file (default: NAME.align.pt beside the checkpoint)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0)
@@ -73,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, buffers = extract(model)
         batches = adapter.build_loader(records, batch_size=args.batch_size)
         stats, count = compute_stats(make_apply(model), params, buffers, batches, layers, bn_mode=args.bn_mode)
+        if args.per_channel:
+            stats = {name: s._replace(**dict(zip(("mean", "var"), per_channel(s.mean, s.var))))
+                     for name, s in stats.items()}
     except (ValueError, KeyError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"source_stats: {message}", file=sys.stderr)
@@ -83,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if isinstance(adapter, DetectorAdapter) else None)
     meta = {
         "adapter": args.adapter, "checkpoint": checkpoint and Path(checkpoint).name, "bn_mode": args.bn_mode,
-        "batch_size": args.batch_size, "data": data, "count": count,
+        "batch_size": args.batch_size, "per_channel": args.per_channel, "data": data, "count": count,
         "command": "python tools/source_stats.py " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
     }
     save_stats(output, stats, meta)

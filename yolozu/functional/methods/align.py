@@ -117,6 +117,12 @@ def _resolve(
     missing = [name for name in layers if name not in stats]
     if missing:
         raise ValueError(f"the source statistics have no layer {missing[0]!r} (they hold {', '.join(stats)})")
+    flat = [name for name in layers if stats[name].mean.dim() == 1]
+    if settings.per_location and flat:
+        raise ValueError(
+            f"the source statistics of {flat[0]!r} are per channel; use --no-ttt-align-per-location or make "
+            "per-location ones (tools/source_stats.py without --per-channel)"
+        )
     return layers, stats
 
 
