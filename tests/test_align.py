@@ -88,10 +88,11 @@ def _method(model, images, **settings):
     return align_method(apply, optim.build("adam", 1e-2), AlignSettings(**settings), readout=readout, bn="batch")
 
 
-def test_the_loss_vanishes_on_the_source_batch_and_moves_the_weights_on_a_shifted_one():
+@pytest.mark.parametrize("per_location", [False, True])
+def test_the_loss_vanishes_on_the_source_batch_and_moves_the_weights_on_a_shifted_one(per_location):
     model = seeded(TinyHeatmap)
     images = _images(8)
-    method = _method(model, images)
+    method = _method(model, images, per_location=per_location)
     state = method.init_state(model, ["bn1.weight", "bn1.bias"])
     update = make_update(method, keep_output=True)
     _, same = update(state, images, None)
@@ -111,8 +112,9 @@ def test_align_without_source_statistics_says_how_to_make_them():
     with pytest.raises(ValueError, match="names none"):
         align_method(make_apply(model), optim.build("adam", 1e-3))
     flat = finish(accumulate({}, {"head": torch.randn(2, 3)}))  # per-channel moments only
-    with pytest.raises(ValueError, match="per channel; use --no-ttt-align-per-location"):
-        align_method(make_apply(model), optim.build("adam", 1e-3), readout=Readout(layers=("head",), source_stats=flat))
+    with pytest.raises(ValueError, match="per channel; drop --ttt-align-per-location"):
+        align_method(make_apply(model), optim.build("adam", 1e-3), AlignSettings(per_location=True),
+                     readout=Readout(layers=("head",), source_stats=flat))
 
 
 def test_the_command_writes_statistics_beside_a_checkpoint_and_refuses_bad_input(tmp_path, capsys):

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-mode", default="batch", choices=BN_MODES, help="BatchNorm as at test time (default batch)")
     p.add_argument("--layers", nargs="+", default=None, help="layers (default: the ones the adapter names)")
     p.add_argument("--per-channel", action="store_true",
-                   help="store per-channel moments only (smaller; align then needs --no-ttt-align-per-location)")
+                   help="store per-channel moments only (smaller; then align cannot use --ttt-align-per-location)")
     p.add_argument("--output", default=None, help="statistics file (default: NAME.align.pt beside the checkpoint)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0)

@@ -5,10 +5,10 @@ variance of every channel at every location with the source's, computed once on 
 
     L = sum_l  mean |mu_l(x_test) - mu_l^src| + mean |sigma2_l(x_test) - sigma2_l^src|
 
-(moments over the images of the batch, per location ``(C, H, W)``; ``per_location=False`` pools the positions too,
-per channel ``(C,)``). A second, optional term in the spirit of WHW (CVPR 2024) pulls the batch's mean pooled feature
-towards the source's with a diagonal Mahalanobis distance, ``mean_c (p_c - mu_c)^2 / sigma2_c``, weighted by
-``pooled_weight``.
+(moments over the images of the batch, per location ``(C, H, W)``, with ``per_location``; by default the positions
+are pooled too, per channel ``(C,)``, which the held-out corruptions preferred on the demo detector). A second,
+optional term in the spirit of WHW (CVPR 2024) pulls the batch's mean pooled feature towards the source's with a
+diagonal Mahalanobis distance, ``mean_c (p_c - mu_c)^2 / sigma2_c``, weighted by ``pooled_weight``.
 
 The features are the named layers' outputs in the same forward that predicts (``apply(..., taps=layers)``): one
 forward per update, its output the batch's prediction. For small batches the moments are running test moments:
@@ -16,8 +16,9 @@ the state keeps an exponential moving average of the first and second moments, a
 ``min(1, n / moment_images)`` in it (gradients flow through the batch's share only); a batch of
 ``moment_images`` or more uses its own moments alone, as ActMAD.
 
-Deviations from the paper: ActMAD updates every parameter with Adam at a fixed learning rate; here the shell's
-update filter, optimiser and BatchNorm mode apply as for every method. The layers and the source statistics come
+Deviations from the paper: per-channel moments by default (ActMAD's per-location ones with ``per_location``);
+ActMAD updates every parameter with Adam at a fixed learning rate, here the shell's update filter, optimiser and
+BatchNorm mode apply as for every method. The layers and the source statistics come
 from the adapter's readout (``Readout.layers``, ``Readout.source_stats``) unless the settings name others.
 """
 
@@ -64,7 +65,9 @@ class AlignSettings:
         None, "align: source statistics file (tools/source_stats.py; none: the one beside the checkpoint)",
         _optional_str, type=str,
     )
-    per_location: bool = setting(True, "align: moments per channel and location (ActMAD); off: per channel")
+    per_location: bool = setting(
+        False, "align: moments per channel and location (ActMAD's); off: per channel (chosen on held-out data)"
+    )
     moment_images: float = setting(
         8.0, "align: images the running test moments summarise (a batch of n weighs n/this)", number(1)
     )
@@ -120,7 +123,7 @@ def _resolve(
     flat = [name for name in layers if stats[name].mean.dim() == 1]
     if settings.per_location and flat:
         raise ValueError(
-            f"the source statistics of {flat[0]!r} are per channel; use --no-ttt-align-per-location or make "
+            f"the source statistics of {flat[0]!r} are per channel; drop --ttt-align-per-location or make "
             "per-location ones (tools/source_stats.py without --per-channel)"
         )
     return layers, stats
