@@ -38,12 +38,25 @@ Sums = dict[str, tuple[Tensor, ...]]
 
 
 def pooled(x: Tensor) -> Tensor:
-    """The spatially averaged feature ``(N, C)`` of ``x`` ``(N, C, ...)`` (``x`` itself when it is ``(N, C)``)."""
+    """The spatially averaged feature of each image.
+
+    Args:
+      x: features ``(N, C, ...)``.
+    Returns:
+      ``(N, C)``: the mean over the positions (``x`` itself when it is ``(N, C)``).
+    """
     return x.flatten(2).mean(dim=2) if x.dim() > 2 else x
 
 
 def accumulate(sums: Sums, features: Mapping[str, Tensor]) -> Sums:
-    """``sums`` with one batch's features ``{layer: (N, C, ...)}`` added (a new dict; empty ``sums`` starts)."""
+    """One batch's features added to running sums.
+
+    Args:
+      sums: the sums so far (``Sums``; ``{}`` to start).
+      features: ``{layer: (N, C, ...)}`` of one batch.
+    Returns:
+      a new ``Sums`` with the batch counted (float64).
+    """
     out = dict(sums)
     for name, x in features.items():
         x = x.detach().to(torch.float64)
@@ -55,7 +68,13 @@ def accumulate(sums: Sums, features: Mapping[str, Tensor]) -> Sums:
 
 
 def finish(sums: Sums) -> dict[str, LayerStats]:
-    """The statistics (float32) the sums describe: means and biased variances over the images."""
+    """The statistics the sums describe: means and biased variances over the images.
+
+    Args:
+      sums: ``Sums`` over at least one image.
+    Returns:
+      ``{layer: LayerStats}`` in float32.
+    """
     stats = {}
     for name, (n, s1, s2, p1, p2) in sums.items():
         mean, pmean = s1 / n, p1 / n
@@ -65,8 +84,15 @@ def finish(sums: Sums) -> dict[str, LayerStats]:
 
 
 def per_channel(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance ``(C,)`` over images and positions, from the per-location moments
-    ``(C, ...)`` of equally many images per position: ``E[x] = avg mean``, ``Var = avg(var + mean^2) - E[x]^2``."""
+    """Per-channel moments over images and positions from the per-location ones (equally many images per
+    position): ``E[x] = avg mean``, ``Var = avg(var + mean^2) - E[x]^2``.
+
+    Args:
+      mean: per-location means ``(C, ...)`` (already per channel when ``(C,)``).
+      var: per-location biased variances, shaped like ``mean``.
+    Returns:
+      ``(mean, var)``, each ``(C,)``.
+    """
     if mean.dim() == 1:
         return mean, var
     m, v = mean.flatten(1), var.flatten(1)
@@ -83,9 +109,15 @@ def compute_stats(
     *,
     bn_mode: str,
 ) -> tuple[dict[str, LayerStats], int]:
-    """The statistics of ``layers`` over every image of ``batches``, each forward with ``bn_mode`` (the mode the
-    statistics will be compared under at test time), without gradients.
+    """The statistics of ``layers`` over every image of ``batches``, without gradients.
 
+    Args:
+      apply: the model as a pure forward (``bridge.make_apply``), which takes ``taps``.
+      params: the model's parameters.
+      buffers: the model's buffers.
+      batches: input batches ``(N, ...)``.
+      layers: the layers to read (``named_modules()`` names).
+      bn_mode: the BatchNorm mode of every forward: the one the statistics will be compared under at test time.
     Returns:
       ``(stats, images)``: ``{layer: LayerStats}`` and the number of images read.
     """
@@ -102,8 +134,14 @@ def compute_stats(
 
 
 def as_layer_stats(tensors: Mapping[str, Any]) -> dict[str, LayerStats]:
-    """Statistics as ``{layer: LayerStats}`` from what a statistics file holds (``{layer: {field: tensor}}``,
-    ``yolozu.io.feature_stats``) or from ``LayerStats`` already; anything else is a ValueError."""
+    """Statistics as ``LayerStats``; anything else is a ValueError.
+
+    Args:
+      tensors: what a statistics file holds (``{layer: {field: tensor}}``, ``yolozu.io.feature_stats``) or
+        ``{layer: LayerStats}`` already.
+    Returns:
+      ``{layer: LayerStats}``.
+    """
     try:
         return {name: s if isinstance(s, LayerStats) else LayerStats(**{k: s[k] for k in LayerStats._fields})
                 for name, s in tensors.items()}

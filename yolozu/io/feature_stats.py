@@ -19,19 +19,36 @@ MAKE_HINT = "make them with `python tools/source_stats.py`"
 
 
 def stats_path_for(checkpoint: str | Path) -> Path:
-    """Where the statistics of ``checkpoint`` (``name.pt``) live: ``name.align.pt`` beside it."""
+    """Where a checkpoint's statistics live.
+
+    Args:
+      checkpoint: the checkpoint ``name.pt``.
+    Returns:
+      ``name.align.pt`` beside it.
+    """
     path = Path(checkpoint)
     return path.with_name(path.name.removesuffix(".pt") + STATS_SUFFIX)
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """The JSON sidecar of a statistics file ``name.align.pt``: ``name.align.json``."""
+    """The JSON sidecar of a statistics file.
+
+    Args:
+      path: the statistics file ``name.align.pt``.
+    Returns:
+      ``name.align.json`` beside it.
+    """
     return Path(path).with_suffix(".json")
 
 
 def save_stats(path: str | Path, stats: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Write ``stats`` (``{layer: LayerStats}``, as CPU tensors) to ``path`` and ``meta`` with the layers and their
-    shapes to the sidecar."""
+    """Write statistics and their sidecar, each whole.
+
+    Args:
+      path: the statistics file.
+      stats: ``{layer: LayerStats}`` (written as CPU tensors).
+      meta: what the sidecar says besides the layers and their shapes (BatchNorm mode, data, count, command).
+    """
     path = Path(path)
     blob = {name: {k: v.detach().cpu().contiguous() for k, v in s._asdict().items()} for name, s in stats.items()}
     info = {**meta, "layers": list(stats), "shapes": {name: list(s.mean.shape) for name, s in stats.items()}}
@@ -44,8 +61,15 @@ def save_stats(path: str | Path, stats: Mapping[str, Any], meta: Mapping[str, An
 
 
 def load_tensors(path: str | Path, what: str = "source statistics", hint: str = MAKE_HINT) -> dict[str, Any]:
-    """The dict of tensors a torch file holds, read weights-only; a missing or foreign file is a ValueError that
-    names it, says it is ``what`` and how to get one (``hint``)."""
+    """The dict of tensors a torch file holds, read weights-only.
+
+    Args:
+      path: the file.
+      what: what the file is, for the error message.
+      hint: how to get one, for the error message.
+    Returns:
+      the dict; a missing or foreign file is a ValueError naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} file not found: {path}; {hint}")

@@ -76,24 +76,45 @@ class AlignSettings:
 
 
 def batch_moments(x: Tensor, per_location: bool) -> Moments:
-    """The batch's first and second moments of ``x`` ``(N, C, ...)``: over the images (``(C, ...)``) or over
-    images and positions (``(C,)``), and of its pooled feature ``(C,)``."""
+    """The batch's first and second moments.
+
+    Args:
+      x: one layer's features ``(N, C, ...)``.
+      per_location: moments over the images only (``(C, ...)``), else over images and positions (``(C,)``).
+    Returns:
+      ``Moments``: mean, second moment, and the pooled feature's mean and second moment ``(C,)``.
+    """
     dims = (0,) if per_location or x.dim() == 2 else (0, *range(2, x.dim()))
     p = pooled(x)
     return x.mean(dim=dims), (x * x).mean(dim=dims), p.mean(dim=0), (p * p).mean(dim=0)
 
 
 def running_moments(old: Moments, new: Moments, weight: float) -> Moments:
-    """``weight * new + (1 - weight) * old`` (old detached: gradients reach the current batch only); the first
-    batch (``old`` NaN) sets them."""
+    """Running test moments: ``weight * new + (1 - weight) * old``.
+
+    Args:
+      old: the running moments (NaN before the first batch, which then sets them).
+      new: the batch's moments.
+      weight: the batch's share, ``min(1, n / moment_images)``.
+    Returns:
+      the new running moments; gradients reach the current batch's share only (``old`` is detached).
+    """
     return tuple(
         torch.where(torch.isfinite(o), weight * n + (1 - weight) * o.detach(), n) for o, n in zip(old, new)
     )
 
 
 def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings) -> Tensor:
-    """One layer's loss: L1 gaps of the mean and (``var_weight``) the variance, plus (``pooled_weight``) the
-    pooled mean's diagonal Mahalanobis distance from the source's."""
+    """One layer's loss.
+
+    Args:
+      moments: the test moments (``Moments``).
+      source: the source's ``(mean, var, pooled mean, pooled var)``, shaped like the moments.
+      s: the settings (``var_weight``, ``pooled_weight``).
+    Returns:
+      a 0-d tensor: the L1 gaps of the mean and (weighted) the variance, plus (weighted) the pooled mean's
+      diagonal Mahalanobis distance from the source's.
+    """
     m1, m2, p1, p2 = moments
     mean, var, pooled_mean, pooled_var = source
     loss = (m1 - mean).abs().mean() + s.var_weight * (m2 - m1 * m1 - var).abs().mean()
@@ -139,9 +160,19 @@ def align_method(
     files: Mapping[str, Any] | None = None,
 ) -> Method:
     """Feature alignment as a ``Method`` (the module docstring has the loss). One plain forward per update, whose
-    output predicts the batch (``clean_forward``). ``files``: the contents of the input files the settings name
-    (``{"stats": ...}`` when ``stats`` is given; ``MethodEntry.files``). Metrics add ``mean_gap`` (the summed L1
-    gap of the means)."""
+    output predicts the batch (``clean_forward``).
+
+    Args:
+      apply: the model as a pure forward (``bridge.make_apply``; it must take ``taps``).
+      optimizer: the update's optimiser.
+      settings: ``AlignSettings``.
+      readout: the adapter's readout: its ``layers`` and ``source_stats`` unless the settings name others.
+      bn: the BatchNorm mode of the forward (``step.BN_MODES``).
+      files: the contents of the input files the settings name (``{"stats": ...}`` when ``stats`` is given;
+        ``MethodEntry.files``).
+    Returns:
+      the ``Method``; its metrics add ``mean_gap`` (the summed L1 gap of the means).
+    """
     layers, stats = _resolve(settings, readout, files or {})
 
     def init(trainable: Params) -> AlignState:
