@@ -4,7 +4,8 @@ vmapped streams equal K single drives with a tripped stream rolled back bitwise,
 on its state's device, and the export runs it in every schedule on the built-in detector.
 
 A method's ``MethodEntry.probe`` settings make one step on a small model move the weights; its ``signals`` pick
-the model (``reconstruction``: an autoencoder; ``heatmap``: sigmoid class maps)."""
+the model (``reconstruction``: an autoencoder; ``heatmap``: sigmoid class maps; ``features``: sigmoid class maps
+whose readout names a layer and carries its source statistics)."""
 
 import json
 
@@ -12,11 +13,14 @@ import pytest
 import torch
 from toy import TinyAutoencoder, TinyClassifier, TinyHeatmap, seeded
 
+from yolozu.bridge import make_apply
 from yolozu.cli.export import main
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.functional import rng, streams
 from yolozu.functional.driver import make_driver, start
+from yolozu.functional.feature_stats import compute_stats
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
+from yolozu.functional.state import extract
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import build_method
 from yolozu.tta.methods import METHODS
@@ -33,17 +37,27 @@ def probe_config(name: str, **changes) -> TTTConfig:
     return TTTConfig(enabled=True, method=name, lr=1e-2, update_filter="norm_only", **{**probe, **changes})
 
 
+def with_source_stats(model: torch.nn.Module) -> Readout:
+    """A sigmoid heatmap readout naming the class head with its statistics over 8 seeded random images."""
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(7)).to(next(model.parameters()).device)
+    params, buffers = extract(model)
+    stats, _ = compute_stats(make_apply(model), params, buffers, [images], ["head"], bn_mode="batch")
+    return Readout(score_kind="sigmoid", spatial=True, layers=("head",), source_stats=stats)
+
+
 SIGNAL_MODELS = {
-    "reconstruction": (TinyAutoencoder, DEFAULT_READOUT),
-    "heatmap": (TinyHeatmap, Readout(score_kind="sigmoid", spatial=True)),
+    "reconstruction": (TinyAutoencoder, lambda model: DEFAULT_READOUT),
+    "heatmap": (TinyHeatmap, lambda model: Readout(score_kind="sigmoid", spatial=True)),
+    "features": (TinyHeatmap, with_source_stats),
 }
-"""A small model and its readout for each signal a method may need; class scores otherwise."""
+"""A small model and (from it) its readout for each signal a method may need; class scores otherwise."""
 
 
 def probe_model(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Readout]:
     signal = next((s for s in METHODS[name].signals if s in SIGNAL_MODELS), None)
-    factory, readout = SIGNAL_MODELS.get(signal, (TinyClassifier, DEFAULT_READOUT))
-    return seeded(factory).to(device), readout
+    factory, readout = SIGNAL_MODELS.get(signal, (TinyClassifier, lambda model: DEFAULT_READOUT))
+    model = seeded(factory).to(device)
+    return model, readout(model)
 
 
 def _leaves(tree) -> list[torch.Tensor]:

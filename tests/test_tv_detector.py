@@ -133,3 +133,14 @@ def test_the_committed_checkpoint_loads_and_its_sidecar_describes_it():
     fcos = adapter()
     assert fcos.num_classes == 10 and fcos.describe()["model"] == "fcos_small"
     assert sidecar["parameters"] == sum(p.numel() for p in fcos.detector.parameters())
+
+
+def test_the_committed_fcos_small_aligns_its_named_layers_with_the_statistics_beside_it(dataset):
+    fcos = adapter()  # the committed checkpoint and detector.align-style statistics beside it
+    readout = fcos.ttt_readout()
+    assert readout.layers and set(readout.layers) <= set(readout.source_stats)
+    records = [{"image": str(p), "labels": []} for p in sorted((dataset / "images" / "val").iterdir())]
+    config = TTTConfig(enabled=True, method="align", update_filter="norm_only", lr=1e-2, bn_mode="batch", seed=0)
+    adaptation = Adaptation(fcos.get_model(), config, readout)
+    (row,) = adaptation.adapt(fcos.load_batch(records), 0, 1)
+    assert not row["rolled_back"] and row["update_norm"] > 0 and row["mean_gap"] > 0

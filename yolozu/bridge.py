@@ -3,9 +3,10 @@
 ``make_apply(model)`` turns a module into ``apply(params, buffers, x, *, bn_mode)``, the only way the
 functional core (``yolozu.functional``) runs a model: the module is a template whose tensor slots are filled
 with the given tensors for the duration of the call. ``write_into`` is the one place adapted tensors are
-copied back into a module. ``make_apply(model, batch_stats=hook)`` normalises every BatchNorm layer with the
-statistics the hook returns instead of the layer's own batch statistics (a hook that sums them over the ranks
-of a process group is synchronised BatchNorm: ``yolozu.parallel.collectives``).
+copied back into a module. ``apply(..., taps=names)`` also returns the outputs of the named submodules in the
+same forward (the features feature alignment reads). ``make_apply(model, batch_stats=hook)`` normalises every
+BatchNorm layer with the statistics the hook returns instead of the layer's own batch statistics (a hook that
+sums them over the ranks of a process group is synchronised BatchNorm: ``yolozu.parallel.collectives``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,29 @@ def _prior_norm(module: nn.modules.batchnorm._BatchNorm, batch_stats: BatchStats
 
 
 @contextlib.contextmanager
+def _tapped(modules: Mapping[str, nn.Module], names: Sequence[str], into: dict[str, Any]) -> Iterator[None]:
+    """Record the output of each named submodule into ``into`` (by name) for the duration of a forward."""
+    if not names:
+        yield
+        return
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise KeyError(
+            f"layer {missing[0]!r} is not a submodule of the model; name one of its modules (e.g. "
+            f"{', '.join(list(modules)[1:6])})"
+        )
+    handles = [
+        modules[name].register_forward_hook(lambda module, args, output, name=name: into.__setitem__(name, output))
+        for name in names
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def _norms_using(
     norms: Sequence[nn.Module], batch_stats: BatchStats | None, prior: Prior | None = None
 ) -> Iterator[None]:
@@ -172,7 +196,9 @@ def make_apply(
     bn_shrink: float = BN_SHRINK,
 ) -> Apply:
     """``model`` as a pure forward over explicit tensors: ``apply(params, buffers, x, *, bn_mode="running",
-    **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
+    taps=(), **forward_kwargs) -> (output, new_buffers)``, with the BatchNorm behaviour ``bn_mode`` (``BN_MODES``).
+    With ``taps`` (names of submodules, ``named_modules()``'s) the output is ``(output, features)``, features a
+    dict of each named submodule's output in that same forward.
     ``forward(model, x, **forward_kwargs)`` replaces ``model(x, ...)`` (e.g. a user's ``recon_fn``); it sees
     the module holding the given tensors. ``batch_stats`` (``BatchStats``), in the modes that normalise with
     batch statistics, gives the statistics every BatchNorm layer uses and updates its running ones with;
@@ -183,19 +209,24 @@ def make_apply(
     updates running statistics in place, so it runs on copies; ``running`` returns them, ``batch`` drops them.
     """
     modules = list(model.modules())
+    named = dict(model.named_modules())
     norms = [module for module in modules if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     slots = _slots(model)
     call = forward if forward is not None else (lambda module, x, **kwargs: module(x, **kwargs))
     priors = {"mix": functools.partial(mixed_stats, prior=bn_prior),
               "shrink": functools.partial(shrunk_stats, k=bn_shrink)}
 
-    def apply(params: Params, buffers: Params, x: Any, *, bn_mode: str = "running", **kwargs: Any) -> tuple:
+    def apply(
+        params: Params, buffers: Params, x: Any, *, bn_mode: str = "running", taps: Sequence[str] = (), **kwargs: Any
+    ) -> tuple:
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown BatchNorm mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         training = bn_mode != "eval"
         work = copy(buffers) if bn_mode in ("running", "batch") else buffers  # those update running statistics
         prior = priors.get(bn_mode)
-        with training_mode(modules, training), _norms_using(norms, batch_stats if training else None, prior):
+        features: dict[str, Any] = {}
+        with training_mode(modules, training), _norms_using(norms, batch_stats if training else None, prior), \
+                _tapped(named, taps, features):
             if slots is None and forward is None:
                 output = functional_call(model, (params, work), (x,), kwargs, tie_weights=True)
             elif slots is None:
@@ -204,7 +235,8 @@ def make_apply(
             else:
                 with _swapped(slots, params, work):
                     output = call(model, x, **kwargs)
-        return output, (work if bn_mode == "running" else buffers)
+        new_buffers = work if bn_mode == "running" else buffers
+        return ((output, features) if taps else output), new_buffers
 
     return apply
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from yolozu.adapter import ModelAdapter, Prediction, Record
 from yolozu.adapters.images import ImageLoadError, image_batches
 from yolozu.functional.readout import Readout, peak_class_logits
-from yolozu.models.checkpoint import load_detector
+from yolozu.io.feature_stats import load_tensors, stats_path_for
+from yolozu.models.checkpoint import DEFAULT_CHECKPOINT, load_detector
 from yolozu.models.decode import decode as decode_outputs
 
 TENT_LOSSES = ("peak_softmax", "sigmoid")
@@ -28,6 +29,9 @@ TENT_LOSSES = ("peak_softmax", "sigmoid")
 top-k heatmap peaks ("which digit is this object"); ``sigmoid``, every heatmap score as an independent
 Bernoulli (mostly confident background)."""
 DEFAULT_PEAKS = 4
+ALIGN_LAYERS = ("stage2", "stage3", "stage4", "smooth2")
+"""The layers whose features feature alignment matches (``--ttt-method align``): the backbone's last three stages
+and the neck at stride 8, each a conv-BatchNorm-ReLU block's output."""
 
 
 def heatmap_logits(output: Mapping[str, Tensor]) -> Tensor:
@@ -203,8 +207,10 @@ class DetectorAdapter(ModelAdapter):
 
     def ttt_readout(self) -> Readout:
         """How TTT reads this detector: sigmoid heatmap scores (dense, flipped with the image), Tent's samples
-        (``tent_loss``) and the MIM reconstruction."""
+        (``tent_loss``), the MIM reconstruction, and the layers feature alignment matches with the source
+        statistics saved beside the checkpoint (``tools/source_stats.py``), when there are some."""
         peaks = self.tent_loss == "peak_softmax"
+        stats = stats_path_for(self.checkpoint if self.checkpoint is not None else DEFAULT_CHECKPOINT)
         return Readout(
             samples=functools.partial(heatmap_peaks, k=self.tent_peaks) if peaks else None,
             sample_kind="softmax" if peaks else None,
@@ -213,6 +219,8 @@ class DetectorAdapter(ModelAdapter):
             scores=heatmap_logits,
             score_kind="sigmoid",
             spatial=True,
+            layers=ALIGN_LAYERS,
+            source_stats=load_tensors(stats) if stats.is_file() else None,
         )
 
     def describe(self) -> dict[str, Any]:

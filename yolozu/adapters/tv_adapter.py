@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +23,7 @@ from yolozu.adapters.norms import make_adaptable
 from yolozu.adapters.tv_forward import DEFAULT_TOPK, DetectorView
 from yolozu.adapters.tv_models import build_detector, declare_inline_norms, family_of_model
 from yolozu.functional.readout import Readout
+from yolozu.io.feature_stats import load_tensors, stats_path_for
 
 BACKGROUND = {"two_stage": 1, "ssd": 1, "retinanet": 0, "fcos": 0}
 """How many leading labels of each family are background (removed from the class ids)."""
@@ -93,6 +95,8 @@ class TorchvisionAdapter(ModelAdapter):
       image_size: resize every image to this square side first; None: images as they are (one batch, one size).
       topk: candidates per image whose class distributions Tent, EATA and SAR read.
       name, checkpoint: recorded in ``describe()``.
+      align_layers: layers of ``get_model()`` (``detector.*`` names) whose features ``--ttt-method align``
+        matches, with the statistics saved beside ``checkpoint`` (``tools/source_stats.py``); none by default.
     """
 
     name = "torchvision"
@@ -107,6 +111,7 @@ class TorchvisionAdapter(ModelAdapter):
         topk: int = DEFAULT_TOPK,
         name: str | None = None,
         checkpoint: str | os.PathLike | None = None,
+        align_layers: Sequence[str] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -122,6 +127,7 @@ class TorchvisionAdapter(ModelAdapter):
         self.image_size = image_size
         self.model_name = name or type(model).__name__
         self.checkpoint = checkpoint
+        self.align_layers = tuple(align_layers)
 
     @classmethod
     def from_checkpoint(
@@ -201,8 +207,11 @@ class TorchvisionAdapter(ModelAdapter):
         return out
 
     def ttt_readout(self) -> Readout:
-        """The family's readout (``family_readout``)."""
-        return family_readout(self.family)
+        """The family's readout (``family_readout``) with the layers feature alignment matches and the source
+        statistics found beside the checkpoint, when there are some."""
+        stats = stats_path_for(self.checkpoint) if self.checkpoint is not None else None
+        found = load_tensors(stats) if stats is not None and stats.is_file() else None
+        return attrs.evolve(family_readout(self.family), layers=self.align_layers, source_stats=found)
 
     def describe(self) -> dict[str, Any]:
         """Settings worth recording in predictions metadata."""

@@ -36,6 +36,8 @@ ARCHITECTURE: dict[str, Any] = {
 """The fixed architecture (recorded in the sidecar): stem width, widths and BasicBlocks per stage (each stage
 halves the resolution), FPN width and levels (P3-P5 from the last three stages, P6 by max-pooling P5), one
 location per cell whose size sets FCOS's centre sampling and scale ranges, and the head's convs per branch."""
+ALIGN_LAYERS = ("detector.backbone.body.layer2", "detector.backbone.body.layer3", "detector.backbone.body.layer4")
+"""The backbone stages (strides 8, 16, 32) whose features ``--ttt-method align`` matches."""
 POSTPROCESS: dict[str, Any] = {"score_thresh": 0.05, "nms_thresh": 0.6, "detections_per_img": 50}
 """Post-processing: a low score threshold, since COCO mAP ranks detections and rewards recall."""
 
@@ -111,5 +113,6 @@ def adapter(
     path = DEFAULT_CHECKPOINT if checkpoint is None else Path(checkpoint)
     detector = load_fcos_small(path, num_classes)
     return TorchvisionAdapter(
-        detector, device=device, batch_size=batch_size, image_size=image_size, name=NAME, checkpoint=path
+        detector, device=device, batch_size=batch_size, image_size=image_size, name=NAME, checkpoint=path,
+        align_layers=ALIGN_LAYERS,
     )

@@ -73,6 +73,10 @@ class Readout:
         they are.
       no_object: the index of softmax scores' no-object (background) class: RT-DETR's last (-1, YOLOZU's
         default), torchvision Faster R-CNN's and SSD's first (0); unused for sigmoid scores.
+      layers: names of the model's layers (``named_modules()`` names) whose outputs feature alignment matches
+        with the source's (``methods.align``); empty: the model names none.
+      source_stats: the source statistics of those layers (``yolozu.functional.feature_stats``; the adapter
+        reads the file saved beside its checkpoint), or None when there are none.
     """
 
     scores: Callable[[Any], Tensor] = output_logits
@@ -84,6 +88,8 @@ class Readout:
     recon: Callable[[Any], Tensor] = output_reconstruction
     flip_back: Callable[[Any], Tensor] | None = None
     no_object: int = -1
+    layers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    source_stats: Any = None
 
     def candidates(self, output: Any, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The detector's candidates as ``(B, Q, C)`` class logits (classes last) and the flat positions they

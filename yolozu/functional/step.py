@@ -51,9 +51,10 @@ DIFFERENTIATE = ("autograd", "func")
 ``vmap``)."""
 
 Apply = Callable[..., tuple[Any, Params]]
-"""``apply(params, buffers, x, *, bn_mode, **forward_kwargs) -> (output, new_buffers)``: the model as a pure
-function (``yolozu.bridge.make_apply``). ``bn_mode`` is one of ``BN_MODES``; the buffers passed in are never
-modified."""
+"""``apply(params, buffers, x, *, bn_mode, taps=(), **forward_kwargs) -> (output, new_buffers)``: the model as a
+pure function (``yolozu.bridge.make_apply``). ``bn_mode`` is one of ``BN_MODES``; the buffers passed in are never
+modified. With ``taps`` (names of layers) the output is ``(output, features)``: each named layer's output in the
+same forward, keyed by name."""
 
 
 class TTTState(NamedTuple):

@@ -24,6 +24,7 @@ from yolozu.functional.filters import select
 from yolozu.functional.readout import DEFAULT_READOUT, Readout, readout_of
 from yolozu.functional.state import Params, count
 from yolozu.functional.step import Method
+from yolozu.io.feature_stats import load_tensors
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.method_profiles import TTT_METHOD_PROFILES, get_ttt_method_profile
 from yolozu.tta.methods import entry
@@ -95,12 +96,19 @@ def build_method(
     if optimizer is None:
         clip = config.max_grad_norm
         optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
-    build = entry(config.method).build
+    chosen = entry(config.method)
+    settings = config.method_settings()
+    given = {name: getattr(settings, name) for name in chosen.files if getattr(settings, name) is not None}
+    flag = "--ttt-" + (chosen.flag_prefix if chosen.flag_prefix is not None else chosen.prefix).replace("_", "-")
+    files = {name: load_tensors(path, f"{flag}{name.replace('_', '-')}", "check the path")
+             for name, path in given.items()}
     stats = shared.batch_stats() if shared is not None else None
     apply = make_apply(model, forward, batch_stats=stats, bn_prior=config.bn_prior, bn_shrink=config.bn_shrink)
     if shared is not None:
         optimizer = optim.chain(shared.gradients(), optimizer)
-    method = build(apply, optimizer, config.method_settings(), readout=readout, bn=config.bn_mode, **method_options)
+    if chosen.files:
+        method_options = {"files": files, **method_options}
+    method = chosen.build(apply, optimizer, settings, readout=readout, bn=config.bn_mode, **method_options)
     return (shared.method(method) if shared is not None else method), names
 
 

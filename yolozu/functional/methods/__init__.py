@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
-from yolozu.functional.methods import cotta, eata, mim, sar, selftrain, tent
+from yolozu.functional.methods import align, cotta, eata, mim, sar, selftrain, tent
 
 
 class MethodEntry(NamedTuple):
@@ -21,10 +21,12 @@ class MethodEntry(NamedTuple):
     in-distribution data its ``calibrate`` reads. ``shared_model``: replicas of it that average their gradients
     and batch statistics stay one model (no step decision of its own reads a replica's samples alone).
     ``signals``: what the method reads from a forward, through the readout: ``"scores"`` (class logits),
-    ``"heatmap"`` (dense class maps scored by independent sigmoids: a detector's) or ``"reconstruction"`` (MIM's
-    decoder). ``probe``: settings (its own, unprefixed) under which one step on any
+    ``"heatmap"`` (dense class maps scored by independent sigmoids: a detector's), ``"reconstruction"`` (MIM's
+    decoder) or ``"features"`` (named layers' outputs and their source statistics: ``Readout.layers``,
+    ``Readout.source_stats``). ``probe``: settings (its own, unprefixed) under which one step on any
     small model changes the weights (e.g. EATA without its sample floors); the conformance tests run each
-    registered method with them."""
+    registered method with them. ``files``: settings (unprefixed) that name an input file of tensors; the shell
+    reads each one given (weights-only) and passes the constructor ``files={setting: contents}``."""
 
     build: Callable[..., object]
     settings: type
@@ -34,6 +36,7 @@ class MethodEntry(NamedTuple):
     shared_model: bool = True
     signals: tuple[str, ...] = ("scores",)
     probe: Mapping[str, Any] = {}
+    files: tuple[str, ...] = ()
 
 
 BUILT_IN: dict[str, MethodEntry] = {  # yolozu.tta.methods adds the plug-ins
@@ -56,5 +59,8 @@ BUILT_IN: dict[str, MethodEntry] = {  # yolozu.tta.methods adds the plug-ins
     "selftrain": MethodEntry(
         selftrain.selftrain_method, selftrain.SelfTrainSettings, "selftrain_", signals=("heatmap",),
         probe={"threshold_min": 0.0, "negative_below": 0.0},
+    ),
+    "align": MethodEntry(
+        align.align_method, align.AlignSettings, "align_", signals=("features",), files=("stats",)
     ),
 }
