@@ -128,6 +128,23 @@ def test_a_rank_without_peers_gives_up_after_the_dist_timeout(tmp_path, dataset,
     assert out.read_bytes() == OLD
 
 
+def test_a_client_rank_without_a_store_is_one_line_without_torchs_log(tmp_path, dataset):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TORCH_CPP_LOG_LEVEL", None)
+    out = tmp_path / "p.json"
+    out.write_bytes(OLD)
+    done = subprocess.run(
+        [sys.executable, "-m", "yolozu.cli", "export", "--quiet", "--dataset", str(dataset), "--split", "val",
+         "--output", str(out), "--dist-timeout", "1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: rank 1 of 2 waited 1 s for the other ranks")
+    assert out.read_bytes() == OLD
+
+
 def test_a_dist_timeout_that_is_not_positive_is_a_usage_error(tmp_path, dataset, capsys):
     code, err = _run(capsys, "export", "--quiet", "--dataset", str(dataset), "--output", str(tmp_path / "p.json"),
                      "--dist-timeout", "0")

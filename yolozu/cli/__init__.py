@@ -45,11 +45,22 @@ def _main(argv: list[str] | tuple[str, ...] | None) -> int:
         print(f"error: unknown command {args[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if args[0] == "export":
+        _quiet_torch_rendezvous_log()
         from yolozu.cli.export import main as run
     else:
         from yolozu.cli.eval import main as run
     interrupts.check()  # an interrupt some import swallowed
     return run(args[1:])
+
+
+def _quiet_torch_rendezvous_log() -> None:
+    """Under torchrun, silence torch's C++ log unless the user set its level: a rank that finds no peer within
+    ``--dist-timeout`` is one error line of ours, where torch would add its retries and a C++ stack. Read when
+    torch loads, so it is set before the export imports torch."""
+    import os
+
+    if "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 
 if __name__ == "__main__":
