@@ -229,3 +229,21 @@ def test_command_line_makes_then_skips(tmp_path, capsys):
         main(["--root", str(tmp_path), "--corruptions", "rain"])
     with pytest.raises(SystemExit):
         main(["--root", str(tmp_path), "--severities", "7"])
+
+
+def test_grow_makes_val_larger_keeping_its_first_images_and_remakes_its_corruptions(tmp_path, capsys):
+    args = ["--root", str(tmp_path), "--n-train", "1", "--image-size", "32", "--corruptions", "contrast",
+            "--severities", "5"]
+    assert main([*args, "--n-val", "2"]) == 0
+    first = (tmp_path / "images" / "val" / "000001.png").read_bytes()
+    assert main([*args, "--n-val", "3"]) == 1  # without --grow: other settings, refused
+    assert "--grow" in capsys.readouterr().err
+    assert main(args) == 0  # no --n-val: the root's
+    assert "0 splits made" in capsys.readouterr().out
+    assert main([*args, "--n-val", "3", "--grow"]) == 0
+    for split in ("val", "val-contrast-5"):
+        assert len(list((tmp_path / "images" / split).iterdir())) == 3
+        assert len(list((tmp_path / "labels" / split).iterdir())) == 3
+    assert (tmp_path / "images" / "val" / "000001.png").read_bytes() == first
+    assert '"n_val": 3' in (tmp_path / "demo.json").read_text()
+    assert main([*args, "--n-val", "2", "--grow"]) == 1  # --grow never shrinks

@@ -37,6 +37,8 @@ from yolozu.io.predictions import write_json_atomic
 __all__ = ["corrupted_split_name", "write_corrupted_split", "spec_for_size", "main"]
 
 _META = "demo.json"
+DEFAULT_N_VAL = 300
+"""Clean val images of a new root (the figures of the checkpoints' metadata and of most pages use 300)."""
 
 
 def corrupted_split_name(corruption: str, severity: int, source: str = "val") -> str:
@@ -103,17 +105,40 @@ def _corruption_names(items: Sequence[str]) -> list[str]:
     return out
 
 
-def _check_meta(root: Path, meta: dict, force: bool) -> None:
-    """Refuse to mix splits made with different settings in one root (unless ``force``)."""
+def _read_meta(root: Path) -> dict:
+    """The settings ``root``'s data was made with (empty for a new root)."""
+    path = root / _META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_meta(root: Path, meta: dict, force: bool, grow: bool = False) -> None:
+    """Refuse to mix splits made with different settings in one root (unless ``force``; with ``grow``, a larger
+    ``n_val`` is no other setting: val's first images stay the same, see ``main``)."""
     path = root / _META
     if path.is_file() and not force:
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if grow and _grows(diff.get("n_val")):
+            del diff["n_val"]
         if diff:
             changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"{root} holds data made with other settings ({changes}); pass --force or another --root")
+            hint = " (--grow makes val larger)" if set(diff) == {"n_val"} and _grows(diff["n_val"]) else ""
+            raise ValueError(
+                f"{root} holds data made with other settings ({changes}); pass --force or another --root{hint}"
+            )
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, dict(sorted(meta.items())), indent=1)  # atomic: parallel runs may read it meanwhile
+
+
+def _grows(change: tuple | None) -> bool:
+    """Whether a setting's ``(old, new)`` change is an increase (None: no change)."""
+    return change is not None and change[0] is not None and change[1] > change[0]
+
+
+def _images_in(root: Path, split: str) -> int:
+    """How many images split ``split`` of ``root`` holds (0 when it is not there)."""
+    folder = root / "images" / split
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="data/demo", help="output folder (default: data/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=300)
+    p.add_argument("--n-val", type=int, default=None,
+                   help=f"clean val images (default: the root's, {DEFAULT_N_VAL} for a new root)")
+    p.add_argument("--grow", action="store_true",
+                   help="allow a larger --n-val on a root made with fewer: image i depends only on the seed and i, "
+                   "so val's first images stay the same; val and the corruptions asked for are remade at the new size")
     p.add_argument("--image-size", type=int, default=160)
     p.add_argument(
         "--corruptions", nargs="+", default=["all", "heldout"], metavar="NAME",
@@ -155,15 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_all = time.perf_counter()
     made = skipped = 0
     try:
-        meta = {"seed": args.seed, "n_train": args.n_train, "n_val": args.n_val, "image_size": args.image_size}
-        _check_meta(root, meta, args.force)
+        n_val = args.n_val if args.n_val is not None else _read_meta(root).get("n_val", DEFAULT_N_VAL)
+        meta = {"seed": args.seed, "n_train": args.n_train, "n_val": n_val, "image_size": args.image_size}
+        _check_meta(root, meta, args.force, args.grow)
         spec = spec_for_size(args.image_size)
         jobs: list[tuple[str, object]] = []
         if not args.skip_clean:
-            jobs += [("train", ("train", args.n_train)), ("val", ("val", args.n_val))]
+            jobs += [("train", ("train", args.n_train)), ("val", ("val", n_val))]
         jobs += [(corrupted_split_name(n, s), (n, s)) for n in names for s in args.severities]
         for split, job in jobs:
-            if (root / "images" / split).is_dir() and not args.force:
+            # a split smaller than its source (made before --grow) is remade, so every split of val has its size
+            short = args.grow and split != "train" and _images_in(root, split) < n_val
+            if (root / "images" / split).is_dir() and not args.force and not short:
                 print(f"skip {root / 'images' / split} (exists; --force remakes it)")
                 skipped += 1
                 continue
