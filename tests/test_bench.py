@@ -57,6 +57,7 @@ def _results(sev5: dict, clean: dict, seconds: dict) -> dict:
         "memory_split": "val-fog-5",
         "memory_images": 4,
         "images_per_split": 10,
+        "budget": {"images": 10, "batch": 8, "updates": 2},
         "seconds": 60.0,
         "date": "2026-11-26",
         "command": "test",
@@ -165,6 +166,7 @@ def _continual(scores: dict) -> dict:
     rows = [{"split": s, "method": m, "map50": v[i], "map": v[i] / 2, "images": 10, "seconds": 1.0}
             for m, v in scores.items() for i, s in enumerate(splits)]
     return {"recipes": {m: {"label": m} for m in scores}, "splits": splits, "rows": rows, "images_per_split": 10,
+            "budget": {"images": 10, "batch": 32, "updates": 1},
             "seconds": 60.0, "date": "2026-11-26", "command": "test",
             "machine": {"platform": "p", "processor": "x", "torch_threads": 2, "device": "cpu", "torch": "t"}}
 
@@ -192,7 +194,11 @@ def test_continual_line_and_targets_are_computed_from_the_rows(tmp_path):
     quick = _results({"source": 0.2, "bn": 0.3, "tent": 0.35}, {"source": 0.9, "bn": 0.9, "tent": 0.9},
                      {"source": 1.0, "bn": 1.0, "tent": 1.0})
     lines = report.headline_lines(report.Results(quick), res)
-    assert lines[2] == line and lines[3] == "Over BN: online, severity 5, points over BatchNorm statistics: tent +5.0"
+    assert lines[2] == line
+    assert lines[3] == ("Over BN: online, severity 5, 2 updates per corruption, points over BatchNorm statistics: "
+                        "tent +5.0")
+    page = (tmp_path / "benchmarks-continual.md").read_text().splitlines()
+    assert "Budget: 1 updates per corruption (10 images, batch 32), one stream, never reset." in page
 
 
 def test_continual_stream_scores_each_segment_of_one_run(tmp_path):

@@ -22,7 +22,8 @@ def _gradual(values: dict) -> dict:
     rows = [{"split": split, "segment": i, "method": m, "map50": f(i, split), "map": 0.0, "images": 4,
              "seconds": 1.0} for m, f in values.items() for i, split in enumerate(gradual.STREAM)]
     return {"recipes": {m: {"label": m} for m in values}, "splits": gradual.STREAM, "rows": rows,
-            "images_per_split": 4, "seconds": 60.0, "date": "2026-11-26", "command": "test", "scope": "gradual",
+            "images_per_split": 4, "budget": {"images": 4, "batch": 32, "updates": 1},
+            "seconds": 60.0, "date": "2026-11-26", "command": "test", "scope": "gradual",
             "machine": {"platform": "p", "processor": "x", "torch_threads": 2, "device": "cpu", "torch": "t"}}
 
 
@@ -55,6 +56,7 @@ def test_gradual_report_lines_are_computed_from_the_rows(tmp_path):
     path, plot = gradual.write_gradual_report(res, tmp_path)
     text = path.read_text()
     assert path.name == "benchmarks-gradual.md" and text.splitlines()[2] == gradual.gradual_line(res)
+    assert text.splitlines()[4] == "Budget: 1 updates per segment (4 images, batch 32), one stream, never reset."
     assert "| severity 5 | 0.250 | 0.350 | 0.380 | 0.567 |" in text and plot.stat().st_size > 1000
 
 
@@ -133,9 +135,10 @@ def test_stream_protocols_run_each_method_with_its_long_stream_settings_and_the_
     for name in continual.CONTINUAL:
         online, stream = recipes.RECIPES[name], recipes.stream_recipe(name)
         changes = recipes.STREAM_SETTINGS.get(name, {})
-        assert stream.ttt == (None if online.ttt is None else {**online.ttt, **changes})
+        batch = {"batch_size": recipes.STREAM_BATCH}  # the streams' batch, the page's budget line
+        assert stream.ttt == (None if online.ttt is None else {**online.ttt, **batch, **changes})
         assert stream.config().enabled == (online.ttt is not None)
-    assert recipes.stream_recipe("eata") is recipes.RECIPES["eata"]  # no change, the online recipe itself
+    assert recipes.stream_recipe("eata").ttt == {**recipes.RECIPES["eata"].ttt, "batch_size": recipes.STREAM_BATCH}
     results = {"recipes": {n: recipes.stream_recipe(n).meta() for n in ("source", "bn", "tent", "eata")}}
     line = pages.stream_settings_line(results)
     assert line.endswith(f"tent lr {recipes.STREAM_SETTINGS['tent']['lr']:g}.") and "eata" not in line

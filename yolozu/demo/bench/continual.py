@@ -23,9 +23,10 @@ from typing import Callable, Sequence
 import torch
 
 from yolozu.data import build_manifest
+from yolozu.demo.bench.budget import budget
 from yolozu.demo.bench.continual_report import write_continual_report
 from yolozu.demo.bench.pages import data_root, default_docs, default_output, machine
-from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, stream_recipe
+from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, STREAM_BATCH, stream_recipe
 from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
@@ -34,8 +35,9 @@ from yolozu.metrics import evaluate
 
 STREAM = [corrupted_split_name(c, 5) for c in CORRUPTIONS] + ["val"]
 """The stream, in order: ImageNet-C's standard corruption order at severity 5, then clean val."""
-CONTINUAL = tuple(name for name in BENCHMARKED if not RECIPES[name].episodic)
-"""The recipes whose state carries along a stream (episodic ones restart at every image)."""
+CONTINUAL = tuple(name for name in BENCHMARKED if not (RECIPES[name].episodic or RECIPES[name].adapts_first))
+"""The recipes whose state carries along a stream as it predicts (episodic ones restart at every image; an
+adapt-first one would see the whole stream before its first prediction)."""
 
 
 def stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
@@ -88,6 +90,7 @@ def run(
         "dataset": dataset,
         "model": runner.describe(),
         "images_per_split": images,
+        "budget": budget(len(segments[0][1]), STREAM_BATCH),
         "splits": list(stream_splits),
         "recipes": {n: stream_recipe(n).meta() for n in chosen},
         "skipped": skipped,

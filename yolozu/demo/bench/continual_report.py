@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from yolozu.demo.bench.budget import budget_line, recorded_budget
 from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
 from yolozu.demo.bench.results import Results, table
 
@@ -100,6 +101,8 @@ def write_continual_report(results: dict, docs: Path) -> list[Path]:
         "# Shift benchmark (continual)",
         "",
         continual_line(results),
+        "",
+        budget_line(recorded_budget(results)) + ", one stream, never reset.",
         "",
         f"The 15 corruptions at severity 5 in the standard order as one stream, never reset, then clean val; "
         f"{results['images_per_split']} images per segment. Measured on {results['date']} by "

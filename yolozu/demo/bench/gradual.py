@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from yolozu.demo.bench import continual
+from yolozu.demo.bench.budget import budget_line, recorded_budget
 from yolozu.demo.bench.continual_report import TARGETS
 from yolozu.demo.bench.pages import model_name, report_paths, skipped_lines, stream_settings_line, write_text_atomic
 from yolozu.demo.bench.results import table
@@ -134,6 +135,7 @@ def write_gradual_report(results: dict, docs: Path) -> list[Path]:
     m = results["machine"]
     lines = [
         "# Shift benchmark (gradual)", "", gradual_line(results), "",
+        budget_line(recorded_budget(results), "segment") + ", one stream, never reset.", "",
         f"Each of the {len(s.corruptions())} corruptions in the standard order at severities "
         f"{', '.join(map(str, SEVERITIES))}, all one stream, never reset, then clean val; "
         f"{results['images_per_split']} images per segment (the same images at every severity). Measured on "

@@ -42,7 +42,7 @@ def stream_settings_line(results: dict) -> str:
         online = RECIPES[name].ttt if name in RECIPES else None
         if meta.get("ttt") and online:
             diff = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in meta["ttt"].items()
-                    if online.get(k) != v]
+                    if online.get(k) != v and k != "batch_size"]  # the batch: the page's budget line
             changed += [f"{name} {', '.join(diff)}"] if diff else []
     if not changed:
         return "Every method runs its online recipe along the stream."
@@ -70,13 +70,16 @@ def provenance(results: dict, continual: dict | None = None) -> str:
 PROTOCOLS = [
     "## Protocols", "",
     "Each a scope of the same benchmark, with the same images and seeds for every method: **reset per corruption** "
-    "(this page: each split from the source weights; `make bench` at severity 5, `make bench-full` at every "
-    "severity), **episodic** (the `, episodic` recipes: every image from the source weights), **continual** (the "
+    "(this page: each split from the source weights, 400 images in batches of 8, 50 updates per corruption; "
+    "`make bench` on one corruption of each family at severity 5, `make bench-full` on all 15 at every "
+    "severity), **online** (adapt on a batch, then predict it) beside **adapt then predict** (`, adapt then "
+    "predict`: YOLOZU's `pre` flow, one step per batch over the split, then every image predicted in the same "
+    "batches), **episodic** (the `, episodic` recipes: every image from the source weights), **continual** (the "
     "15 corruptions at severity 5 as one stream, never reset: [benchmarks-continual.md](benchmarks-continual.md), "
     "`make bench-continual`) and **gradual** (severities 1-5-1 per corruption as one stream: "
     "[benchmarks-gradual.md](benchmarks-gradual.md), `make bench-gradual`). `make bench` runs the quick scope "
-    "(the online recipes; BatchNorm statistics and Tent, episodic; BatchNorm statistics per image alone) and the "
-    "continual stream; `make bench-full` every protocol and every recipe.", "",
+    "(the online recipes; Tent, adapt then predict; BatchNorm statistics and Tent, episodic; BatchNorm statistics "
+    "per image alone) and the continual stream; `make bench-full` every protocol and every recipe.", "",
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from yolozu.cli.export import flag_of
+from yolozu.demo.bench.budget import updates
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.preset_table import GUARDS
 
@@ -52,15 +53,40 @@ class Recipe:
 
     def meta(self) -> dict[str, Any]:
         """What a results file records of the recipe."""
-        return {"label": self.label, "ttt": self.ttt, "bn_stats": self.bn_stats, "bn_prior": self.bn_prior,
-                "bn_shrink": self.bn_shrink, "adapter": self.adapter}
+        return {"label": self.label, "ttt": self.ttt, "bn_stats": self.bn_stats, "bn_batch": self.bn_batch,
+                "bn_prior": self.bn_prior, "bn_shrink": self.bn_shrink, "adapter": self.adapter}
 
-    def config(self) -> TTTConfig:
-        """The validated TTT config (disabled when the recipe has none)."""
-        return TTTConfig(enabled=True, **self.ttt) if self.ttt is not None else TTTConfig()
+    @property
+    def adapts_first(self) -> bool:
+        """Whether it adapts over the split before predicting any image (the ``pre`` schedule)."""
+        return self.ttt is not None and self.ttt.get("schedule") == "pre"
+
+    @property
+    def batch(self) -> int:
+        """Images per batch: of its updates (and predictions) with TTT, of its BatchNorm statistics without."""
+        return self.ttt.get("batch_size", 1) if self.ttt is not None else self.bn_batch
+
+    def config(self, images: int | None = None) -> TTTConfig:
+        """The validated TTT config (disabled when the recipe has none). An adapt-first recipe without ``steps``
+        takes the online protocol's budget on ``images`` images: one step per batch of them
+        (``budget.updates``), so both schedules get the same number of updates."""
+        if self.ttt is None:
+            return TTTConfig()
+        ttt = self.ttt
+        if self.adapts_first and "steps" not in ttt and images is not None:
+            ttt = {**ttt, "steps": max(1, updates(images, self.batch))}
+        return TTTConfig(enabled=True, **ttt)
 
 
-ONLINE = {"schedule": "online", "batch_size": 32, "update_filter": "norm_only", "max_batches": None, "seed": 0}
+BUDGET_BATCH = 8
+"""Images per batch of the reset-per-corruption protocol: of every update and every prediction of the online and
+adapt-first recipes, and of the BatchNorm-statistics baseline's statistics, so the gradient methods are measured
+against normalisation on the very same batches. With ``shift.SCOPES``' 400 images per corruption: 50 updates."""
+STREAM_BATCH = 32
+"""Images per batch of the never-reset stream protocols (continual, gradual), for the methods and BatchNorm
+statistics alike: the batch their stream settings (``STREAM_SETTINGS``) were tuned at."""
+ONLINE = {"schedule": "online", "batch_size": BUDGET_BATCH, "update_filter": "norm_only", "max_batches": None,
+          "seed": 0}
 EPISODIC_SHRINK = 8.0
 """The threshold, in standard errors, at which each image's BatchNorm statistics are soft-thresholded towards the
 source's in the episodic recipes (Gong et al. 2022's instance-aware BatchNorm), chosen on the held-out
@@ -80,12 +106,13 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("source", "source (no adaptation)"),
-        Recipe("bn", "BatchNorm statistics only (batches of 32)", bn_stats=True),
+        Recipe("bn", f"BatchNorm statistics only (batches of {BUDGET_BATCH})", bn_stats=True, bn_batch=BUDGET_BATCH),
         Recipe("tent", "Tent, online", {"method": "tent", **ONLINE, "lr": 3e-3}),
         Recipe("mim", "MIM, online", {"method": "mim", **ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5}),
         Recipe("cotta", "CoTTA, online", {"method": "cotta", **ONLINE, "lr": 3e-2, "cotta_ema_momentum": 0.8}),
         Recipe("eata", "EATA, online", {"method": "eata", **ONLINE, "lr": 1e-2}),
         Recipe("sar", "SAR, online", {"method": "sar", **ONLINE, "lr": 3e-3, "update_filter": "norm_but_top"}),
+        Recipe("tent-pre", "Tent, adapt then predict", {"method": "tent", **ONLINE, "schedule": "pre", "lr": 3e-3}),
         Recipe(
             "bn-sample",
             "BatchNorm statistics only (per image, shrunk towards the source's)",
@@ -119,10 +146,10 @@ RECIPES: dict[str, Recipe] = {
 }
 BENCHMARKED = tuple(name for name in RECIPES if name != "tent-reuse")
 """The recipes ``make bench`` runs; ``tent-reuse`` (one forward per batch) is measured on its own (README)."""
-QUICK = ("source", "bn", "tent", "mim", "cotta", "eata", "sar", "bn-sample", "tent-sample", "bn-image")
-"""The quick scope's recipes (make bench): every online method and, of the episodic ones, BatchNorm statistics
-and Tent, and per-image statistics alone (what the episodic recipes' normalisation is measured against);
-``make bench-full`` runs every benchmarked recipe."""
+QUICK = ("source", "bn", "tent", "mim", "cotta", "eata", "sar", "tent-pre", "bn-sample", "tent-sample", "bn-image")
+"""The quick scope's recipes (make bench): every online method, Tent adapting first, and, of the episodic ones,
+BatchNorm statistics and Tent, and per-image statistics alone (what the episodic recipes' normalisation is
+measured against); ``make bench-full`` runs every benchmarked recipe."""
 GRADIENT_METHODS = ("tent", "mim", "cotta", "eata", "sar")
 STREAM_SETTINGS: dict[str, dict[str, Any]] = {
     "tent": {"lr": 1e-3},
@@ -137,10 +164,14 @@ EATA and MIM keep theirs."""
 
 
 def stream_recipe(name: str) -> Recipe:
-    """Recipe ``name`` as the never-reset stream protocols run it: its online settings with ``STREAM_SETTINGS``'."""
+    """Recipe ``name`` as the never-reset stream protocols run it: its online settings with ``STREAM_SETTINGS``',
+    in batches of ``STREAM_BATCH`` (an episodic recipe, whose batches are single images, as it is)."""
     recipe = RECIPES[name]
-    changes = STREAM_SETTINGS.get(name)
-    return attrs.evolve(recipe, ttt={**recipe.ttt, **changes}) if changes else recipe
+    if recipe.episodic:
+        return recipe
+    if recipe.ttt is None:
+        return attrs.evolve(recipe, bn_batch=STREAM_BATCH) if recipe.bn_stats else recipe
+    return attrs.evolve(recipe, ttt={**recipe.ttt, "batch_size": STREAM_BATCH, **STREAM_SETTINGS.get(name, {})})
 
 
 def export_flags(name: str) -> list[str]:

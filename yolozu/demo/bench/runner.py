@@ -127,9 +127,9 @@ class Runner:
         """The recipe's predictions and, for TTT recipes, its report."""
         adapter = self.adapter(recipe)
         if recipe.ttt is not None:
-            config = recipe.config()
-            predictions, report = adapt_and_predict(
-                adapter, records, config, batch_size=PREDICT_BATCH, calibration=self.calibration(config)
+            config = recipe.config(len(records))
+            predictions, report = adapt_and_predict(  # an adapt-first recipe predicts in the batches it adapted on
+                adapter, records, config, batch_size=recipe.batch, calibration=self.calibration(config)
             )
             return predictions, report.to_dict()
         if recipe.bn_stats:

@@ -120,7 +120,8 @@ def seed_section(results: dict, others: list[dict], continual: dict | None = Non
     if not others:
         return []
     return ["## Data seeds", "", "The same scope, recipes and image counts on demo data made with another seed "
-            "(`tools/make_demo_data.py --seed S --root data/demo-seedS --n-train 0 --corruptions all --severities 5`, "
+            "(`tools/make_demo_data.py --seed S --root data/demo-seedS --n-train 0 --n-val 400 --corruptions all "
+            "--severities 5`, "
             "then `python -m yolozu.demo.bench.shift --quick --seed S`): how far the figures move when only the "
             "images change.", "", *seed_lines(results, others),
             *continual_seed_lines(continual, continual_others or [])]
