@@ -21,18 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yolozu.data import build_manifest  # noqa: E402
 from yolozu.demo.bench.continual import stream_rows  # noqa: E402
-from yolozu.demo.bench.recipes import ONLINE, RECIPES, Recipe  # noqa: E402
+from yolozu.demo.bench.recipes import ONLINE, RECIPES, STREAM_BATCH, Recipe, stream_recipe  # noqa: E402
 from yolozu.demo.bench.runner import Runner  # noqa: E402
 from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.demo.data import corrupted_split_name  # noqa: E402
 from yolozu.io.predictions import write_json_atomic  # noqa: E402
 
+STREAM = {**ONLINE, "batch_size": STREAM_BATCH}  # the stream protocols' batches
 CANDIDATES = [
-    *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3)),
-    *({"method": "cotta", **ONLINE, "lr": lr, "cotta_ema_momentum": m}
+    *({"method": "tent", **STREAM, "lr": lr} for lr in (1e-3, 3e-3)),
+    *({"method": "cotta", **STREAM, "lr": lr, "cotta_ema_momentum": m}
       for lr, m in ((3e-2, 0.8), (1e-2, 0.9), (1e-2, 0.99), (3e-3, 0.99))),
-    *({"method": "eata", **ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
-    *({"method": "sar", **ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (1e-3, 3e-3)),
+    *({"method": "eata", **STREAM, "lr": lr} for lr in (3e-3, 1e-2)),
+    *({"method": "sar", **STREAM, "lr": lr, "update_filter": "norm_but_top"} for lr in (1e-3, 3e-3)),
 ]
 
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         predictions = runner.predict(recipe, stream)[0]
         return [row["map50"] for row in stream_rows(recipe.name, predictions, segments, 0.0)]
 
-    source, bn = scores(RECIPES["source"]), scores(RECIPES["bn"])
+    source, bn = scores(RECIPES["source"]), scores(stream_recipe("bn"))
     found = {"splits": [s for s, _ in segments], "source": source, "bn": bn, "candidates": []}
     print(f"BatchNorm statistics: mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; "
           f"source clean {source[-1]:.4f}", flush=True)

@@ -27,35 +27,39 @@ from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.io.predictions import write_json_atomic  # noqa: E402
 from yolozu.metrics import evaluate  # noqa: E402
 
+EARLIER_BATCH = 32
+"""The batch of the tables this search printed (docs/benchmark-notes.md, before the 50-update budget; the budget's
+search is tools/tune_budget.py): candidates and BatchNorm statistics alike."""
+EARLIER_ONLINE = {**ONLINE, "batch_size": EARLIER_BATCH}
 CANDIDATES = {
     "tent": [
-        *({"method": "tent", **ONLINE, "lr": lr} for lr in (1e-3, 3e-3, 5e-3, 1e-2)),
-        {"method": "tent", **ONLINE, "lr": 3e-3, "batch_size": 16},
-        {"method": "tent", **ONLINE, "lr": 3e-3, "update_filter": "lora_norm_only"},
-        {"method": "tent", **ONLINE, "lr": 2e-3, "steps": 2},
-        {"method": "tent", **ONLINE, "lr": 3e-3, "schedule": "pre"},
+        *({"method": "tent", **EARLIER_ONLINE, "lr": lr} for lr in (1e-3, 3e-3, 5e-3, 1e-2)),
+        {"method": "tent", **EARLIER_ONLINE, "lr": 3e-3, "batch_size": 16},
+        {"method": "tent", **EARLIER_ONLINE, "lr": 3e-3, "update_filter": "lora_norm_only"},
+        {"method": "tent", **EARLIER_ONLINE, "lr": 2e-3, "steps": 2},
+        {"method": "tent", **EARLIER_ONLINE, "lr": 3e-3, "schedule": "pre"},
         {"method": "tent", **EPISODIC, "lr": 3e-3},
         {"method": "tent", **EPISODIC, "lr": 1e-2, "steps": 2},
     ],
     "mim": [
-        *({"method": "mim", **ONLINE, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4, 3e-4, 3e-3, 1e-2, 3e-2)),
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "bn_mode": "batch"},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "mim_mask_value": 0.5},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.3, "mim_patch_size": 8},
-        {"method": "mim", **ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5, "update_filter": "all"},
-        {"method": "mim", **ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "update_filter": "lora_only"},
-        {"method": "mim", **ONLINE, "lr": 1e-2, "mim_mask_prob": 0.5, "update_filter": "lora_norm_only"},
+        *({"method": "mim", **EARLIER_ONLINE, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4, 3e-4, 3e-3, 1e-2, 3e-2)),
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "bn_mode": "batch"},
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "mim_mask_value": 0.5},
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-3, "mim_mask_prob": 0.3, "mim_patch_size": 8},
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-4, "mim_mask_prob": 0.5, "update_filter": "all"},
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-3, "mim_mask_prob": 0.5, "update_filter": "lora_only"},
+        {"method": "mim", **EARLIER_ONLINE, "lr": 1e-2, "mim_mask_prob": 0.5, "update_filter": "lora_norm_only"},
         {"method": "mim", **EPISODIC, "lr": 1e-3, "mim_mask_prob": 0.5},
     ],
     "cotta": [
-        *({"method": "cotta", **ONLINE, "lr": lr, "cotta_ema_momentum": m} for lr, m in
+        *({"method": "cotta", **EARLIER_ONLINE, "lr": lr, "cotta_ema_momentum": m} for lr, m in
           ((1e-2, 0.9), (1e-2, 0.99), (3e-2, 0.9), (3e-2, 0.8), (5e-2, 0.9))),
-        {"method": "cotta", **ONLINE, "lr": 1e-2, "cotta_ema_momentum": 0.9, "cotta_aggregation": "mean"},
+        {"method": "cotta", **EARLIER_ONLINE, "lr": 1e-2, "cotta_ema_momentum": 0.9, "cotta_aggregation": "mean"},
         {"method": "cotta", **EPISODIC, "lr": 3e-2, "cotta_ema_momentum": 0.8},
     ],
     "eata": [
-        *({"method": "eata", **ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
-        {"method": "eata", **ONLINE, "lr": 3e-3, "eata_fisher_data": "train"},
+        *({"method": "eata", **EARLIER_ONLINE, "lr": lr} for lr in (3e-3, 1e-2)),
+        {"method": "eata", **EARLIER_ONLINE, "lr": 3e-3, "eata_fisher_data": "train"},
         {"method": "eata", **EPISODIC, "lr": 1e-2, "steps": 2},
     ],
     "episodic_mix": [  # Tent episodic normalising with per-image statistics, alone or mixed with the source's
@@ -69,7 +73,7 @@ CANDIDATES = {
           for lr, k in ((1e-2, 8.0), (3e-2, 8.0), (1e-2, 11.0))),
     ],
     "sar": [  # the paper's selection: norm layers minus the top block
-        *({"method": "sar", **ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (3e-3, 1e-2)),
+        *({"method": "sar", **EARLIER_ONLINE, "lr": lr, "update_filter": "norm_but_top"} for lr in (3e-3, 1e-2)),
         {"method": "sar", **EPISODIC, "lr": 1e-2, "steps": 2, "update_filter": "norm_but_top"},
     ],
 }
@@ -77,10 +81,10 @@ PER_IMAGE = {"bn_prior": (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0), "bn_shrink
 """Strengths of the stored BatchNorm statistics tried for per-image normalisation: prior images (``--methods
 bn_prior``, the ``mix`` mode) and thresholds in standard errors (``--methods bn_shrink``, the ``shrink`` mode)."""
 ADAPTER_CANDIDATES = [  # Tent losses of the detector adapter
-    ({"method": "tent", **ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
-    ({"method": "tent", **ONLINE, "lr": 1e-2}, {"tent_peaks": 16}),
-    ({"method": "tent", **ONLINE, "lr": 3e-4}, {"tent_loss": "sigmoid"}),
-    ({"method": "tent", **ONLINE, "lr": 1e-3}, {"tent_loss": "sigmoid"}),
+    ({"method": "tent", **EARLIER_ONLINE, "lr": 3e-3}, {"tent_peaks": 16}),
+    ({"method": "tent", **EARLIER_ONLINE, "lr": 1e-2}, {"tent_peaks": 16}),
+    ({"method": "tent", **EARLIER_ONLINE, "lr": 3e-4}, {"tent_loss": "sigmoid"}),
+    ({"method": "tent", **EARLIER_ONLINE, "lr": 1e-3}, {"tent_loss": "sigmoid"}),
 ]
 
 
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
         per_split = {s: evaluate(runner.predict(recipe, records[s])[0], records[s])["map50"] for s in splits}
         return statistics.fmean(per_split.values()), per_split
 
-    bn, bn_splits = score(Recipe("bn", "bn", bn_stats=True))
+    bn, bn_splits = score(Recipe("bn", "bn", bn_stats=True, bn_batch=EARLIER_BATCH))
     print(f"BatchNorm statistics only: mean mAP50 {bn:.4f} over {', '.join(splits)}", flush=True)
     results = {"splits": splits, "bn": {"mean": bn, "splits": bn_splits}, "candidates": []}
     per_image = [m for m in args.methods if m in PER_IMAGE]
