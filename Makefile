@@ -78,7 +78,8 @@ SEVERITY ?= 5
 SPLIT := val-$(CORRUPTION)-$(SEVERITY)
 EXPORT_DIR := runs/export
 EXPORT := $(PY) tools/export_predictions.py --adapter detector --dataset data/demo --split $(SPLIT) --wrap
-# the TTT settings of each method: the benchmark's online recipe (yolozu/demo/bench/recipes.py)
+# the TTT settings of each method: the benchmark's online recipe (yolozu/demo/bench/recipes.py); BatchNorm statistics
+# are computed on the recipes' batches too (recipes bn: --bn-stats batch --batch-size 8)
 TTT_ARGS = $$($(PY) -m yolozu.demo.bench.recipes $(TTT))
 
 .PHONY: export
@@ -86,7 +87,7 @@ export: $(STAMP)
 	@case "$(TTT)" in tent|mim|cotta|eata|sar|none) ;; *) echo "TTT must be tent, mim, cotta, eata, sar or none, got '$(TTT)'" >&2; exit 2;; esac
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions $(CORRUPTION) --severities $(SEVERITY)
 	$(EXPORT) --output $(EXPORT_DIR)/none/predictions.json
-	$(EXPORT) --output $(EXPORT_DIR)/bn/predictions.json --bn-stats batch
+	$(EXPORT) --output $(EXPORT_DIR)/bn/predictions.json $$($(PY) -m yolozu.demo.bench.recipes bn)
 	@if [ "$(TTT)" != none ]; then \
 	  echo "$(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json $(TTT_ARGS) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json"; \
 	  $(EXPORT) --output $(EXPORT_DIR)/$(TTT)/predictions.json $(TTT_ARGS) --ttt-log-out $(EXPORT_DIR)/$(TTT)/ttt_log.json; \

@@ -198,7 +198,7 @@ def test_continual_line_and_targets_are_computed_from_the_rows(tmp_path):
     assert lines[3] == ("Over BN: online, severity 5, 2 updates per corruption, points over BatchNorm statistics: "
                         "tent +5.0")
     page = (tmp_path / "benchmarks-continual.md").read_text().splitlines()
-    assert "Budget: 1 updates per corruption (10 images, batch 32), one stream, never reset." in page
+    assert "Budget: 1 update per corruption (10 images, batch 32), one stream, never reset." in page
 
 
 def test_continual_stream_scores_each_segment_of_one_run(tmp_path):

@@ -26,7 +26,9 @@ OVER_BN = re.compile(
 def test_updates_are_the_batches_of_a_domain(images, batch, want):
     assert budget.updates(images, batch) == want
     recorded = budget.budget(images, batch)
-    assert budget.budget_line(recorded) == f"Budget: {want} updates per corruption ({images} images, batch {batch})"
+    plural = "" if want == 1 else "s"
+    line = f"Budget: {want} update{plural} per corruption ({images} images, batch {batch})"
+    assert budget.budget_line(recorded) == line
 
 
 def test_a_bad_budget_and_a_short_split_are_refused_with_the_remedy():

@@ -56,7 +56,7 @@ def test_gradual_report_lines_are_computed_from_the_rows(tmp_path):
     path, plot = gradual.write_gradual_report(res, tmp_path)
     text = path.read_text()
     assert path.name == "benchmarks-gradual.md" and text.splitlines()[2] == gradual.gradual_line(res)
-    assert text.splitlines()[4] == "Budget: 1 updates per segment (4 images, batch 32), one stream, never reset."
+    assert text.splitlines()[4] == "Budget: 1 update per segment (4 images, batch 32), one stream, never reset."
     assert "| severity 5 | 0.250 | 0.350 | 0.380 | 0.567 |" in text and plot.stat().st_size > 1000
 
 

@@ -41,8 +41,9 @@ def budget_line(recorded: Mapping[str, int], domain: str = "corruption") -> str:
     Returns:
       The line.
     """
-    return (f"Budget: {recorded['updates']} updates per {domain} ({recorded['images']} images, "
-            f"batch {recorded['batch']})")
+    n = recorded["updates"]
+    updates_text = f"{n} update{'' if n == 1 else 's'}"
+    return f"Budget: {updates_text} per {domain} ({recorded['images']} images, batch {recorded['batch']})"
 
 
 def split_images(counts: Mapping[str, int], wanted: int | None) -> int:

@@ -56,7 +56,8 @@ def method_gains(
     Args:
       matches: ``{split: {method: Matches}}``, every method on the same images of each split.
       baseline: the method the gains are taken over (e.g. ``bn``).
-      methods: the methods to compare (those missing from a split, or ``baseline`` itself, are left out).
+      methods: the methods to compare (those missing from a split, or ``baseline`` itself, are left out; all of
+        them when the baseline did not run).
       draws: bootstrap resamples; ``seed``: the generator's seed.
     Returns:
       ``{method: {"value", "low", "high", "level", "draws", "splits": {split: {"value", "low", "high"}}}}``, in
@@ -65,6 +66,8 @@ def method_gains(
     """
     splits = list(matches)
     chosen = [m for m in methods if m != baseline and all(m in matches[s] and baseline in matches[s] for s in splits)]
+    if not chosen:  # nothing to compare, or no baseline run
+        return {}
     rng = np.random.default_rng(seed)
     weights = {s: resample_weights(matches[s][baseline].gt.shape[0], draws, rng) for s in splits}
     ones = {s: np.ones((1, w.shape[1])) for s, w in weights.items()}
