@@ -47,6 +47,8 @@ def test_make_bench_gives_every_online_method_at_least_50_updates_per_corruption
     assert len(shift.SCOPES["quick"][2]) == 4 and set(shift.SCOPES["full"][2]) == set(shift.CORRUPTIONS)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^BENCH_VAL := (\d+)$", makefile, re.M).group(1) == str(shift.IMAGES)
+    corruptions = re.search(r"^BENCH_CORRUPTIONS := (.+)$", makefile, re.M).group(1).split()
+    assert corruptions == list(shift.BENCH_CORRUPTIONS)
 
 
 def test_baseline_and_methods_share_the_protocol_batch_and_streams_keep_theirs():
