@@ -69,7 +69,7 @@ train-torchvision: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions none
 	$(PY) tools/train_torchvision.py $(TRAIN_TV_ARGS)
 
-# make export TTT=tent|mim|cotta|eata|sar|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
+# make export TTT=tent|mim|cotta|eata|sar|align|none [CORRUPTION=fog SEVERITY=5]: export the committed detector's predictions on a
 # corrupted val split without test-time training, with BatchNorm statistics only and with TTT, evaluate them and
 # print mAP50 side by side.
 TTT ?= tent
@@ -84,7 +84,7 @@ TTT_ARGS = $$($(PY) -m yolozu.demo.bench.recipes $(TTT))
 
 .PHONY: export
 export: $(STAMP)
-	@case "$(TTT)" in tent|mim|cotta|eata|sar|none) ;; *) echo "TTT must be tent, mim, cotta, eata, sar or none, got '$(TTT)'" >&2; exit 2;; esac
+	@case "$(TTT)" in tent|mim|cotta|eata|sar|align|none) ;; *) echo "TTT must be tent, mim, cotta, eata, sar, align or none, got '$(TTT)'" >&2; exit 2;; esac
 	$(PY) tools/make_demo_data.py --root data/demo --corruptions $(CORRUPTION) --severities $(SEVERITY)
 	$(EXPORT) --output $(EXPORT_DIR)/none/predictions.json
 	$(EXPORT) --output $(EXPORT_DIR)/bn/predictions.json $$($(PY) -m yolozu.demo.bench.recipes bn)

@@ -55,7 +55,7 @@ def test_baseline_and_methods_share_the_protocol_batch_and_streams_keep_theirs()
     bn = recipes.RECIPES["bn"]
     assert bn.batch == recipes.BUDGET_BATCH
     reset = [r for r in recipes.RECIPES.values() if r.ttt and not r.episodic]
-    assert {r.name for r in reset} >= {"tent", "mim", "cotta", "eata", "sar", "tent-pre"}
+    assert {r.name for r in reset} >= {"tent", "mim", "cotta", "eata", "sar", "align", "tent-pre"}
     assert all(r.batch == bn.batch for r in reset)
     assert recipes.stream_recipe("bn").batch == recipes.STREAM_BATCH
     assert all(recipes.stream_recipe(r.name).batch == recipes.STREAM_BATCH for r in reset)
