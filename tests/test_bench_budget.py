@@ -155,3 +155,15 @@ def test_the_page_states_its_budget_the_over_bn_line_and_each_gains_interval(tmp
     assert "| Tent, adapt then predict | **+1.0 [+0.0, +2.0]** |" in text
     assert "tent +2.5 [+1.5, +3.5]: **met**" in text  # the best method's +2.0 target, the interval above 0
     assert "beats BatchNorm statistics alone (batches of 8): +2.50 points (95% interval [+1.5, +3.5])" in text
+
+
+def test_readme_and_the_benchmark_page_carry_one_over_bn_line_naming_every_method():
+    def over_bn(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line.startswith("Over BN:")]
+
+    readme, page = over_bn(ROOT / "README.md"), over_bn(ROOT / "docs" / "benchmarks.md")
+    assert len(readme) == 1 and readme == page
+    found = OVER_BN.match(readme[0])
+    assert found and int(found.group(1)) >= 50
+    named = re.findall(r"([a-z]+) [+-]\d+\.\d", readme[0].split(": ", 1)[1])
+    assert named == list(recipes.GRADIENT_METHODS)
