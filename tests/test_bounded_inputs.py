@@ -13,34 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from yolozu.cli import main as cli
+from tests.cli_cases import OLD, one_image_dataset, run_cli
 from yolozu.models.checkpoint import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = b'["the previous run"]\n'
 
 
 @pytest.fixture()
 def dataset(tmp_path) -> Path:
-    root = tmp_path / "ds"
-    (root / "images" / "val").mkdir(parents=True)
-    (root / "labels" / "val").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / "a.png")
-    (root / "labels" / "val" / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n")
-    return root
+    return one_image_dataset(tmp_path)
 
 
-def _run(capsys, *argv: str) -> tuple[int | str, list[str]]:
-    try:
-        code = cli(list(argv))
-    except BaseException as e:  # noqa: B036 - report what escaped instead of ending the session
-        code = f"escaped: {type(e).__name__}"
-    return code, capsys.readouterr().err.strip().splitlines()
+_run = run_cli
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder"])

@@ -5,37 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import yolozu.cli.eval
 import yolozu.cli.inputs
+from tests.cli_cases import OLD, one_image_dataset, run_cli
 from yolozu.cli import main as cli
 from yolozu.data import ManifestError, build_manifest
 from yolozu.demo.synth import SynthSpec, write_split
 
-OLD = b'["the previous run"]\n'
-
 
 @pytest.fixture()
 def dataset(tmp_path) -> Path:
-    root = tmp_path / "ds"
-    (root / "images" / "val").mkdir(parents=True)
-    (root / "labels" / "val").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / "a.png")
-    (root / "labels" / "val" / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n")
-    return root
+    return one_image_dataset(tmp_path)
 
 
-def _run(capsys, *argv: str) -> tuple[int | str, list[str]]:
-    """Exit code (or "escaped" for an exception main let through) and the stderr lines."""
-    try:
-        code = cli(list(argv))
-    except BaseException as e:  # noqa: B036 - a KeyboardInterrupt must not end the test session
-        code = f"escaped: {type(e).__name__}"
-    return code, capsys.readouterr().err.strip().splitlines()
+_run = run_cli
 
 
 # -------------------------------------------------------------------------------- tracebacks -> one line
