@@ -14,14 +14,20 @@ OLD = b'["the previous run"]\n'
 """The bytes of an earlier run's output, which a failed run must leave as they are."""
 
 
-def one_image_dataset(tmp_path: Path) -> Path:
-    """A YOLO-layout dataset under ``tmp_path/ds`` with one 8x8 black image and one label in split ``val``."""
-    root = tmp_path / "ds"
+def blank_dataset(root: Path, stems: tuple[str, ...] = ("0", "1"), label: str = "1 0.5 0.5 0.2 0.2") -> Path:
+    """A YOLO-layout dataset at ``root``: split ``val`` of one 8x8 black image ``<stem>.png`` per stem, each with
+    the one label line ``label`` in ``<stem>.txt``."""
     (root / "images" / "val").mkdir(parents=True)
     (root / "labels" / "val").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / "a.png")
-    (root / "labels" / "val" / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    for stem in stems:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / f"{stem}.png")
+        (root / "labels" / "val" / f"{stem}.txt").write_text(label + "\n")
     return root
+
+
+def one_image_dataset(tmp_path: Path) -> Path:
+    """``blank_dataset`` of the one image ``a.png`` under ``tmp_path/ds``."""
+    return blank_dataset(tmp_path / "ds", stems=("a",))
 
 
 def run_cli(capsys, *argv: str) -> tuple[int | str, list[str]]:

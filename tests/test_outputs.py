@@ -10,17 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.cli_cases import OLD, blank_dataset
 from yolozu.cli.eval import main as eval_main
 from yolozu.cli.export import main as export_main
 from yolozu.io import commit
 from yolozu.io.commit import write_outputs
 from yolozu.io.paths import OutputPathError, check_outputs
 
-OLD = b'["the previous run"]\n'
 TTA_LOG = ("--adapter", "detector", "--tta", "--tta-log-out")
 """A run with a log (the detector predicts with flip TTA and logs its settings)."""
 
@@ -28,13 +26,7 @@ TTA_LOG = ("--adapter", "detector", "--tta", "--tta-log-out")
 @pytest.fixture()
 def dataset(tmp_path) -> Path:
     """Two blank images with one label each under ``tmp_path/ds`` (split val)."""
-    root = tmp_path / "ds"
-    (root / "images" / "val").mkdir(parents=True)
-    (root / "labels" / "val").mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / f"{i}.png")
-        (root / "labels" / "val" / f"{i}.txt").write_text("1 0.5 0.5 0.2 0.2\n")
-    return root
+    return blank_dataset(tmp_path / "ds")
 
 
 def _export(dataset: Path, output: Path | str, *extra: str) -> int:

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.cli_cases import OLD, blank_dataset
 from yolozu.cli import main as cli
-
-OLD = b'["the previous run"]\n'
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("plugin-contract")
-    (root / "images" / "val").mkdir(parents=True)
-    (root / "labels" / "val").mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "val" / f"{i}.png")
-        (root / "labels" / "val" / f"{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    return root
+    return blank_dataset(tmp_path_factory.mktemp("plugin-contract"), label="0 0.5 0.5 0.2 0.2")
 
 
 @pytest.fixture()
