@@ -177,14 +177,21 @@ def test_sar_recovers_the_source_when_the_loss_average_falls_below_the_constant(
     assert int(new.opt_state.count) == 0 and all(torch.equal(m, torch.zeros_like(m)) for m in new.opt_state.mu.values())
 
 
-def test_sar_takes_no_step_without_a_reliable_sample():
+def test_sar_steps_on_zero_gradients_without_a_reliable_sample_as_the_reference():
     model = seeded(Linear)
-    method = sar.sar_method(make_apply(model), optim.adam(0.1), sar.SARSettings(e_margin=1e-9), bn="eval")
-    state = method.init_state(model, ["fc.weight", "fc.bias"])
-    new, metrics = make_update(method)(state, torch.randn(6, 4), None)
-    assert float(metrics["selected"]) == 0 and not bool(metrics["recovered"])
-    assert all(torch.equal(new.trainable[n], state.trainable[n]) for n in state.trainable)
-    assert torch.isnan(new.method_state.ema_loss)
+    optimizer = optim.sgd(0.1, momentum=0.9)
+    everything = sar.sar_method(make_apply(model), optimizer, sar.SARSettings(e_margin=10.0), bn="eval")
+    nothing = sar.sar_method(make_apply(model), optimizer, sar.SARSettings(e_margin=1e-9), bn="eval")
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    first, _ = make_update(everything)(everything.init_state(model, ["fc.weight", "fc.bias"]), x, None)
+    second, metrics = make_update(nothing)(first, x, None)
+    assert float(metrics["selected"]) == 0 and float(metrics["loss"]) == 0 and not bool(metrics["recovered"])
+    for n, p in first.trainable.items():  # zero gradient: momentum SGD moves by lr x 0.9 x the trace
+        torch.testing.assert_close(second.trainable[n], p - 0.1 * 0.9 * first.opt_state.trace[n])
+        assert not torch.equal(second.trainable[n], p)
+    assert int(second.opt_state.count) == 2
+    assert torch.equal(second.method_state.ema_loss, first.method_state.ema_loss)  # the average keeps its value
+    assert sar.sar_row({"selected": 0.0, "recovered": False, "loss": 0.0}, 0.05)["update_skipped"] is False
 
 
 @pytest.mark.parametrize("name", ["eata", "sar"])

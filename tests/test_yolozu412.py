@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from yolozu.cli.export import build_parser, main
+from yolozu.functional import optim
 from yolozu.tta.config import POSITIONAL_TAIL, SUPPORTED_TTT_METHODS, TTTConfig
 
 YOLOZU_412_PRESETS = ("safe", "adapter_only", "mim_safe", "cotta_safe", "eata_safe", "sar_safe",
@@ -172,10 +173,12 @@ def test_tent_detector_response_adapts_and_abstains_keeping_weights_and_buffers(
     runner = TentRunner(model, TentConfig(lr=1e-2, update_filter="all", detector_response=True, response_conf_min=1.0))
     row = runner.adapt_step(x)
     assert row["update_abstained"] == 1.0 and row["buffers_restored_on_abstention"] == 1.0
+    assert (row["forward_calls"], row["backward_calls"], row["optimizer_steps"]) == (2, 0, 0)  # no backward run
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     runner = TentRunner(model, TentConfig(lr=1e-2, update_filter="all", detector_response=True))
     row = runner.adapt_step(x)
     assert row["update_abstained"] == 0.0 and row["response_selected_queries"] > 0
+    assert (row["forward_calls"], row["backward_calls"], row["optimizer_steps"]) == (2, 1, 1)
     assert not torch.equal(model.cls.weight, before["cls.weight"])
 
 
@@ -300,12 +303,13 @@ def test_an_unstepped_sar_row_has_no_nan_and_zero_steps_keep_yolozus_loss_summar
     from yolozu.tta.integration import run_ttt
     from yolozu.tta.report import TTTReport
 
-    # a tiny e_margin: no sample is reliable, so no step moves the weights and the loss average is never set
+    # a tiny e_margin: no sample is reliable, so the steps are taken on zero gradients (the reference's) and the
+    # loss average is never set
     config = TTTConfig(enabled=True, method="sar", steps=2, lr=1e-2, batch_size=2, seed=0, sar_e_margin=1e-9)
     report = run_ttt(TensorAdapter(seeded(TinyClassifier)), _images(2), config)
     first = report.step_metrics[0]
     assert first["ema_loss"] is None and "ema_loss" not in first["non_finite_fields"]
-    assert report.optimizer_steps == 0 and report.update_ratio == 0.0 and report.forward_calls == 4
+    assert report.optimizer_steps == 2 and report.update_ratio == 1.0 and report.forward_calls == 4
     empty = TTTReport(enabled=True, method="tent", reset="stream").to_dict()["loss_summary"]
     assert empty == {"count": 0, "min": None, "mean": None, "max": None, "last": None, "first": None}
 
@@ -401,3 +405,32 @@ def test_tent_detector_response_on_a_torchvision_detectors_candidates(tmp_path):
         model.head.classification_head.cls_logits.bias.fill_(2.0)
     (row,) = Adaptation(view, config, readout).adapt(x, 0, 1)
     assert row["response_selected_queries"] == 5 and row["update_abstained"] == 0.0 and row["update_norm"] > 0
+
+
+@pytest.mark.parametrize("abstain", [True, False])
+def test_an_abstaining_eager_update_runs_no_backward(abstain):
+    from yolozu.functional.step import LossOutput, Method, make_update
+
+    model = nn.Linear(3, 2)
+    backwards = []
+
+    def loss_fn(params, buffers, batch, extra):
+        loss = torch.func.functional_call(model, params, (batch,)).square().mean()
+        loss.register_hook(lambda grad: backwards.append(1))
+        return loss, LossOutput(buffers, {"abstain": torch.tensor(abstain)}, loss.detach())
+
+    method = Method(loss_fn, optim.sgd(0.1), metric_names=("abstain",), abstains=lambda m: m["abstain"])
+    state = method.init_state(model, ["weight"])
+    _, metrics = make_update(method)(state, torch.ones(4, 3))
+    assert (len(backwards), float(metrics["backward_passes"])) == ((0, 0.0) if abstain else (1, 1.0))
+    make_update(method, differentiate="func")(state, torch.ones(4, 3))  # a transform cannot branch: it runs
+    assert len(backwards) == (1 if abstain else 2)
+
+
+def test_process_memory_is_unavailable_without_the_resource_module(monkeypatch):
+    from yolozu.tta import memory
+
+    monkeypatch.setattr(memory, "resource", None)
+    assert memory._process_peak_rss_bytes() is None
+    assert memory._memory_start(nn.Linear(1, 1)) == {
+        "backend": "unavailable", "metric": None, "reason": "resource_module_unavailable"}

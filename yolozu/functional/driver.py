@@ -22,7 +22,7 @@ from yolozu.functional import guards, rng, streams
 from yolozu.functional.state import tree_map
 from yolozu.functional.step import Method, TTTState, make_update
 
-ROW_METRICS = ("loss", "grad_norm", "update_norm", "total_update_norm")
+ROW_METRICS = ("loss", "grad_norm", "update_norm", "total_update_norm", "backward_passes")
 """The metrics every step row carries; a method adds its own ``metric_names``."""
 
 

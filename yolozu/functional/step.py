@@ -222,7 +222,9 @@ class Method(NamedTuple):
     setting that says which data). ``calls`` are the forward and backward passes of one update (YOLOZU's
     ``forward_calls``/``backward_calls``); ``optional_metrics`` may be NaN before they are first set (a row shows
     None for them, not a non-finite value); ``yolozu_row(row)`` gives YOLOZU's step keys for a row of this method
-    (its own names beside ours; ``update_skipped: True`` when the kept step changed nothing).
+    (its own names beside ours; ``update_skipped: True`` when the kept step changed nothing). ``abstains(metrics)``,
+    from the loss function's metrics, says that ``finish`` discards the update whatever the gradients (a 0-d
+    bool): an eager update then skips the backward (``make_update``).
     """
 
     loss_fn: LossFn
@@ -240,6 +242,7 @@ class Method(NamedTuple):
     calls: tuple[int, int] = (1, 1)
     optional_metrics: tuple[str, ...] = ()
     yolozu_row: Callable[[dict], dict] = no_yolozu_keys
+    abstains: Callable[[dict], Tensor] | None = None
 
     def init_state(self, model: nn.Module, selected: Sequence[str]) -> TTTState:
         """A fresh state of this method over ``model``'s tensors, adapting the ``selected`` parameters.
@@ -257,19 +260,26 @@ def _detach_tree(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
-def _autograd(fn: Callable[..., tuple[Tensor, Any]], params: Params, *args: Any) -> tuple[Params, Tensor, Any]:
+def _autograd(
+    fn: Callable[..., tuple[Tensor, Any]], params: Params, *args: Any, skip: Callable[[Any], bool] | None = None
+) -> tuple[Params, Tensor, Any]:
     """``(grads, value, aux)`` of ``fn(params, *args) -> (scalar value, aux)`` by ``torch.autograd.grad``: the
-    one place the core differentiates outside ``torch.func``. Parameters the value does not reach get zeros."""
+    one place the core differentiates outside ``torch.func``. Parameters the value does not reach get zeros, and
+    so do all when ``skip(aux)`` holds after the forward (the backward is not run)."""
     leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
     with torch.enable_grad():
         value, aux = fn(leaves, *args)
-        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        if skip is not None and skip(aux):
+            found = [None] * len(leaves)
+        else:
+            found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
     grads = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), found)}
     return grads, value, aux
 
 
 def gradients_autograd(
-    loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any
+    loss_fn: LossFn, trainable: Params, frozen: Params, buffers: Params, batch: Any, extra: Any,
+    *, skip: Callable[[dict], bool] | None = None,
 ) -> tuple[Params, Tensor, LossOutput]:
     """Gradients of ``loss_fn`` w.r.t. ``trainable`` with ``torch.autograd.grad`` (outside any transform).
 
@@ -283,6 +293,8 @@ def gradients_autograd(
       buffers: the buffers.
       batch: the input batch.
       extra: ``prepare``'s output.
+      skip: given the loss function's metrics after the forward, True to return zero gradients without the
+        backward (an abstaining step, ``Method.abstains``).
     Returns:
       ``(grads, loss, aux)``: gradients keyed like ``trainable``; the loss (0-d, or ``(K,)`` for K streams),
       detached; the loss function's ``LossOutput`` with its metrics and output detached."""
@@ -291,7 +303,7 @@ def gradients_autograd(
         loss, aux = loss_fn(combine(frozen, leaves), buffers, batch, extra)
         return loss.sum(), (loss, aux)
 
-    grads, _, (loss, aux) = _autograd(summed, trainable)
+    grads, _, (loss, aux) = _autograd(summed, trainable, skip=skip and (lambda found: skip(found[1].metrics)))
     # running statistics are updated outside autograd, so only the metrics and the raw output need detaching
     metrics = {name: value.detach() for name, value in aux.metrics.items()}
     return grads, loss.detach(), aux._replace(metrics=metrics, output=_detach_tree(aux.output))
@@ -360,7 +372,8 @@ def apply_gradients(
 
 
 def step_from_gradients(
-    method: "Method", state: TTTState, grads: Params, loss: Tensor, aux: LossOutput, noise: Any
+    method: "Method", state: TTTState, grads: Params, loss: Tensor, aux: LossOutput, noise: Any,
+    *, backward: bool = True,
 ) -> tuple[TTTState, dict]:
     """The rest of one update once the gradients are known: the optimiser step (``apply_gradients``), the
     method's ``finish`` (which may undo or change it: EATA's skip, SAR's recovery, CoTTA's restore), then
@@ -373,12 +386,15 @@ def step_from_gradients(
       loss: the loss before the update (0-d).
       aux: the loss function's ``LossOutput``.
       noise: the step's randomness (passed to ``finish``).
+      backward: whether the gradients came from the method's backward passes (False: an abstaining step's
+        zeros, no backward run).
     Returns:
       ``(new_state, metrics)``, the metrics as ``apply_gradients`` and ``finish`` give them plus
-      ``total_update_norm``."""
+      ``total_update_norm`` and ``backward_passes`` (the backward passes the update ran)."""
     new_state, metrics = apply_gradients(method.optimizer, state, grads, loss, aux)
     new_state, metrics = method.finish(state, new_state, metrics, noise)
     metrics["total_update_norm"] = optim.global_norm(optim.tree_sub(new_state.trainable, new_state.source))
+    metrics["backward_passes"] = torch.zeros_like(loss) + (method.calls[1] if backward else 0)
     return new_state, metrics
 
 
@@ -422,6 +438,8 @@ def make_update(
     ``differentiate``: ``autograd`` (fastest for one model) or ``func`` (composes with ``torch.func``
     transforms). ``keep_output`` adds the forward's output to the metrics as ``output``. ``capture`` records
     the update as a CUDA graph per input shape and replays it (``yolozu.functional.capture``; eager on CPU).
+    A method that ``abstains`` skips the backward of an abstaining step when the update is eager, by
+    ``autograd`` and not captured (a captured graph or a ``torch.func`` transform cannot branch on a value).
 
     Args:
       method: the ``Method``.
@@ -433,11 +451,17 @@ def make_update(
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
     gradients = gradients_autograd if differentiate == "autograd" else gradients_func
+    branches = method.abstains is not None and differentiate == "autograd" and not capture
+    skip = (lambda metrics: bool(method.abstains(metrics))) if branches else None
+    skipping = {"skip": skip} if branches else {}
 
     def update(state: TTTState, batch: Any, noise: Any = None) -> tuple[TTTState, dict]:
         extra = method.prepare(state, batch, noise)
-        grads, loss, aux = gradients(method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra)
-        new_state, metrics = step_from_gradients(method, state, grads, loss, aux, noise)
+        grads, loss, aux = gradients(
+            method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra, **skipping
+        )
+        backward = skip is None or not skip(aux.metrics)
+        new_state, metrics = step_from_gradients(method, state, grads, loss, aux, noise, backward=backward)
         if keep_output:
             metrics["output"] = aux.output
         return new_state, metrics

@@ -253,8 +253,8 @@ class Adaptation:
             )
             yolozu = self.method.yolozu_row(row)
             skipped = bool(yolozu.pop("update_skipped", False))
-            forward, backward = self.method.calls
-            row.update(yolozu, forward_calls=forward, backward_calls=backward, optimizer_step=kept and not skipped)
+            row.update(yolozu, forward_calls=self.method.calls[0], backward_calls=int(row.pop("backward_passes")),
+                       optimizer_step=kept and not skipped)
             if kept:
                 self.losses.append(row["loss"])
             if reason is not None:

@@ -93,9 +93,9 @@ def sam_perturbation(grads: Params, params: Params, rho: float, adaptive: bool) 
 
 
 def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
-    """SAR's ``finish``: no step without a selected sample; the moving average of the loss; below
-    ``reset_constant``, model recovery (weights and optimiser state back to the source, the average restarted,
-    where the reference code keeps it: docs/ttt.md).
+    """SAR's ``finish``: the moving average of the loss over steps with a selected sample (a step without one is
+    taken on zero gradients, as the reference's); below ``reset_constant``, model recovery (weights and
+    optimiser state back to the source, the average restarted, where the reference code keeps it: docs/ttt.md).
 
     Args:
       s: SAR's settings (``reset_constant``).
@@ -105,17 +105,15 @@ def recover_or_keep(s: SARSettings, optimizer: optim.GradientTransformation):
 
     def finish(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
         del noise
-        # no selected sample: no step and the average stays. SAR's reference code still steps then, on zero
-        # gradients (the mean over no sample), so momentum SGD moves the weights; docs/ttt.md lists the deviation
+        # no selected sample: the loss is the mean over no sample, its gradients zeros, and the step is taken on
+        # them as in the reference code (momentum SGD still moves the weights); the average keeps its value
         idle = metrics["selected"] == 0
         previous = old.method_state.ema_loss
         ema = torch.where(torch.isfinite(previous), 0.9 * previous + 0.1 * metrics["loss"], metrics["loss"])
         ema = torch.where(idle, previous, ema)
         recover = ema < s.reset_constant
-        back = recover | idle
-        trainable = tree_where(back, tree_where(recover, old.source, old.trainable), new.trainable)
-        restart = tree_where(recover, optimizer.init(old.source), old.opt_state)
-        opt_state = tree_where(back, restart, new.opt_state)
+        trainable = tree_where(recover, old.source, new.trainable)
+        opt_state = tree_where(recover, optimizer.init(old.source), new.opt_state)
         ema = torch.where(recover, torch.full_like(ema, float("nan")), ema)
         metrics = {
             **metrics,
@@ -138,7 +136,7 @@ def sar_method(
     """SAR as a ``Method``: ``prepare`` runs the first pass and returns the perturbation and the first pass's
     reliable samples; the loss is the second pass at the perturbed weights; ``finish`` keeps the loss average
     and recovers (``recover_or_keep``). Metrics add ``reliable`` (first-pass reliable samples), ``selected``
-    (reliable in both passes; none: no step), ``ema_loss`` and ``recovered``.
+    (reliable in both passes; none: zero gradients), ``ema_loss`` and ``recovered``.
 
     Args:
       apply: the model as a pure function (``bridge.make_apply``).
@@ -196,8 +194,7 @@ def sar_method(
 
 def sar_row(row: dict, rho: float) -> dict:
     """YOLOZU's SAR step keys beside ours: ``loss_second`` (the loss at the perturbed weights),
-    ``sar_rho_applied`` (rho x first_step_scale) and whether the step changed nothing (no selected sample, or a
-    recovery).
+    ``sar_rho_applied`` (rho x first_step_scale) and whether the step's update was discarded (a recovery).
 
     Args:
       row: a step row of this method.
@@ -208,5 +205,5 @@ def sar_row(row: dict, rho: float) -> dict:
     return {
         "loss_second": row["loss"],
         "sar_rho_applied": rho,
-        "update_skipped": row["selected"] == 0 or bool(row["recovered"]),
+        "update_skipped": bool(row["recovered"]),
     }

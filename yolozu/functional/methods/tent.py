@@ -345,7 +345,8 @@ def response_method(
              "response_selected_queries", "response_selected_ratio", "response_selected_confidence_mean",
              "response_abstained", "update_abstained", "buffers_restored_on_abstention")  # fmt: skip
     # two forwards (teacher, student) and one backward per update
-    return Method(loss_fn, optimizer, finish=abstain_or_keep, metric_names=names, calls=(2, 1), yolozu_row=tent_row)
+    return Method(loss_fn, optimizer, finish=abstain_or_keep, metric_names=names, calls=(2, 1), yolozu_row=tent_row,
+                  abstains=lambda metrics: metrics["response_abstained"] > 0)
 
 
 def make_tent_step(
