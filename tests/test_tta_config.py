@@ -1,5 +1,7 @@
 """TTTConfig validation and presets."""
 
+import argparse
+
 import pytest
 
 from yolozu.tta import TTTConfig
@@ -95,17 +97,22 @@ def test_every_setting_is_one_generated_flag_with_its_help_and_choices():
     import attrs
 
     from yolozu.cli.export import build_parser, flag_of
+    from yolozu.tta.cli_options import add_ttt_arguments
 
     actions = {a.dest: a for a in build_parser()._actions}
     flags = [f for f in attrs.fields(TTTConfig) if f.name not in ("enabled", "preset")]
     assert len(flags) > 30
     for field in flags:
-        action = actions.pop(f"ttt_{field.name}")
+        action = actions.pop(field.metadata.get("flag", "--ttt-" + field.name).lstrip("-").replace("-", "_"))
         assert action.option_strings[0] == flag_of(field)
         assert field.metadata["help"] in action.help and action.default is None
         assert (tuple(action.choices) if action.choices else None) == getattr(field.validator, "choices", None)
     assert {dest for dest in actions if dest.startswith("ttt_")} == {"ttt_preset"}
     assert flag_of(attrs.fields_dict(TTTConfig)["mim_mask_prob"]) == "--ttt-mask-prob"  # the spec's MIM flags
+    parser = argparse.ArgumentParser()
+    add_ttt_arguments(parser)
+    parsed = parser.parse_args(["--ttt", "--ttt-mask-prob", "0.3", "--ttt-patch-size", "8"])
+    assert (parsed.ttt_mask_prob, parsed.ttt_patch_size) == (0.3, 8)  # under YOLOZU's names
 
 
 def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():

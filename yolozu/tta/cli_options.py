@@ -15,7 +15,7 @@ import attrs
 
 from yolozu.functional.filters import FILTERS
 from yolozu.tta.config import RESETS, SDFT_TASKS, SUPPORTED_TTT_METHODS, TTTConfig
-from yolozu.tta.flags import flag_kwargs, flag_of, ttt_config, ttt_fields
+from yolozu.tta.flags import dest_of, flag_kwargs, flag_of, ttt_config, ttt_fields
 from yolozu.tta.presets import PRESETS
 
 _CHOICES = {f.name: getattr(f.validator, "choices", None) for f in attrs.fields(TTTConfig)}
@@ -44,7 +44,7 @@ def add_ttt_arguments(parser: argparse.ArgumentParser | Any, *, include_enable_f
         "settings and fills the unset guards (a plain --ttt picks one: see docs/ttt.md)",
     )
     for field in ttt_fields():
-        parser.add_argument(flag_of(field), dest=f"ttt_{field.name}", **flag_kwargs(field))
+        parser.add_argument(flag_of(field), dest=dest_of(field), **flag_kwargs(field))
 
 
 def build_ttt_config_from_args(args: Any) -> TTTConfig:

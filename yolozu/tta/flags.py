@@ -54,6 +54,17 @@ def flag_of(field: attrs.Attribute) -> str:
     return field.metadata.get("flag") or "--ttt-" + field.name.replace("_", "-")
 
 
+def dest_of(field: attrs.Attribute) -> str:
+    """The parsed-arguments attribute of a ``TTTConfig`` field's flag: the flag without its dashes, in
+    underscores, as argparse derives it (``--ttt-mask-prob`` -> ``ttt_mask_prob``, YOLOZU's name).
+
+    Args:
+      field: a ``TTTConfig`` field.
+    Returns:
+      The attribute name, e.g. ``ttt_eata_conf_min``."""
+    return flag_of(field).lstrip("-").replace("-", "_")
+
+
 def flag_kwargs(field: attrs.Attribute) -> dict[str, Any]:
     """argparse keyword arguments of a ``TTTConfig`` field, from its type, validator and help. Every default is
     None, so that an explicit value can be told from an absent one (an explicit value wins over its preset).
@@ -99,7 +110,7 @@ def ttt_config(args: argparse.Namespace) -> TTTConfig:
         one reads as its default).
     Returns:
       The validated ``TTTConfig``."""
-    given = {f.name: getattr(args, f"ttt_{f.name}", None) for f in ttt_fields()}
+    given = {f.name: getattr(args, dest_of(f), None) for f in ttt_fields()}
     explicit = {name: None if value is EXPLICIT_NONE else value for name, value in given.items() if value is not None}
     explicit.setdefault("seed", getattr(args, "seed", None))
     if not getattr(args, "ttt", False):
@@ -114,7 +125,7 @@ def given_flags(args: argparse.Namespace) -> list[attrs.Attribute]:
       args: the parsed command line.
     Returns:
       Those fields, in ``TTTConfig``'s order."""
-    return [f for f in ttt_fields() if getattr(args, f"ttt_{f.name}", None) is not None]
+    return [f for f in ttt_fields() if getattr(args, dest_of(f), None) is not None]
 
 
 def misplaced_flag(args: argparse.Namespace, method: str) -> str | None:

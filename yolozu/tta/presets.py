@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.flags import dest_of
 from yolozu.tta.preset_table import AUTO, CORE, GUARDS, PRESETS, TASK_PRESETS, TTTPreset, preset_values
 
 __all__ = [
@@ -15,11 +16,12 @@ __all__ = [
     "apply_ttt_preset_args", "validate_ttt_lora_requirements", "validate_ttt_requirements",
 ]  # fmt: skip
 _DEFAULTS = {f.name: f.default for f in attrs.fields(TTTConfig)}
+_DESTS = {f.name: dest_of(f) for f in attrs.fields(TTTConfig)}
 
 
 def _given(args: Any, name: str) -> Any:
     """The parsed value of ``--ttt-<name>``; None when absent (the project's parser leaves absent flags None)."""
-    return getattr(args, f"ttt_{name}", None)
+    return getattr(args, _DESTS[name], None)
 
 
 def auto_preset(args: Any) -> str:
@@ -71,7 +73,7 @@ def fill_guards(args: Any, preset: TTTPreset) -> None:
     """
     for name in ("max_grad_norm", "max_update_norm", "max_total_update_norm"):
         if _given(args, name) is None and getattr(preset, name) is not None:
-            setattr(args, f"ttt_{name}", float(getattr(preset, name)))
+            setattr(args, _DESTS[name], float(getattr(preset, name)))
     if _given(args, "max_loss_ratio") is None and _given(args, "max_loss_increase") is None:
         if preset.max_loss_ratio is not None:
             args.ttt_max_loss_ratio = float(preset.max_loss_ratio)
@@ -81,7 +83,7 @@ def fill_guards(args: Any, preset: TTTPreset) -> None:
 
 def _set_core(args: Any, preset: TTTPreset) -> None:
     for name in CORE:
-        setattr(args, f"ttt_{name}", getattr(preset, name))
+        setattr(args, _DESTS[name], getattr(preset, name))
 
 
 def apply_ttt_preset_args(args: Any) -> Any:
