@@ -77,6 +77,9 @@ class Readout:
         with the source's (``methods.align``); empty: the model names none.
       source_stats: the source statistics of those layers (``yolozu.functional.feature_stats``; the adapter
         reads the file saved beside its checkpoint), or None when there are none.
+      structured_mim: the model reconstructs its own features (YOLOZU's structured MIM hook, a model with
+        ``enable_mim``): MIM calls ``forward(x, geom_input=, feature_mask=, return_mim=True)`` and reads
+        ``output["mim"]`` (``methods.mim.structured_mim_method``) instead of masking the image.
     """
 
     scores: Callable[[Any], Tensor] = output_logits
@@ -90,6 +93,7 @@ class Readout:
     no_object: int = -1
     layers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     source_stats: Any = None
+    structured_mim: bool = False
 
     def candidates(self, output: Any, index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The detector's candidates as ``(B, Q, C)`` class logits (classes last) and the flat positions they
@@ -151,14 +155,19 @@ DEFAULT_READOUT = Readout()
 
 
 def readout_of(adapter: object) -> Readout:
-    """The adapter's readout when it defines ``ttt_readout()``, else the classifier default.
+    """The adapter's readout when it defines ``ttt_readout()``, else the classifier default (with
+    ``structured_mim`` when the adapter's model sets ``enable_mim``, as YOLOZU reads it).
 
     Args:
       adapter: a YOLOZU adapter.
     Returns:
       The ``Readout``."""
     hook = getattr(adapter, "ttt_readout", None)
-    return hook() if callable(hook) else DEFAULT_READOUT
+    if callable(hook):
+        return hook()
+    model = getattr(adapter, "get_model", None)
+    structured = callable(model) and bool(getattr(model(), "enable_mim", False))
+    return Readout(structured_mim=True) if structured else DEFAULT_READOUT
 
 
 def peak_indices(logits: Tensor, k: int) -> Tensor:

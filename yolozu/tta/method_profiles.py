@@ -62,7 +62,8 @@ TTT_METHOD_PROFILES: dict[str, dict[str, Any]] = {
         "conditional_model_hook",
         "no_gain_measured",
         {"primary": "masked_reconstruction_through_the_readout_recon_hook"},
-        "Needs the model's reconstruction hook (the readout's recon_kwargs/recon); other models are refused.",
+        "Needs the model's reconstruction hook (the readout's recon_kwargs/recon) or YOLOZU's structured hook "
+        "(enable_mim: forward(..., return_mim=True) -> output['mim']); other models are refused.",
         runtime_preconditions=["reconstruction_hook"],
     ),
     "cotta": _profile(

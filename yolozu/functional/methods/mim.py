@@ -2,13 +2,19 @@
 self-supervised test-time task, as in TTT-MAE, Gandelsman, Sun, Chen & Efros, NeurIPS 2022).
 
     L(theta) = sum_{masked pixels} ||f_theta(x * (1 - m) + v m) - x||^2 / #masked,   m ~ block mask (SimMIM)
+
+A model that reconstructs its own features instead (YOLOZU's structured MIM hook, ``Readout.structured_mim``)
+takes the mask and a geometry input with the clean image and returns ``output["mim"]``: the loss is then the
+masked squared error of its reconstructed features against its teacher features (detached), plus
+``STRUCTURED_ENTROPY_WEIGHT`` times the entropy it reports (``structured_mim_method``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
+import torch
 from torch import Tensor
 
 from yolozu.functional import optim
@@ -54,12 +60,32 @@ def mim_method(
         ``(B, 1, H, W)``.
     Returns:
       The ``Method``; its randomness a block mask ``(B, 1, H, W)`` (``masking.block_mask``)."""
+    if readout.structured_mim:
+        return structured_mim_method(apply, optimizer, settings, bn=bn, loss=loss)
 
     def reconstruction_loss(params, buffers, batch, mask):
         masked = apply_mask(batch, mask, settings.mask_value)
         output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
         error = loss(readout.recon(output), batch, mask)
         return error, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
+
+    return Method(
+        reconstruction_loss,
+        optimizer,
+        draw=mask_drawer(settings),
+        metric_names=("mask_ratio",),
+        yolozu_row=lambda row: {"mim_loss": row["loss"]},
+    )
+
+
+def mask_drawer(settings: MIMSettings) -> Callable[[Key, Params, Tensor], Tensor]:
+    """MIM's ``draw``: a block mask ``(B, 1, H, W)`` for a batch ``(B, C, H, W)`` from a key
+    (``masking.block_mask`` with the settings' cell side and probability).
+
+    Args:
+      settings: the mask's cell side and probability.
+    Returns:
+      ``draw_mask(key, source, batch) -> (B, 1, H, W)`` bool, on the batch's device."""
 
     def draw_mask(k: Key, source: Params, batch: Tensor) -> Tensor:
         del source
@@ -68,10 +94,79 @@ def mim_method(
             k, b, h, w, patch_size=settings.patch_size, mask_prob=settings.mask_prob, device=batch.device
         )
 
+    return draw_mask
+
+
+STRUCTURED_ENTROPY_WEIGHT = 0.1
+"""The weight of the entropy a structured-MIM model reports, YOLOZU's."""
+
+
+def geometry_input(x: Tensor) -> Tensor:
+    """YOLOZU's geometry stand-in for a structured-MIM model: a support channel of ones and the log luminance
+    relative to the image's median, ``log(max(l, 1e-6)) - log(max(median l, 1e-6))`` with l the channel mean.
+
+    Args:
+      x: images ``(B, C, H, W)``.
+    Returns:
+      ``(B, 2, H, W)``, on ``x``'s device."""
+    luminance = x.float().mean(dim=1, keepdim=True)
+    median = luminance.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    relative = luminance.clamp_min(1e-6).log() - median.clamp_min(1e-6).log()
+    return torch.cat([torch.ones_like(luminance), relative], dim=1)
+
+
+def structured_mim_method(
+    apply: Apply,
+    optimizer: optim.GradientTransformation,
+    settings: MIMSettings = MIMSettings(),
+    *,
+    bn: str = "running",
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor] = masked_reconstruction_loss,
+) -> Method:
+    """MIM on a model that reconstructs its own features (``Readout.structured_mim``): the clean batch, the block
+    mask as ``feature_mask`` and ``geometry_input`` go into ``forward(..., return_mim=True)``; the loss is
+    ``loss(recon_feat, teacher_feat.detach(), mask)`` over ``output["mim"]`` (its ``mask`` if it returns one,
+    else every position) plus ``STRUCTURED_ENTROPY_WEIGHT`` x its ``entropy`` when present.
+
+    Metrics add ``mask_ratio``, ``loss_mim`` and ``loss_entropy`` (None in a row when the model reports none).
+
+    Args:
+      apply: the model as a pure function (``bridge.make_apply``).
+      optimizer: the optimiser of the adapted parameters.
+      settings: the block mask's settings (``mask_value`` is unused: the model masks its features).
+      bn: the BatchNorm mode while adapting (``step.BN_MODES``).
+      loss: ``loss(reconstruction, target, mask) -> 0-d loss``.
+    Returns:
+      The ``Method``; its randomness a block mask ``(B, 1, H, W)``."""
+
+    def structured_loss(params, buffers, batch, mask):
+        output, new_buffers = apply(params, buffers, batch, bn_mode=bn, geom_input=geometry_input(batch),
+                                    feature_mask=mask, return_mim=True)  # fmt: skip
+        mim = _mim_entry(output)
+        recon, teacher = mim["recon_feat"], mim["teacher_feat"].detach()
+        kept = mim.get("mask")
+        error = loss(recon, teacher, torch.ones_like(recon[:, :1], dtype=torch.bool) if kept is None else kept)
+        entropy = mim.get("entropy")
+        total = error if entropy is None else error + STRUCTURED_ENTROPY_WEIGHT * entropy.to(error.dtype)
+        shown = torch.full_like(error, float("nan")) if entropy is None else entropy.detach().to(error.dtype)
+        metrics = {"mask_ratio": (mask if kept is None else kept).to(error.dtype).mean(),
+                   "loss_mim": error.detach(), "loss_entropy": shown}  # fmt: skip
+        return total, LossOutput(new_buffers, metrics, output)
+
     return Method(
-        reconstruction_loss,
+        structured_loss,
         optimizer,
-        draw=draw_mask,
-        metric_names=("mask_ratio",),
-        yolozu_row=lambda row: {"mim_loss": row["loss"]},
+        draw=mask_drawer(settings),
+        metric_names=("mask_ratio", "loss_mim", "loss_entropy"),
+        optional_metrics=("loss_entropy",),
+        yolozu_row=lambda row: {"mim_loss": row["loss_mim"], "entropy_loss": row["loss_entropy"]},
     )
+
+
+def _mim_entry(output: Any) -> dict:
+    mim = output.get("mim") if isinstance(output, dict) else None
+    if not isinstance(mim, dict) or mim.get("recon_feat") is None or mim.get("teacher_feat") is None:
+        got = sorted(output) if isinstance(output, dict) else type(output).__name__
+        raise KeyError(f"a structured-MIM model (enable_mim) must return output['mim'] with recon_feat and "
+                       f"teacher_feat when called with return_mim=True; got {got}")
+    return mim
