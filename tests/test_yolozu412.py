@@ -160,7 +160,7 @@ class _Queries(nn.Module):
 
     def forward(self, x):
         hidden = self.norm(x).unsqueeze(1).repeat(1, 2, 1)
-        return {"logits": self.cls(hidden) + torch.tensor([3.0, 0.0, 0.0]), "bbox": self.box(hidden)}
+        return {"logits": self.cls(hidden) + torch.tensor([3.0, 0.0, 0.0], device=x.device), "bbox": self.box(hidden)}
 
 
 def test_tent_detector_response_adapts_and_abstains_keeping_weights_and_buffers():
@@ -434,3 +434,23 @@ def test_process_memory_is_unavailable_without_the_resource_module(monkeypatch):
     assert memory._process_peak_rss_bytes() is None
     assert memory._memory_start(nn.Linear(1, 1)) == {
         "backend": "unavailable", "metric": None, "reason": "resource_module_unavailable"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_report_reads_the_allocator_and_an_abstained_step_runs_no_backward():
+    from tests.toy import TensorAdapter, TinyClassifier, seeded
+    from yolozu.tta.integration import run_ttt
+
+    images = [x.cuda() for x in _images(2)]
+    config = TTTConfig(enabled=True, method="tent", steps=2, lr=1e-2, batch_size=2, seed=0)
+    report = run_ttt(TensorAdapter(seeded(TinyClassifier).cuda()), images, config)
+    memory = report.memory
+    assert (memory["backend"], memory["metric"]) == ("torch_cuda", "peak_allocated_bytes")
+    assert memory["peak_allocated_bytes"] >= memory["start_allocated_bytes"] > 0
+    from yolozu.tta.tent import TentConfig, TentRunner
+
+    config = TentConfig(update_filter="all", detector_response=True, response_conf_min=1.0)
+    runner = TentRunner(_Queries().cuda(), config)
+    row = runner.adapt_step(torch.randn(4, 4, device="cuda"))
+    assert (row["update_abstained"], row["backward_calls"], row["optimizer_steps"]) == (1.0, 0, 0)
