@@ -8,7 +8,8 @@ lowest segment, both against BatchNorm statistics alone on the same stream, and 
 the source model at the end of the stream. The stream settings (``recipes.STREAM_SETTINGS``) are the best
 mean whose clean mAP50 after the stream is no lower than BatchNorm statistics'.
 
-    python tools/tune_continual.py [--images 192] [--clean-images 96] [--output runs/bench/tuning-continual.json]
+    python tools/tune_continual.py [--images 400] [--clean-images 200] [--methods M ...]
+        [--output runs/bench/tuning-continual.json]
 """
 
 import argparse
@@ -29,19 +30,23 @@ from yolozu.io.predictions import write_json_atomic  # noqa: E402
 
 STREAM = {**ONLINE, "batch_size": STREAM_BATCH}  # the stream protocols' batches
 CANDIDATES = [
-    *({"method": "tent", **STREAM, "lr": lr} for lr in (1e-3, 3e-3)),
+    *({"method": "tent", **STREAM, "lr": lr} for lr in (3e-4, 1e-3)),
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4,)),
     *({"method": "cotta", **STREAM, "lr": lr, "cotta_ema_momentum": m}
-      for lr, m in ((3e-2, 0.8), (1e-2, 0.9), (1e-2, 0.99), (3e-3, 0.99))),
+      for lr, m in ((3e-3, 0.8), (3e-3, 0.99), (1e-3, 0.99))),
     *({"method": "eata", **STREAM, "lr": lr} for lr in (3e-3, 1e-2)),
-    *({"method": "sar", **STREAM, "lr": lr, "update_filter": "norm_but_top"} for lr in (1e-3, 3e-3)),
+    *({"method": "sar", **STREAM, "lr": lr, "update_filter": "norm_but_top"} for lr in (3e-4, 1e-3)),
+    *({"method": "align", **STREAM, "lr": lr} for lr in (1e-3, 3e-3, 1e-2)),
 ]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="data/demo")
-    parser.add_argument("--images", type=int, default=192, help="images per corrupted segment (default 192)")
-    parser.add_argument("--clean-images", type=int, default=96, help="clean training images at the end (default 96)")
+    parser.add_argument("--images", type=int, default=400, help="images per corrupted segment (default 400: 50 "
+                        "updates in the stream protocols' batches, their budget)")
+    parser.add_argument("--clean-images", type=int, default=200, help="clean training images at the end (default 200)")
+    parser.add_argument("--methods", nargs="+", help="tune only these methods' candidates (default: all)")
     parser.add_argument("--output", default="runs/bench/tuning-continual.json")
     args = parser.parse_args(argv)
     splits = [corrupted_split_name(c, 5) for c in HELDOUT_CORRUPTIONS]
@@ -58,7 +63,7 @@ def main(argv=None) -> int:
     found = {"splits": [s for s, _ in segments], "source": source, "bn": bn, "candidates": []}
     print(f"BatchNorm statistics: mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; "
           f"source clean {source[-1]:.4f}", flush=True)
-    for ttt in CANDIDATES:
+    for ttt in (c for c in CANDIDATES if not args.methods or c["method"] in args.methods):
         start = time.perf_counter()
         got = scores(Recipe("candidate", "candidate", ttt))
         over = [100 * (a - b) for a, b in zip(got[:-1], bn[:-1])]

@@ -8,7 +8,7 @@ every image, so the stream changes nothing for them and they are left out. Resul
 ``runs/bench/continual.json``; ``yolozu.demo.bench.continual_report`` writes docs/benchmarks-continual.md and the
 plot, and the quick report reads the file for its ``Continual:`` line.
 
-    python -m yolozu.demo.bench.continual [--images 64]       # part of make bench
+    python -m yolozu.demo.bench.continual [--images 400]       # part of make bench
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from yolozu.data import build_manifest
 from yolozu.demo.bench.budget import budget
 from yolozu.demo.bench.continual_report import write_continual_report
 from yolozu.demo.bench.pages import data_root, default_docs, default_output, machine
-from yolozu.demo.bench.recipes import BENCHMARKED, RECIPES, STREAM_BATCH, stream_recipe
+from yolozu.demo.bench.recipes import BENCHMARKED, GRADIENT_METHODS, RECIPES, STREAM_BATCH, stream_recipe
 from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args, skipped_recipes
 from yolozu.demo.corruptions import CORRUPTIONS
 from yolozu.demo.data import corrupted_split_name
@@ -35,9 +35,15 @@ from yolozu.metrics import evaluate
 
 STREAM = [corrupted_split_name(c, 5) for c in CORRUPTIONS] + ["val"]
 """The stream, in order: ImageNet-C's standard corruption order at severity 5, then clean val."""
-CONTINUAL = tuple(name for name in BENCHMARKED if not (RECIPES[name].episodic or RECIPES[name].adapts_first))
+IMAGES = 400
+"""Images per segment by default: in batches of ``recipes.STREAM_BATCH`` (8), 50 updates per corruption, the
+reset-per-corruption protocol's budget."""
+STREAMABLE = tuple(name for name in BENCHMARKED if not (RECIPES[name].episodic or RECIPES[name].adapts_first))
 """The recipes whose state carries along a stream as it predicts (episodic ones restart at every image; an
 adapt-first one would see the whole stream before its first prediction)."""
+CONTINUAL = ("source", "bn", *GRADIENT_METHODS)
+"""The stream protocols' default recipes: the streamable ones but the papers' presets (``--recipes`` adds them;
+CoTTA's 32 views over a 6,400-image stream would take most of an hour on 2 cores)."""
 
 
 def stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
@@ -104,7 +110,7 @@ def add_flags(parser: argparse.ArgumentParser, images: int, protocol: str) -> No
     parser.add_argument("--dataset", help="the data (default: data/demo, or data/demo-seed<S> for --seed S)")
     parser.add_argument("--seed", type=int, default=0, help="the demo data's seed (tools/make_demo_data.py --seed)")
     parser.add_argument("--images", type=int, default=images, help=f"images per segment (default {images})")
-    parser.add_argument("--recipes", nargs="+", default=list(CONTINUAL), choices=list(CONTINUAL))
+    parser.add_argument("--recipes", nargs="+", default=list(CONTINUAL), choices=list(STREAMABLE))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help=f"results JSON (default runs/bench/{protocol}[-<adapter>][-seed<S>].json)")
     parser.add_argument("--docs", help=f"the report: a folder (benchmarks-{protocol}.md and its plot go there), a "
@@ -151,7 +157,7 @@ def _write_report(results: dict, docs: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return protocol_main(argv, "continual", 64, STREAM, _write_report, __doc__)
+    return protocol_main(argv, "continual", IMAGES, STREAM, _write_report, __doc__)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import attrs
 from yolozu.cli.export import flag_of
 from yolozu.demo.bench.budget import updates
 from yolozu.tta.config import TTTConfig
+from yolozu.tta.paper_presets import PAPERS
 from yolozu.tta.preset_table import GUARDS
 
 
@@ -84,13 +85,23 @@ BUDGET_BATCH = 8
 """Images per batch of the reset-per-corruption protocol: of every update and every prediction of the online and
 adapt-first recipes, and of the BatchNorm-statistics baseline's statistics, so the gradient methods are measured
 against normalisation on the very same batches. With ``shift.SCOPES``' 400 images per corruption: 50 updates."""
-STREAM_BATCH = 32
+STREAM_BATCH = BUDGET_BATCH
 """Images per batch of the never-reset stream protocols (continual, gradual), for the methods and BatchNorm
-statistics alike: the batch their stream settings (``STREAM_SETTINGS``) were tuned at."""
+statistics alike: the reset-per-corruption protocol's, so a continual segment of 400 images is 50 updates too;
+the stream settings (``STREAM_SETTINGS``) were tuned at it."""
 ONLINE = {"schedule": "online", "batch_size": BUDGET_BATCH, "update_filter": "norm_only", "max_batches": None,
           "seed": 0}
 TENT = {"method": "tent", **ONLINE, "lr": 1e-3}
 """Online Tent (the tent and tent-reuse recipes)."""
+PAPER_DATA = "train"
+"""The in-distribution split the papers' recipes calibrate on: EATA's Fisher information, CoTTA's source-derived
+confidence threshold (the demo's clean training images)."""
+EATA_PAPER = {**PAPERS["eata_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "eata_fisher_data": PAPER_DATA}
+"""The paper's EATA (the ``eata_paper`` preset, with its Fisher regulariser) at the benchmark's batch, its learning
+rate as the paper's (not rescaled: docs/ttt.md)."""
+COTTA_PAPER = {**PAPERS["cotta_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "cotta_threshold_data": PAPER_DATA}
+"""The reference's CoTTA (the ``cotta_paper`` preset: 32 random views, logit mean, a batch threshold from the
+source model on clean data, the pre-update teacher predicts) at the benchmark's batch."""
 EPISODIC_SHRINK = 8.0
 """The threshold, in standard errors, at which each image's BatchNorm statistics are soft-thresholded towards the
 source's in the episodic recipes (Gong et al. 2022's instance-aware BatchNorm), chosen on the held-out
@@ -118,6 +129,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("sar", "SAR, online", {"method": "sar", **ONLINE, "lr": 1e-3, "update_filter": "norm_but_top"}),
         Recipe("align", "Feature alignment, online", {"method": "align", **ONLINE, "lr": 1e-2}),
         Recipe("tent-pre", "Tent, adapt then predict", {"method": "tent", **ONLINE, "schedule": "pre", "lr": 1e-3}),
+        Recipe("eata-paper", "EATA as the paper runs it, online", EATA_PAPER),
+        Recipe("cotta-paper", "CoTTA as its reference code runs it, online", COTTA_PAPER),
         Recipe(
             "bn-sample",
             "BatchNorm statistics only (per image, shrunk towards the source's)",
