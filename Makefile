@@ -109,15 +109,16 @@ bench-streams: $(STAMP)
 bench-distributed: $(STAMP)
 	$(PY) tools/bench_distributed.py
 
-# make bench: the continual protocol (the 15 corruptions at severity 5 as one stream, 64 images each, batches of 32,
-# then clean val; runs/bench/continual.json, docs/benchmarks-continual.md), then the quick scope (clean val and one
-# corruption of each family at severity 5: gaussian_noise, defocus_blur, fog, contrast; reset per corruption, 400
-# images per split in batches of 8: 50 updates per corruption, BatchNorm statistics on the same batches; the online
-# recipes, Tent adapting first, BatchNorm statistics and Tent episodic; each gain over BatchNorm statistics with a
-# paired bootstrap 95% interval over images; runs/bench/quick.json and quick-matches.npz, docs/benchmarks.md with the
-# continual line and, when runs/bench/quick-seed1.json is there, the data-seed spread). Its data step grows
+# make bench: the quick scope (clean val and one corruption of each family at severity 5: gaussian_noise,
+# defocus_blur, fog, contrast; reset per corruption, 400 images per split in batches of 8: 50 updates per
+# corruption, BatchNorm statistics on the same batches; the online recipes, Tent adapting first, BatchNorm statistics
+# and Tent episodic; each gain over BatchNorm statistics with a paired bootstrap 95% interval over images;
+# runs/bench/quick.json and quick-matches.npz, docs/benchmarks.md with, when runs/bench/continual.json is there, the
+# continual line, and, when runs/bench/quick-seed1.json is there, the data-seed spread). Its data step grows
 # data/demo's val to BENCH_VAL images (--grow: the first 300 stay the same) and remakes those 4 corruptions of it.
-# Measured: see docs/benchmarks.md's provenance line.
+# make bench-continual: the continual protocol at the same budget (the 15 corruptions at severity 5 as one stream,
+# 400 images each in batches of 8: 50 updates per corruption, then clean val; runs/bench/continual.json,
+# docs/benchmarks-continual.md). Measured: see each page's provenance line.
 # make bench-gradual: severities 1-5-1 per corruption as one stream, 64 images per segment, then clean val
 # (runs/bench/gradual.json, docs/benchmarks-gradual.md). make bench-full: the continual and gradual protocols,
 # then every recipe on all 15 corruptions at every severity 1-5 at the same budget (docs/benchmarks-full.md); hours
@@ -125,15 +126,14 @@ bench-distributed: $(STAMP)
 BENCH_VAL := 400
 BENCH_CORRUPTIONS := gaussian_noise defocus_blur fog contrast
 # ^ the reset-per-corruption scopes' images per corruption and make bench's corruptions (yolozu.demo.bench.shift's
-# IMAGES and BENCH_CORRUPTIONS; a test keeps them equal). The streams read 64 images of each split, so their data
-# steps make whatever val holds.
+# IMAGES and BENCH_CORRUPTIONS; a test keeps them equal), also the continual stream's images per corruption.
 .PHONY: bench bench-full bench-continual bench-gradual
-bench: bench-continual
+bench: $(STAMP)
 	$(PY) tools/make_demo_data.py --root data/demo --n-val $(BENCH_VAL) --grow --corruptions $(BENCH_CORRUPTIONS) --severities 5
 	$(PY) -m yolozu.demo.bench.shift --quick
 
 bench-continual: $(STAMP)
-	$(PY) tools/make_demo_data.py --root data/demo --corruptions all --severities 5
+	$(PY) tools/make_demo_data.py --root data/demo --n-val $(BENCH_VAL) --grow --corruptions all --severities 5
 	$(PY) -m yolozu.demo.bench.continual
 
 bench-gradual: $(STAMP)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from yolozu.data import build_manifest
-from yolozu.demo.bench import budget, gains, recipes, report, shift
+from yolozu.demo.bench import budget, continual, gains, recipes, report, shift
 from yolozu.demo.bench.bootstrap import image_matches, map50_gain, paired_interval, resample_weights, weighted_map50
 from yolozu.demo.bench.runner import Runner
 from yolozu.demo.data import write_corrupted_split
@@ -44,6 +44,8 @@ def test_a_bad_budget_and_a_short_split_are_refused_with_the_remedy():
 
 def test_make_bench_gives_every_online_method_at_least_50_updates_per_corruption():
     assert budget.updates(shift.IMAGES, recipes.BUDGET_BATCH) >= 50
+    assert budget.updates(continual.IMAGES, recipes.STREAM_BATCH) >= 50  # the continual stream at the same budget
+    assert continual.IMAGES == shift.IMAGES  # the data step makes val's BENCH_VAL images for both
     assert len(shift.SCOPES["quick"][2]) == 4 and set(shift.SCOPES["full"][2]) == set(shift.CORRUPTIONS)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^BENCH_VAL := (\d+)$", makefile, re.M).group(1) == str(shift.IMAGES)

@@ -166,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the demo data's seed (tools/make_demo_data.py --seed)")
     parser.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS) + list(HELDOUT_CORRUPTIONS),
                         help="only these corruptions (default: the scope's)")
+    parser.add_argument("--severities", nargs="+", type=int, choices=(1, 2, 3, 4, 5),
+                        help="only these severities (default: the scope's)")
     parser.add_argument("--images", type=int, default=IMAGES, help=f"images per split (default {IMAGES})")
     parser.add_argument("--draws", type=int, default=DRAWS, help=f"bootstrap resamples of each interval ({DRAWS})")
     parser.add_argument("--memory-images", type=int, default=32, help="images of the peak-memory export (32)")
@@ -183,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = "full" if args.full else "heldout" if args.heldout else "quick"
     severities, recipes, corruptions = SCOPES[name]
     corruptions = args.corruptions or corruptions
+    severities = tuple(args.severities or severities)
     dataset = data_root(args.dataset, args.seed)
     output = Path(args.output or default_output(name, args.adapter, args.seed))
     output.parent.mkdir(parents=True, exist_ok=True)
