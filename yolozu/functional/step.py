@@ -8,6 +8,7 @@ stacked states.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -451,15 +452,14 @@ def make_update(
     if differentiate not in DIFFERENTIATE:
         raise ValueError(f"differentiate must be one of {DIFFERENTIATE}, got {differentiate!r}")
     gradients = gradients_autograd if differentiate == "autograd" else gradients_func
-    branches = method.abstains is not None and differentiate == "autograd" and not capture
-    skip = (lambda metrics: bool(method.abstains(metrics))) if branches else None
-    skipping = {"skip": skip} if branches else {}
+    skip = None
+    if method.abstains is not None and differentiate == "autograd" and not capture:
+        skip = lambda metrics: bool(method.abstains(metrics))  # noqa: E731
+        gradients = functools.partial(gradients_autograd, skip=skip)
 
     def update(state: TTTState, batch: Any, noise: Any = None) -> tuple[TTTState, dict]:
         extra = method.prepare(state, batch, noise)
-        grads, loss, aux = gradients(
-            method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra, **skipping
-        )
+        grads, loss, aux = gradients(method.loss_fn, state.trainable, state.frozen, state.buffers, batch, extra)
         backward = skip is None or not skip(aux.metrics)
         new_state, metrics = step_from_gradients(method, state, grads, loss, aux, noise, backward=backward)
         if keep_output:
