@@ -51,8 +51,8 @@ def stream_settings_line(results: dict) -> str:
 
 
 def provenance(results: dict, continual: dict | None = None) -> str:
-    """When, how and where the results were measured (and, with the continual stream's results, make bench's
-    total)."""
+    """When, how and where the results were measured (and, with the continual stream's results, how long that
+    stream took)."""
     m = results["machine"]
     line = (
         f"Measured on {results['date']} by `{results['command']}` on {m['processor']} ({m['platform']}), "
@@ -61,9 +61,8 @@ def provenance(results: dict, continual: dict | None = None) -> str:
         f"the same images and seeds for every method; {results['seconds'] / 60:.1f} minutes in all."
     )
     if continual:
-        total = (continual["seconds"] + results["seconds"]) / 60
-        line += (f" `make bench` is the continual stream ({continual['images_per_split']} images per segment, "
-                 f"{continual['seconds'] / 60:.1f} minutes) and then this scope: {total:.1f} minutes of benchmark.")
+        line += (f" The continual stream (`make bench-continual`, {continual['images_per_split']} images per "
+                 f"segment) took {continual['seconds'] / 60:.1f} minutes.")
     return line
 
 
@@ -79,7 +78,7 @@ PROTOCOLS = [
     "`make bench-continual`) and **gradual** (severities 1-5-1 per corruption as one stream: "
     "[benchmarks-gradual.md](benchmarks-gradual.md), `make bench-gradual`). `make bench` runs the quick scope "
     "(the online recipes; Tent, adapt then predict; BatchNorm statistics and Tent, episodic; BatchNorm statistics "
-    "per image alone) and the continual stream; `make bench-full` every protocol and every recipe.", "",
+    "per image alone); `make bench-full` every protocol and every recipe.", "",
 ]
 
 
