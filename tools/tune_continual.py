@@ -8,7 +8,7 @@ lowest segment, both against BatchNorm statistics alone on the same stream, and 
 the source model at the end of the stream. The stream settings (``recipes.STREAM_SETTINGS``) are the best
 mean whose clean mAP50 after the stream is no lower than BatchNorm statistics'.
 
-    python tools/tune_continual.py [--images 400] [--clean-images 200] [--methods M ...]
+    python tools/tune_continual.py [--images 400] [--clean-images 200] [--methods M ...] [--repeat N]
         [--output runs/bench/tuning-continual.json]
 """
 
@@ -47,9 +47,11 @@ def main(argv=None) -> int:
                         "updates in the stream protocols' batches, their budget)")
     parser.add_argument("--clean-images", type=int, default=200, help="clean training images at the end (default 200)")
     parser.add_argument("--methods", nargs="+", help="tune only these methods' candidates (default: all)")
+    parser.add_argument("--repeat", type=int, default=1, help="pass the held-out corruptions this many times "
+                        "(4 x 4 segments: as many updates as the 16-segment test stream; default 1)")
     parser.add_argument("--output", default="runs/bench/tuning-continual.json")
     args = parser.parse_args(argv)
-    splits = [corrupted_split_name(c, 5) for c in HELDOUT_CORRUPTIONS]
+    splits = [corrupted_split_name(c, 5) for c in HELDOUT_CORRUPTIONS] * args.repeat
     segments = [(s, build_manifest(args.dataset, s)[: args.images]) for s in splits]
     segments.append(("train", build_manifest(args.dataset, "train")[: args.clean_images]))
     stream = [record for _, records in segments for record in records]
