@@ -187,17 +187,28 @@ def adapt_pre(
       write_back: whether to write the adapted tensors into the module.
     Returns:
       ``(adaptation, report)``: the report with the run's ``seconds`` and ``memory``."""
-    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
+    measured = _measure(adapter)
     adaptation, batches_used = adapt_stream(
         adapter, records, config, progress=progress, calibration=calibration, offset=offset
     )
     if write_back:
         adaptation.write_back()
-    report = adaptation.report(
-        seconds=time.perf_counter() - start, steps_requested=config.steps, batches_used=batches_used
-    )
-    report.memory = _memory_finish(memory)
-    return adaptation, report
+    return adaptation, measured(adaptation, config.steps, batches_used)
+
+
+def _measure(adapter: object) -> Callable[[Adaptation, int, int], TTTReport]:
+    """Start a run's clock and memory record (``tta.memory``) on ``adapter``'s model; the function returned makes
+    the adaptation's report with the run's ``seconds`` and ``memory`` once it is over."""
+    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
+
+    def measured(adaptation: Adaptation, steps_requested: int, batches_used: int) -> TTTReport:
+        report = adaptation.report(
+            seconds=time.perf_counter() - start, steps_requested=steps_requested, batches_used=batches_used
+        )
+        report.memory = _memory_finish(memory)
+        return report
+
+    return measured
 
 
 NO_BATCH = "the loader yielded no batch; nothing was adapted"
@@ -292,17 +303,14 @@ def no_bars(desc: str, total: int) -> _NoProgress:
 
 def _adapt_while_predicting(adapter, records, config, predictor, progress, calibration, part) -> tuple[list, TTTReport]:
     """The ``online`` and reset ``sample`` schedules, with one progress bar."""
-    start, memory = time.perf_counter(), _memory_start(adapter.get_model())
+    measured = _measure(adapter)
     run = _predict_online if config.reset == "stream" else _predict_episodic
     bar = progress("adapt+predict", len(records))
     try:
         predictions, adaptation, adapted = run(adapter, records, config, predictor, bar, calibration, part)
     finally:
         bar.close()
-    report = adaptation.report(
-        seconds=time.perf_counter() - start, steps_requested=config.steps * adapted, batches_used=adapted
-    )
-    report.memory = _memory_finish(memory)
+    report = measured(adaptation, config.steps * adapted, adapted)
     if config.reset == "sample":
         sample_mode(report, [str(r.get("image")) if isinstance(r, dict) else str(i) for i, r in enumerate(records)])
     return predictions, report
