@@ -154,20 +154,21 @@ class Readout:
 DEFAULT_READOUT = Readout()
 
 
-def readout_of(adapter: object) -> Readout:
+def readout_of(adapter: object, model: Any = None) -> Readout:
     """The adapter's readout when it defines ``ttt_readout()``, else the classifier default (with
     ``structured_mim`` when the adapter's model sets ``enable_mim``, as YOLOZU reads it).
 
     Args:
       adapter: a YOLOZU adapter.
+      model: the adapter's model when the caller holds it already; None: ``adapter.get_model()`` when needed.
     Returns:
       The ``Readout``."""
     hook = getattr(adapter, "ttt_readout", None)
     if callable(hook):
         return hook()
-    model = getattr(adapter, "get_model", None)
-    structured = callable(model) and bool(getattr(model(), "enable_mim", False))
-    return Readout(structured_mim=True) if structured else DEFAULT_READOUT
+    if model is None and callable(getattr(adapter, "get_model", None)):
+        model = adapter.get_model()
+    return Readout(structured_mim=True) if getattr(model, "enable_mim", False) else DEFAULT_READOUT
 
 
 def peak_indices(logits: Tensor, k: int) -> Tensor:

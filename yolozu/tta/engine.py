@@ -345,5 +345,6 @@ def adaptation_for(
     Returns:
       The ``Adaptation``."""
     batches = None if calibration is None else adapter.build_loader(list(calibration), batch_size=config.batch_size)
-    model, readout = adapter.get_model(), readout_of(adapter)
+    model = adapter.get_model()
+    readout = readout_of(adapter, model)
     return Adaptation(model, config, readout, keep_output=keep_output, calibration=batches, shared=shared)
