@@ -40,6 +40,8 @@ SCHEDULES = {
         pytest.param("cuda", "cotta", [], marks=ON_CUDA),
         pytest.param("cuda", "tent", ["--ttt-capture"], marks=ON_CUDA),  # replayed CUDA graphs
         pytest.param("cuda", "cotta", ["--ttt-capture"], marks=ON_CUDA),
+        pytest.param("cuda", "tent", ["--ttt-source-pull", "0.1"], marks=ON_CUDA),  # the pull's copy of the source
+        pytest.param("cuda", "align", ["--ttt-source-pull", "0.1", "--ttt-capture"], marks=ON_CUDA),
     ],
 )
 def test_export_schedules_run_and_repeat_bitwise_on_the_device(tmp_path, dataset, device, schedule, method, extra):

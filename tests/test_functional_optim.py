@@ -98,3 +98,60 @@ def test_foreach_and_per_tensor_paths_agree_under_vmap():
 def test_build_rejects_unknown_optimizer():
     with pytest.raises(ValueError, match="choose one of adam, sgd"):
         optim.build("lion", 1e-3)
+
+
+def test_pull_to_start_closed_form():
+    params = _params()
+    tx = chain(sgd(0.1), optim.pull_to_start(0.25))
+    state = tx.init(params)
+    moved = {k: v + 1.0 for k, v in params.items()}
+    grads = {k: torch.full_like(v, 2.0) for k, v in params.items()}
+    updates, _ = tx.update(grads, state, moved)
+    for k in params:  # -lr g + rate (start - params) = -0.2 - 0.25
+        torch.testing.assert_close(updates[k], torch.full_like(params[k], -0.45))
+
+
+def test_pull_to_start_bounds_the_drift_of_a_constant_gradient():
+    # p <- p - lr g + rate (start - p) has the fixed point start - lr g / rate; without the pull p runs away
+    params = _params()
+    lr, rate = 0.01, 0.1
+    pulled, free = chain(sgd(lr), optim.pull_to_start(rate)), sgd(lr)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    ends = []
+    for tx in (pulled, free):
+        p, state = dict(params), tx.init(params)
+        for _ in range(300):
+            updates, state = tx.update(grads, state, p)
+            p = apply_updates(p, updates)
+        ends.append(p)
+    for k in params:
+        torch.testing.assert_close(ends[0][k], params[k] - lr / rate, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ends[1][k], params[k] - 300 * lr, rtol=0, atol=1e-4)
+
+
+def test_pull_to_start_agrees_under_vmap_and_keeps_its_start():
+    params = _params()
+    tx = chain(adam(0.01), optim.pull_to_start(0.05))
+    state = tx.init(params)
+    moved = {k: v * 2 for k, v in params.items()}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    direct, after = tx.update(grads, state, moved)
+    batched = torch.func.vmap(lambda g: tx.update(g, state, moved)[0])({k: torch.stack([v, v]) for k, v in
+                                                                      grads.items()})
+    for k in direct:
+        torch.testing.assert_close(batched[k][0], direct[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(after[1].start[k], params[k])
+
+
+def test_build_adds_the_pull_only_when_asked():
+    params = _params()
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    moved = {k: v + 1.0 for k, v in params.items()}
+    plain, _ = optim.build("sgd", 0.1, momentum=0.0).update(grads, optim.build("sgd", 0.1).init(params), moved)
+    pulled_tx = optim.build("sgd", 0.1, momentum=0.0, source_pull=0.5)
+    pulled, _ = pulled_tx.update(grads, pulled_tx.init(params), moved)
+    for k in params:
+        torch.testing.assert_close(plain[k], torch.full_like(params[k], -0.1))
+        torch.testing.assert_close(pulled[k], torch.full_like(params[k], -0.6))
+    with pytest.raises(ValueError, match=r"fraction in \[0, 1\]"):
+        optim.pull_to_start(1.5)

@@ -71,6 +71,21 @@ def test_run_ttt_tent_reports_and_adapts(filt):
     assert d["loss_summary"]["first"] == report.losses[0] and d["updated_param_count"] == report.updated_param_count
 
 
+def test_a_full_source_pull_leaves_the_weights_one_step_from_the_source():
+    # source_pull 1: every update starts from the source, so after any number of plain SGD steps the weights sit
+    # one step (lr x that step's gradient) from it; without the pull the steps add up
+    distances = {}
+    for pull in (0.0, 1.0):
+        config = TTTConfig(enabled=True, method="tent", steps=4, batch_size=2, max_batches=2, optimizer="sgd",
+                           momentum=0.0, lr=0.5, source_pull=pull)
+        report = run_ttt(TensorAdapter(seeded(TinyClassifier)), _images(4), config)
+        last = report.step_metrics[-1]
+        distances[pull] = (last["total_update_norm"], 0.5 * last["grad_norm"])
+    pulled, one_step = distances[1.0]
+    assert pulled == pytest.approx(one_step, rel=1e-4) and pulled > 0
+    assert distances[0.0][0] > 1.5 * distances[0.0][1]
+
+
 @pytest.mark.parametrize("filt", filters.FILTERS)
 def test_run_ttt_mim_updated_param_count_and_mask_ratio(filt):
     model = seeded(TinyAutoencoder)

@@ -34,6 +34,12 @@ class TraceState(NamedTuple):
     trace: Params
 
 
+class PullState(NamedTuple):
+    """The parameters a ``pull_to_start`` transformation pulls towards: those its ``init`` saw."""
+
+    start: Params
+
+
 class ScaleByAdamState(NamedTuple):
     """Adam's step count and first/second moment estimates."""
 
@@ -254,17 +260,56 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn)
 
 
+def pull_to_start(rate: float) -> GradientTransformation:
+    """Add a pull of the parameters back towards the values ``init`` saw (the source, for a TTT state):
+    ``update + rate * (start - params)``. Chained after an optimiser, each step moves the parameters
+    ``rate`` of the way back before the optimiser's own move, so on a long stream they stay within about
+    ``|optimiser step| / rate`` of the start: the decoupled form (Loshchilov & Hutter's AdamW) of an L2 penalty
+    towards the starting weights (L2-SP, Li, Grandvalet & Davoine, ICML 2018).
+
+    Args:
+      rate: the fraction of the distance to the start taken back per update, in [0, 1] (0: none).
+    Returns:
+      A ``GradientTransformation`` whose state is a ``PullState`` (a copy of the starting parameters).
+    Raises:
+      ValueError: ``rate`` outside [0, 1]."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"the pull towards the start must be a fraction in [0, 1], got {rate!r}")
+
+    def init_fn(params: Params) -> PullState:
+        return PullState(_rebuild(params, [p.detach().clone() for p in params.values()]))
+
+    def update_fn(updates: Params, state: PullState, params: Params | None = None) -> tuple[Params, PullState]:
+        if params is None:
+            raise ValueError("pull_to_start needs the current parameters: call update(updates, state, params)")
+        u = list(updates.values())
+        p = [params[name] for name in updates]
+        start = [state.start[name] for name in updates]
+        if foreach_ready(u + p + start):
+            gap = torch._foreach_sub(start, p)
+            pulled = torch._foreach_add(u, gap, alpha=rate)
+        else:
+            pulled = [x + rate * (s - q) for x, s, q in zip(u, start, p)]
+        return _rebuild(updates, pulled), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
 OPTIMIZERS = ("adam", "sgd")
 
 
-def build(name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float | None = None) -> GradientTransformation:
-    """The optimiser a config names (one of ``OPTIMIZERS``), behind a global-norm clip when ``max_grad_norm``.
+def build(
+    name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float | None = None, source_pull: float = 0.0
+) -> GradientTransformation:
+    """The optimiser a config names (one of ``OPTIMIZERS``), behind a global-norm clip when ``max_grad_norm``,
+    followed by a pull back towards the starting parameters when ``source_pull`` (``pull_to_start``).
 
     Args:
       name: ``adam`` or ``sgd``.
       lr: learning rate.
       momentum: SGD's momentum (Adam ignores it).
       max_grad_norm: the clip's largest global norm (None: no clip).
+      source_pull: the fraction of the way back to the start taken per update (0: no pull).
     Returns:
       The ``GradientTransformation``."""
     if name == "adam":
@@ -273,4 +318,5 @@ def build(name: str, lr: float, *, momentum: float = 0.9, max_grad_norm: float |
         base = sgd(lr, momentum=momentum)
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return base if max_grad_norm is None else chain(clip_by_global_norm(max_grad_norm), base)
+    clipped = base if max_grad_norm is None else chain(clip_by_global_norm(max_grad_norm), base)
+    return clipped if not source_pull else chain(clipped, pull_to_start(source_pull))

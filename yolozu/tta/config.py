@@ -84,6 +84,12 @@ COMMON = {
     ),
     "optimizer": setting("adam", "the optimiser", one_of(*OPTIMIZERS)),
     "momentum": setting(0.9, "SGD momentum", number(0, 1)),
+    "source_pull": setting(
+        0.0,
+        "each update also moves the adapted parameters this fraction of the way back to the source ones (0: "
+        "off): bounds their drift on a long stream",
+        number(0, 1),
+    ),
     "bn_mode": setting(
         "running",
         "BatchNorm while adapting: running (batch statistics, running stats updated), batch (batch statistics "

@@ -95,7 +95,9 @@ def build_method(
     names = select(model, config.update_filter, include=config.include, exclude=config.exclude)
     if optimizer is None:
         clip = config.max_grad_norm
-        optimizer = optim.build(config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip)
+        optimizer = optim.build(
+            config.optimizer, config.lr, momentum=config.momentum, max_grad_norm=clip, source_pull=config.source_pull
+        )
     chosen = entry(config.method)
     settings = config.method_settings()
     given = {name: getattr(settings, name) for name in chosen.files if getattr(settings, name) is not None}
