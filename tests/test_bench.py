@@ -183,9 +183,11 @@ def test_continual_line_and_targets_are_computed_from_the_rows(tmp_path):
                     "BatchNorm statistics 0.500 -> 0.530 (+3.0 points)")
     targets = "\n".join(continual_report.target_lines(report.Results(res)))
     assert "tent +3.00: **met**" in targets
-    assert "tent no lower than BatchNorm statistics on each of the last 5 corruptions: **met**" in targets
-    assert ("cotta no lower than BatchNorm statistics on each of the last 5 corruptions: below on val-brightness-5, "
-            "val-contrast-5, val-elastic_transform-5, val-pixelate-5, val-jpeg_compression-5: **not met**") in targets
+    assert "tent not below BatchNorm statistics by more than its interval on any of the last 5 corruptions: **met**" \
+        in targets
+    assert ("cotta not below BatchNorm statistics by more than its interval on any of the last 5 corruptions: below on "
+            "val-brightness-5, val-contrast-5, val-elastic_transform-5, val-pixelate-5, val-jpeg_compression-5: "
+            "**not met**") in targets
     assert "tent: clean mAP50 after the stream 0.850, +5.00 points below source: **not met**" in targets
     assert "cotta: clean mAP50 after the stream 0.895, +0.50 points below source: **met**" in targets
     continual_report.write_continual_report(res, tmp_path)
@@ -201,16 +203,37 @@ def test_continual_line_and_targets_are_computed_from_the_rows(tmp_path):
     assert "Budget: 1 update per corruption (10 images, batch 32), one stream, never reset." in page
 
 
+def test_continual_targets_read_the_per_segment_intervals_when_the_results_have_them():
+    from yolozu.demo.bench import continual_report
+
+    flat = [0.5] * 15
+    res = _continual({"source": flat + [0.9], "bn": flat + [0.89], "cotta": [0.49] * 15 + [0.895]})
+    within = {"low": -0.03, "high": 0.01}  # 1 point below, inside its interval
+    res["gains"] = {"cotta": {"value": -0.01, "low": -0.012, "high": -0.008,
+                              "splits": {str(i): dict(within) for i in range(15)}}}
+    targets = "\n".join(continual_report.target_lines(report.Results(res)))
+    assert "cotta -1.00 [-1.20, -0.80]: **not met**" in targets
+    assert "cotta not below BatchNorm statistics by more than its interval on any of the last 5 corruptions: **met**" \
+        in targets
+    res["gains"]["cotta"]["splits"]["12"] = {"low": -0.03, "high": -0.001}  # elastic_transform: below it
+    targets = "\n".join(continual_report.target_lines(report.Results(res)))
+    assert "last 5 corruptions: below on val-elastic_transform-5: **not met**" in targets
+
+
 def test_continual_stream_scores_each_segment_of_one_run(tmp_path):
     from yolozu.demo.bench import continual
 
     write_split(tmp_path, "val", 4, seed=5, spec=SynthSpec(image_size=160))
     write_corrupted_split(tmp_path, "fog", 5, seed=0)
     splits = ["val-fog-5", "val"]
-    stream = continual.run(str(tmp_path), ["source", "tent"], 4, stream_splits=splits, progress=False)
-    reset = shift.run(str(tmp_path), splits, ["source", "tent"], images=4, memory_images=2, progress=False)
+    stream = continual.run(str(tmp_path), ["source", "bn", "tent"], 4, stream_splits=splits, progress=False)
+    reset = shift.run(str(tmp_path), splits, ["source", "bn", "tent"], images=4, memory_images=2, progress=False)
     got = {(r["split"], r["method"]): r["map50"] for r in stream["rows"]}
     want = {(r["split"], r["method"]): r["map50"] for r in reset["rows"]}
     assert set(got) == set(want)
     assert all(got[(s, "source")] == want[(s, "source")] for s in splits)  # no state: the segments score alike
     assert stream["splits"] == splits and all(r["images"] == 4 for r in stream["rows"])
+    # the gains over BatchNorm statistics with their intervals, for the corrupted segment (index 0) only
+    tent = stream["gains"]["tent"]
+    assert set(tent["splits"]) == {"0"} and tent["low"] <= tent["value"] <= tent["high"]
+    assert tent["value"] == pytest.approx(got[("val-fog-5", "tent")] - got[("val-fog-5", "bn")], abs=1e-9)

@@ -23,8 +23,10 @@ from typing import Callable, Sequence
 import torch
 
 from yolozu.data import build_manifest
+from yolozu.demo.bench.bootstrap import Matches, image_matches
 from yolozu.demo.bench.budget import budget
 from yolozu.demo.bench.continual_report import write_continual_report
+from yolozu.demo.bench.gains import method_gains
 from yolozu.demo.bench.pages import data_root, default_docs, default_output, machine
 from yolozu.demo.bench.recipes import BENCHMARKED, GRADIENT_METHODS, RECIPES, STREAM_BATCH, stream_recipe
 from yolozu.demo.bench.runner import Runner, add_model_flags, runner_from_args, skipped_recipes
@@ -58,6 +60,15 @@ def stream_rows(name: str, predictions: list, segments: list, seconds: float) ->
     return rows
 
 
+def segment_matches(predictions: list, segments: list) -> list[Matches]:
+    """Each segment's IoU-0.5 matches (``bootstrap.image_matches``) of its slice of one recipe's predictions."""
+    found, at = [], 0
+    for _, records in segments:
+        found.append(image_matches(predictions[at : at + len(records)], records))
+        at += len(records)
+    return found
+
+
 def run(
     dataset: str,
     recipes: Sequence[str],
@@ -71,7 +82,9 @@ def run(
 ) -> dict:
     """Every recipe the adapter supports once over the whole stream (``stream_splits`` in order; a split may
     come back, as in the gradual protocol); the rows score each segment. ``runner``: the model (default: the
-    built-in detector); ``skipped``: the recipes it cannot run, with the reason."""
+    built-in detector); ``skipped``: the recipes it cannot run, with the reason. ``gains``: each recipe's
+    mAP50 gain over BatchNorm statistics (when they ran) with paired bootstrap 95% intervals over images
+    (``gains.method_gains``), for the mean over the corrupted segments and per segment (keyed by its index)."""
     runner = runner or Runner(device, dataset)
     cache: dict[str, list[dict]] = {}
     segments = [(split, cache.setdefault(split, build_manifest(dataset, split)[:images])) for split in stream_splits]
@@ -79,10 +92,14 @@ def run(
     skipped = skipped_recipes(runner, recipes, segments[0][1])
     chosen = [name for name in recipes if name not in skipped]
     rows, started = [], time.perf_counter()
+    matches: dict[str, dict[str, Matches]] = {}
     for name in chosen:
         start = time.perf_counter()
         predictions, report = runner.predict(stream_recipe(name), stream)
         rows += stream_rows(name, predictions, segments, time.perf_counter() - start)
+        for index, found in enumerate(segment_matches(predictions, segments)):
+            if segments[index][0] != "val":
+                matches.setdefault(str(index), {})[name] = found
         if progress:
             corrupted = [r for r in rows[-len(segments):] if r["split"] != "val"]
             mean = sum(r["map50"] for r in corrupted) / max(1, len(corrupted))
@@ -101,6 +118,7 @@ def run(
         "recipes": {n: stream_recipe(n).meta() for n in chosen},
         "skipped": skipped,
         "rows": rows,
+        "gains": method_gains(matches, "bn", chosen) if "bn" in chosen else {},
         "seconds": time.perf_counter() - started,
     }
 
