@@ -16,11 +16,6 @@ the state keeps an exponential moving average of the first and second moments, a
 ``min(1, n / moment_images)`` in it (gradients flow through the batch's share only); a batch of
 ``moment_images`` or more uses its own moments alone, as ActMAD.
 
-With ``tolerance`` k > 0 each gap is soft-thresholded, ``max(|gap| - k * se, 0)``, at k standard errors of
-the test moments' sampling noise (``sampling_noise``): a batch from the source distribution then has no loss, and
-a clean stretch of a stream leaves the weights where they are (the soft threshold of Gong et al. 2022's
-instance-aware BatchNorm, applied to the loss).
-
 Deviations from the paper: per-channel moments by default (ActMAD's per-location ones with ``per_location``);
 ActMAD updates every parameter with Adam at a fixed learning rate, here the shell's update filter, optimiser and
 BatchNorm mode apply as for every method. The layers and the source statistics come
@@ -78,12 +73,6 @@ class AlignSettings:
     )
     var_weight: float = setting(1.0, "align: weight of the variance term", number(0))
     pooled_weight: float = setting(0.0, "align: weight of the pooled-feature Mahalanobis term (WHW-style)", number(0))
-    tolerance: float = setting(
-        0.0,
-        "align: gaps within this many standard errors of the test moments' sampling noise count as none (0: every "
-        "gap, as ActMAD): in-distribution batches then leave the weights alone",
-        number(0),
-    )
 
 
 def batch_moments(x: Tensor, per_location: bool) -> Moments:
@@ -115,52 +104,20 @@ def running_moments(old: Moments, new: Moments, weight: float) -> Moments:
     )
 
 
-def sampling_noise(source: tuple[Tensor, ...], per_location: bool, images: float) -> tuple[Tensor, Tensor]:
-    """The standard errors of a mean and a variance measured on ``images`` images drawn from the source.
-
-    The mean's is ``sqrt(s2 / n)``, with ``s2`` the variance over images of what one image contributes: the
-    pooled feature's variance for per-channel moments, the per-location variance for per-location ones. The
-    variance's is the Gaussian ``var * sqrt(2 / n)``, an approximation (the positions of one image are not
-    independent draws).
-
-    Args:
-      source: the source's ``(mean, var, pooled mean, pooled var)``.
-      per_location: whether the moments are per location (``(C, ...)``) or per channel (``(C,)``).
-      images: how many images the test moments summarise.
-    Returns:
-      ``(mean's, variance's)`` standard errors, shaped like the source's mean.
-    """
-    _, var, _, pooled_var = source
-    spread = var if per_location else pooled_var
-    return (spread / images).sqrt(), var * (2.0 / images) ** 0.5
-
-
-def _beyond(gap: Tensor, tolerance: Tensor | float) -> Tensor:
-    """``|gap|`` soft-thresholded at ``tolerance``: ``max(|gap| - tolerance, 0)``."""
-    return (gap.abs() - tolerance).clamp_min(0)
-
-
-def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings, images: float = 1.0) -> Tensor:
+def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings) -> Tensor:
     """One layer's loss.
 
     Args:
       moments: the test moments (``Moments``).
       source: the source's ``(mean, var, pooled mean, pooled var)``, shaped like the moments.
-      s: the settings (``var_weight``, ``pooled_weight``, ``tolerance``, ``per_location``).
-      images: how many images the test moments summarise (the tolerance's sampling noise; unused without one).
+      s: the settings (``var_weight``, ``pooled_weight``).
     Returns:
-      a 0-d tensor: the L1 gaps of the mean and (weighted) the variance, each soft-thresholded at ``tolerance``
-      standard errors (``sampling_noise``) when one is set, plus (weighted) the pooled mean's diagonal
-      Mahalanobis distance from the source's.
+      a 0-d tensor: the L1 gaps of the mean and (weighted) the variance, plus (weighted) the pooled mean's
+      diagonal Mahalanobis distance from the source's.
     """
     m1, m2, p1, p2 = moments
     mean, var, pooled_mean, pooled_var = source
-    if s.tolerance:
-        mean_noise, var_noise = sampling_noise(source, s.per_location, images)
-        loss = (_beyond(m1 - mean, s.tolerance * mean_noise).mean()
-                + s.var_weight * _beyond(m2 - m1 * m1 - var, s.tolerance * var_noise).mean())
-    else:
-        loss = (m1 - mean).abs().mean() + s.var_weight * (m2 - m1 * m1 - var).abs().mean()
+    loss = (m1 - mean).abs().mean() + s.var_weight * (m2 - m1 * m1 - var).abs().mean()
     if s.pooled_weight:
         loss = loss + s.pooled_weight * ((p1 - pooled_mean).square() / (pooled_var + 1e-6)).mean()
     return loss
@@ -233,12 +190,11 @@ def align_method(
     def align_loss(params, buffers, batch, own: AlignState):
         (output, features), new_buffers = apply(params, buffers, batch, bn_mode=bn, taps=layers)
         weight = min(1.0, batch.shape[0] / settings.moment_images)
-        images = max(float(batch.shape[0]), settings.moment_images)  # what the running moments summarise
         total, mean_gap, running = 0.0, 0.0, {}
         for name in layers:
             moments = running_moments(own.running[name], batch_moments(features[name], settings.per_location), weight)
             running[name] = tuple(t.detach() for t in moments)  # the state carries values, not the graph
-            total = total + moment_gap(moments, own.source[name], settings, images)
+            total = total + moment_gap(moments, own.source[name], settings)
             mean_gap = mean_gap + (moments[0] - own.source[name][0]).abs().mean().detach()
         return total, LossOutput(new_buffers, {"mean_gap": mean_gap}, output, own._replace(running=running))
 
