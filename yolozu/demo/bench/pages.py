@@ -47,7 +47,8 @@ def stream_settings_line(results: dict) -> str:
     if not changed:
         return "Every method runs its online recipe along the stream."
     return ("Every method runs its online recipe along the stream, with the settings tuned for long streams on a "
-            f"held-out stream (`python tools/tune_continual.py`): {'; '.join(changed)}.")
+            f"held-out stream as long as the test stream (`python tools/tune_continual.py --repeat 4`): "
+            f"{'; '.join(changed)}.")
 
 
 def provenance(results: dict, continual: dict | None = None) -> str:
