@@ -45,8 +45,8 @@ CANDIDATES = [
     *({"method": "eata", **STREAM, "lr": 1e-2, "source_pull": 0.1},),
     *({"method": "sar", **STREAM, "lr": 1e-3, "update_filter": "norm_but_top", "source_pull": 0.1},),
     *({"method": "align", **STREAM, "lr": lr, "source_pull": pull}
-      for lr, pull in ((1e-2, 0.01), (1e-2, 0.03), (1e-2, 0.1), (1e-2, 0.3), (3e-2, 0.1), (3e-2, 0.3), (1e-1, 0.1),
-                       (1e-1, 0.3), (3e-1, 0.3))),
+      for lr, pull in ((1e-2, 0.01), (1e-2, 0.03), (1e-2, 0.1), (1e-2, 0.3), (3e-2, 0.1), (3e-2, 0.3), (5e-2, 0.15),
+                       (5e-2, 0.3), (1e-1, 0.1), (1e-1, 0.3), (1e-1, 0.5), (2e-1, 0.5), (3e-1, 0.3))),
 ]
 
 

@@ -176,7 +176,7 @@ STREAM_SETTINGS: dict[str, dict[str, Any]] = {
     "cotta": {"lr": 1e-3, "cotta_ema_momentum": 0.99},
     "eata": {"lr": 3e-3},
     "sar": {"source_pull": 0.1},
-    "align": {"lr": 1e-1, "source_pull": 0.3},
+    "align": {"lr": 2e-1, "source_pull": 0.5},
 }
 """What the never-reset streams (continual, gradual) change in a method's online recipe, tuned at their budget
 (50 updates per segment) on a held-out stream as long as the test stream (the 4 validation corruptions at
