@@ -6,8 +6,8 @@ stream made the model forget). Never the 15 test corruptions.
 Each candidate runs once over the stream; it is scored by its mean mAP50 over the corrupted segments and its
 lowest segment, both against BatchNorm statistics alone on the same stream, and by its clean mAP50 drop against
 the source model at the end of the stream. The stream settings (``recipes.STREAM_SETTINGS``) are chosen on the
-stream as long as the test stream (``--repeat 4``): of the candidates never below BatchNorm statistics on a
-segment, the best mean (docs/benchmark-notes.md has the tables and the rule's history).
+stream as long as the test stream (``--repeat 4``): of the candidates no segment of which falls more than 0.3
+points below BatchNorm statistics, the best mean (docs/benchmark-notes.md has the tables and the rule's history).
 
     python tools/tune_continual.py [--images 400] [--clean-images 200] [--methods M ...] [--repeat N] [--pulled]
         [--output runs/bench/tuning-continual.json]

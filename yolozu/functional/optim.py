@@ -270,14 +270,15 @@ def pull_to_start(rate: float) -> GradientTransformation:
     Args:
       rate: the fraction of the distance to the start taken back per update, in [0, 1] (0: none).
     Returns:
-      A ``GradientTransformation`` whose state is a ``PullState`` (a copy of the starting parameters).
+      A ``GradientTransformation`` whose state is a ``PullState``: the starting parameters themselves, not a
+      copy (nothing here updates a tensor in place; a TTT state's ``source`` holds the same tensors).
     Raises:
       ValueError: ``rate`` outside [0, 1]."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"the pull towards the start must be a fraction in [0, 1], got {rate!r}")
 
     def init_fn(params: Params) -> PullState:
-        return PullState(_rebuild(params, [p.detach().clone() for p in params.values()]))
+        return PullState(dict(params))
 
     def update_fn(updates: Params, state: PullState, params: Params | None = None) -> tuple[Params, PullState]:
         if params is None:

@@ -48,25 +48,24 @@ CONTINUAL = ("source", "bn", *GRADIENT_METHODS)
 CoTTA's 32 views over a 6,400-image stream would take most of an hour on 2 cores)."""
 
 
+def segment_slices(predictions: list, segments: list) -> list[tuple[list, list]]:
+    """Each segment's ``(predictions, records)``: the stream's predictions cut at the segments' lengths."""
+    found, at = [], 0
+    for _, records in segments:
+        found.append((predictions[at : at + len(records)], records))
+        at += len(records)
+    return found
+
+
 def stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
     """One row per segment of one recipe's stream: its slice of the predictions scored, its share of the time."""
     total = sum(len(records) for _, records in segments)
-    rows, at = [], 0
-    for index, (split, records) in enumerate(segments):
-        scores = evaluate(predictions[at : at + len(records)], records)
+    rows = []
+    for index, ((split, _), (mine, records)) in enumerate(zip(segments, segment_slices(predictions, segments))):
+        scores = evaluate(mine, records)
         rows.append({"split": split, "segment": index, "method": name, "map50": scores["map50"],
                      "map": scores["map"], "images": len(records), "seconds": seconds * len(records) / total})
-        at += len(records)
     return rows
-
-
-def segment_matches(predictions: list, segments: list) -> list[Matches]:
-    """Each segment's IoU-0.5 matches (``bootstrap.image_matches``) of its slice of one recipe's predictions."""
-    found, at = [], 0
-    for _, records in segments:
-        found.append(image_matches(predictions[at : at + len(records)], records))
-        at += len(records)
-    return found
 
 
 def run(
@@ -97,9 +96,9 @@ def run(
         start = time.perf_counter()
         predictions, report = runner.predict(stream_recipe(name), stream)
         rows += stream_rows(name, predictions, segments, time.perf_counter() - start)
-        for index, found in enumerate(segment_matches(predictions, segments)):
-            if segments[index][0] != "val":
-                matches.setdefault(str(index), {})[name] = found
+        for index, ((split, _), (mine, records)) in enumerate(zip(segments, segment_slices(predictions, segments))):
+            if split != "val":
+                matches.setdefault(str(index), {})[name] = image_matches(mine, records)
         if progress:
             corrupted = [r for r in rows[-len(segments):] if r["split"] != "val"]
             mean = sum(r["map50"] for r in corrupted) / max(1, len(corrupted))
