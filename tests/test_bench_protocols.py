@@ -140,9 +140,13 @@ def test_stream_protocols_run_each_method_with_its_long_stream_settings_and_the_
         assert stream.config().enabled == (online.ttt is not None)
     results = {"recipes": {n: recipes.stream_recipe(n).meta() for n in ("source", "bn", "cotta", "sar")}}
     line = pages.stream_settings_line(results)
-    cotta, sar = recipes.STREAM_SETTINGS["cotta"], recipes.STREAM_SETTINGS["sar"]
-    assert line.endswith(f"cotta lr {cotta['lr']:g}, cotta_ema_momentum {cotta['cotta_ema_momentum']:g}; "
-                         f"sar source_pull {sar['source_pull']:g}.")
+    sar = recipes.STREAM_SETTINGS["sar"]
+    assert line.endswith(f"; sar source_pull {sar['source_pull']:g}.")
     assert "--repeat 4" in line and "bn" not in line.split(":", 1)[1]
+    # a stream setting the online recipe does not name shows too, a None (no skip stop) included
+    online_eata = recipes.RECIPES["eata"].meta()
+    stopless = {**online_eata, "ttt": {**online_eata["ttt"], "lr": 3e-3, "eata_max_skip_streak": None}}
+    line = pages.stream_settings_line({"recipes": {"bn": recipes.RECIPES["bn"].meta(), "eata": stopless}})
+    assert line.endswith(": eata lr 0.003, eata_max_skip_streak None.")
     online = {"recipes": {n: recipes.RECIPES[n].meta() for n in ("source", "bn", "tent")}}
     assert pages.stream_settings_line(online) == "Every method runs its online recipe along the stream."

@@ -42,12 +42,13 @@ def stream_settings_line(results: dict) -> str:
         online = RECIPES[name].ttt if name in RECIPES else None
         if meta.get("ttt") and online:
             diff = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in meta["ttt"].items()
-                    if online.get(k) != v and k != "batch_size"]  # the batch: the page's budget line
+                    if (k not in online or online[k] != v) and k != "batch_size"]  # the batch: the page's budget line
             changed += [f"{name} {', '.join(diff)}"] if diff else []
     if not changed:
         return "Every method runs its online recipe along the stream."
     return ("Every method runs its online recipe along the stream, with the settings tuned for long streams on a "
-            f"held-out stream as long as the test stream (`python tools/tune_continual.py --repeat 4`): "
+            "held-out stream as long as the test stream, on two data seeds (`python tools/tune_continual.py --repeat 4 "
+            f"--dataset data/demo data/demo-seed2`): "
             f"{'; '.join(changed)}.")
 
 
