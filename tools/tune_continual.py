@@ -55,7 +55,8 @@ CANDIDATES = [
     # adapting every parameter as ActMAD does
     *({"method": "eata", **STREAM, "lr": lr, "eata_max_skip_streak": None, **pull}
       for lr, pull in ((3e-3, {}), (1e-2, {"source_pull": 0.1}))),
-    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": 0.3} for lr in (1e-3, 3e-3)),
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull}
+      for lr, pull in ((1e-3, 0.3), (3e-3, 0.3), (1e-2, 0.3), (3e-2, 0.5))),
     *({"method": "align", **STREAM, "lr": lr, "source_pull": pull, "align_moment_images": m}
       for lr, pull, m in ((2e-1, 0.5, 16), (2e-1, 0.5, 32), (1e-1, 0.3, 32))),
     *({"method": "align", **STREAM, "lr": 1e-1, "source_pull": 0.5, **s}
