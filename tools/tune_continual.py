@@ -63,6 +63,8 @@ CANDIDATES = [
       for s in ({"align_pooled_weight": 1.0}, {"align_var_weight": 0.5}, {"align_per_location": True})),
     *({"method": "align", **STREAM, "lr": lr, "source_pull": pull, "update_filter": "all"}
       for lr, pull in ((3e-4, 0.1), (1e-3, 0.1), (1e-3, 0.3), (3e-3, 0.3), (3e-3, 0.5))),
+    *({"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all", **s}
+      for s in ({"align_pooled_weight": 1.0}, *({"align_var_weight": w} for w in (0.0, 0.25, 0.5, 2.0)))),
 ]
 
 
