@@ -90,13 +90,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="runs/bench/tuning-continual.json")
     args = parser.parse_args(argv)
     streams = {d: held_out_stream(d, args.images, args.clean_images, args.repeat) for d in args.dataset}
+    records = {d: [record for _, part in segments for record in part] for d, segments in streams.items()}
     runners = {d: Runner(dataset=d) for d in args.dataset}
 
     def scores(recipe: Recipe, dataset: str) -> list[float]:
-        segments = streams[dataset]
-        stream = [record for _, records in segments for record in records]
-        predictions = runners[dataset].predict(recipe, stream)[0]
-        return [row["map50"] for row in stream_rows(recipe.name, predictions, segments, 0.0)]
+        predictions = runners[dataset].predict(recipe, records[dataset])[0]
+        return [row["map50"] for row in stream_rows(recipe.name, predictions, streams[dataset], 0.0)]
 
     found = {"datasets": {}, "candidates": []}
     for d, segments in streams.items():
