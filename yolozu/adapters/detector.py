@@ -29,9 +29,11 @@ TENT_LOSSES = ("peak_softmax", "sigmoid")
 top-k heatmap peaks ("which digit is this object"); ``sigmoid``, every heatmap score as an independent
 Bernoulli (mostly confident background)."""
 DEFAULT_PEAKS = 4
-ALIGN_LAYERS = ("stage2", "stage3", "stage4", "smooth2")
+ALIGN_LAYERS = ("stage2", "stage3", "stage4", "smooth2", "smooth1")
 """The layers whose features feature alignment matches (``--ttt-method align``): the backbone's last three stages
-and the neck at stride 8, each a conv-BatchNorm-ReLU block's output."""
+and the neck at strides 8 and 4 (``smooth1`` is the heads' input), each a conv-BatchNorm-ReLU block's output.
+Chosen on the held-out corruptions (docs/benchmark-notes.md): the heads' input added to the first four gained on
+the held-out streams of both data seeds and online; the stem and ``stage1`` did not."""
 
 
 def heatmap_logits(output: Mapping[str, Tensor]) -> Tensor:
