@@ -34,6 +34,15 @@ from yolozu.demo.data import corrupted_split_name  # noqa: E402
 from yolozu.io.predictions import write_json_atomic  # noqa: E402
 
 STREAM = {**ONLINE, "batch_size": STREAM_BATCH}  # the stream protocols' batches
+WIDE_LAYERS = ("stem", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0", "stage4.1",
+               "lateral4", "lateral3", "lateral2", "lateral1", "smooth3", "smooth2", "smooth1")
+WIDE_STATS = "runs/align/wide.align.pt"
+"""Per-channel source statistics of every conv-BatchNorm-ReLU block of the detector (and of ``stem``, ``stage1``
+to ``stage4``), for the candidates that match other layers than the default ones:
+``python tools/source_stats.py --adapter detector --dataset data/demo --split train --images 1000 --batch-size 8
+--bn-mode batch --per-channel --output runs/align/wide.align.pt --layers stage1 stage2 stage3 stage4 stem stage1.0
+stage1.1 stage2.0 stage2.1 stage3.0 stage3.1 stage4.0 stage4.1 lateral4 lateral3 lateral2 lateral1 smooth3 smooth2
+smooth1``."""
 CANDIDATES = [
     *({"method": "tent", **STREAM, "lr": lr} for lr in (3e-4, 1e-3)),
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4,)),
@@ -65,6 +74,18 @@ CANDIDATES = [
       for lr, pull in ((3e-4, 0.1), (1e-3, 0.1), (1e-3, 0.3), (3e-3, 0.3), (3e-3, 0.5))),
     *({"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all", **s}
       for s in ({"align_pooled_weight": 1.0}, *({"align_var_weight": w} for w in (0.0, 0.25, 0.5, 2.0)))),
+    # the layers align matches (the align candidates above ran with the first four of the detector's ALIGN_LAYERS,
+    # before the heads' input, smooth1, joined them); layers outside the default take their statistics from WIDE_STATS
+    *({"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all", "align_var_weight": 0.5,
+       "align_layers": layers, "align_stats": WIDE_STATS}
+      for layers in (("stage2", "stage3", "stage4", "smooth2", "smooth1"),
+                     ("stage1", "stage2", "stage3", "stage4", "smooth2"),
+                     ("stem", "stage1", "stage2", "stage3", "stage4", "smooth3", "smooth2", "smooth1"),
+                     WIDE_LAYERS,
+                     ("stage2", "stage3", "stage4", "smooth3", "smooth2", "smooth1"),
+                     ("stage2", "stage3", "stage4", "smooth1"))),
+    *({"method": "align", **STREAM, "lr": 1e-3, "update_filter": "all", **s}
+      for s in ({"source_pull": 0.3, "align_var_weight": 1.0}, {"source_pull": 0.5, "align_var_weight": 0.5})),
 ]
 
 
