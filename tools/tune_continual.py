@@ -86,6 +86,8 @@ CANDIDATES = [
                      ("stage2", "stage3", "stage4", "smooth1"))),
     *({"method": "align", **STREAM, "lr": 1e-3, "update_filter": "all", **s}
       for s in ({"source_pull": 0.3, "align_var_weight": 1.0}, {"source_pull": 0.5, "align_var_weight": 0.5})),
+    *({"method": "align", **STREAM, "lr": lr, "optimizer": "sgd", "source_pull": 0.3, "update_filter": "all",
+       "align_var_weight": 0.5} for lr in (1e-1, 1e-2, 1e-3)),
 ]
 
 
