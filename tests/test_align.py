@@ -129,3 +129,6 @@ def test_the_command_writes_statistics_beside_a_checkpoint_and_refuses_bad_input
     assert side["command"].startswith("python tools/source_stats.py")
     assert load_stats(out)["stage4"].mean.shape == (192, 5, 5)
     assert source_stats.main(args + ["--per-channel"]) == 0 and load_stats(out)["stage4"].mean.shape == (192,)
+    nested = tmp_path / "runs" / "align" / "s.align.pt"  # a folder not made yet: made with both files
+    assert source_stats.main(args + ["--output", str(nested)]) == 0
+    assert load_stats(nested)["stage4"].mean.shape == (192, 5, 5) and sidecar_path(nested).is_file()

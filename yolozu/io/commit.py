@@ -1,10 +1,10 @@
 """A run's output files written all together or not at all.
 
-``write_outputs`` serialises every document, writes each to an anonymous temporary file (Linux ``O_TMPFILE``, in
-the nearest existing folder above the output; a hidden named temporary file where that is not available) and
-syncs it; only when every one is complete does it create missing folders, give each file a hidden name beside its
-output and rename them into place. An error, Ctrl-C or even SIGKILL before that commit leaves every output as
-it was, creates no folder and leaves no temporary file behind.
+``write_outputs`` serialises every document (``write_files`` takes bytes already made), writes each to an anonymous
+temporary file (Linux ``O_TMPFILE``, in the nearest existing folder above the output; a hidden named temporary file
+where that is not available) and syncs it; only when every one is complete does it create missing folders, give
+each file a hidden name beside its output and rename them into place. An error, Ctrl-C or even SIGKILL before that
+commit leaves every output as it was, creates no folder and leaves no temporary file behind.
 
 The commit itself is a few system calls per file: POSIX has no rename of several files at once. Each old
 output is first given a hidden second name (a hard link), then the documents are renamed in the order given
@@ -305,13 +305,22 @@ def serialise(obj: Any, indent: int | None = None) -> bytes:
 
 
 def write_outputs(documents: Sequence[tuple[PathLike, Any, int | None]], *, create_folders: bool = True) -> None:
-    """Write every ``(path, obj, indent)`` as JSON, all or none (see the module doc); committed in the order
-    given. ``create_folders=False`` makes a missing folder an error.
+    """Write every ``(path, obj, indent)`` as JSON, all or none (``write_files``).
 
     Args:
-      documents: ``(path, obj, indent)`` triples.
+      documents: ``(path, obj, indent)`` triples; all are serialised before anything is written.
       create_folders: whether missing folders are created."""
-    datas = [(Path(path), serialise(obj, indent)) for path, obj, indent in documents]
+    write_files([(path, serialise(obj, indent)) for path, obj, indent in documents], create_folders=create_folders)
+
+
+def write_files(files: Sequence[tuple[PathLike, bytes]], *, create_folders: bool = True) -> None:
+    """Write every ``(path, data)``, all or none (see the module doc); committed in the order given.
+    ``create_folders=False`` makes a missing folder an error.
+
+    Args:
+      files: ``(path, bytes)`` pairs.
+      create_folders: whether missing folders are created."""
+    datas = [(Path(path), data) for path, data in files]
     if not create_folders:
         for target, _ in datas:
             _make_folders(target.parent, False, target)

@@ -3,16 +3,18 @@
 A statistics file (``name.align.pt`` beside the checkpoint ``name.pt``) is one torch file holding
 ``{layer: {"mean", "var", "pooled_mean", "pooled_var": tensor}}`` (``yolozu.functional.feature_stats``), read
 weights-only; its JSON sidecar ``name.align.json`` says what they are (layers and their shapes, BatchNorm mode,
-data, count, command). Both are written whole: a temporary file renamed over the old one.
+data, count, command). Both are written together or not at all (``yolozu.io.commit.write_files``).
 """
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from yolozu.io.commit import serialise, write_files
 
 STATS_SUFFIX = ".align.pt"
 MAKE_HINT = "make them with `python tools/source_stats.py`"
@@ -42,7 +44,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def save_stats(path: str | Path, stats: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Write statistics and their sidecar, each whole.
+    """Write statistics and their sidecar, together or not at all, creating missing folders.
 
     Args:
       path: the statistics file.
@@ -52,12 +54,9 @@ def save_stats(path: str | Path, stats: Mapping[str, Any], meta: Mapping[str, An
     path = Path(path)
     blob = {name: {k: v.detach().cpu().contiguous() for k, v in s._asdict().items()} for name, s in stats.items()}
     info = {**meta, "layers": list(stats), "shapes": {name: list(s.mean.shape) for name, s in stats.items()}}
-    side = sidecar_path(path)
-    tmp, side_tmp = path.with_name(path.name + ".tmp"), side.with_name(side.name + ".tmp")
-    torch.save(blob, tmp)
-    side_tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path)
-    side_tmp.replace(side)
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_files([(sidecar_path(path), serialise(info, 2)), (path, buffer.getvalue())])  # the file readers load last
 
 
 def load_tensors(path: str | Path, what: str = "source statistics", hint: str = MAKE_HINT) -> dict[str, Any]:
