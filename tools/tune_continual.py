@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from yolozu.cli import source_stats  # noqa: E402
 from yolozu.data import build_manifest  # noqa: E402
 from yolozu.demo.bench.continual import stream_rows  # noqa: E402
 from yolozu.demo.bench.recipes import ONLINE, RECIPES, STREAM_BATCH, Recipe, stream_recipe  # noqa: E402
@@ -34,15 +35,16 @@ from yolozu.demo.data import corrupted_split_name  # noqa: E402
 from yolozu.io.predictions import write_json_atomic  # noqa: E402
 
 STREAM = {**ONLINE, "batch_size": STREAM_BATCH}  # the stream protocols' batches
-WIDE_LAYERS = ("stem", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0", "stage4.1",
-               "lateral4", "lateral3", "lateral2", "lateral1", "smooth3", "smooth2", "smooth1")
+BLOCKS = ("stem", "stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0", "stage4.1",
+          "lateral4", "lateral3", "lateral2", "lateral1", "smooth3", "smooth2", "smooth1")
+"""Every conv-BatchNorm-ReLU block of the detector."""
 WIDE_STATS = "runs/align/wide.align.pt"
-"""Per-channel source statistics of every conv-BatchNorm-ReLU block of the detector (and of ``stem``, ``stage1``
-to ``stage4``), for the candidates that match other layers than the default ones:
-``python tools/source_stats.py --adapter detector --dataset data/demo --split train --images 1000 --batch-size 8
---bn-mode batch --per-channel --output runs/align/wide.align.pt --layers stage1 stage2 stage3 stage4 stem stage1.0
-stage1.1 stage2.0 stage2.1 stage3.0 stage3.1 stage4.0 stage4.1 lateral4 lateral3 lateral2 lateral1 smooth3 smooth2
-smooth1``."""
+"""Per-channel source statistics of ``BLOCKS`` and of ``stage1`` to ``stage4``, for the candidates that match other
+layers than the default ones; made by ``wide_stats_args()`` when a chosen candidate needs them and they are
+missing."""
+ALIGN_ALL = {"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all",
+             "align_var_weight": 0.5}
+"""Align's stream setting of the two-seed search, every parameter adapted: the base of the later candidates."""
 CANDIDATES = [
     *({"method": "tent", **STREAM, "lr": lr} for lr in (3e-4, 1e-3)),
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4,)),
@@ -76,19 +78,24 @@ CANDIDATES = [
       for s in ({"align_pooled_weight": 1.0}, *({"align_var_weight": w} for w in (0.0, 0.25, 0.5, 2.0)))),
     # the layers align matches (the align candidates above ran with the first four of the detector's ALIGN_LAYERS,
     # before the heads' input, smooth1, joined them); layers outside the default take their statistics from WIDE_STATS
-    *({"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all", "align_var_weight": 0.5,
-       "align_layers": layers, "align_stats": WIDE_STATS}
+    *({**ALIGN_ALL, "align_layers": layers, "align_stats": WIDE_STATS}
       for layers in (("stage2", "stage3", "stage4", "smooth2", "smooth1"),
                      ("stage1", "stage2", "stage3", "stage4", "smooth2"),
                      ("stem", "stage1", "stage2", "stage3", "stage4", "smooth3", "smooth2", "smooth1"),
-                     WIDE_LAYERS,
+                     BLOCKS,
                      ("stage2", "stage3", "stage4", "smooth3", "smooth2", "smooth1"),
                      ("stage2", "stage3", "stage4", "smooth1"))),
-    *({"method": "align", **STREAM, "lr": 1e-3, "update_filter": "all", **s}
-      for s in ({"source_pull": 0.3, "align_var_weight": 1.0}, {"source_pull": 0.5, "align_var_weight": 0.5})),
-    *({"method": "align", **STREAM, "lr": lr, "optimizer": "sgd", "source_pull": 0.3, "update_filter": "all",
-       "align_var_weight": 0.5} for lr in (1e-1, 1e-2, 1e-3)),
+    *({**ALIGN_ALL, **s} for s in ({"align_var_weight": 1.0}, {"source_pull": 0.5})),
+    *({**ALIGN_ALL, "lr": lr, "optimizer": "sgd"} for lr in (1e-1, 1e-2, 1e-3)),
 ]
+
+
+def wide_stats_args() -> list[str]:
+    """``tools/source_stats.py``'s arguments that make ``WIDE_STATS`` from the detector's source data (seed 0's
+    training split, as its committed statistics)."""
+    return ["--adapter", "detector", "--dataset", "data/demo", "--split", "train", "--images", "1000",
+            "--batch-size", str(STREAM_BATCH), "--bn-mode", "batch", "--per-channel", "--output", WIDE_STATS,
+            "--layers", "stage1", "stage2", "stage3", "stage4", *BLOCKS]
 
 
 def held_out_stream(dataset: str, images: int, clean_images: int, repeat: int) -> list[tuple[str, list]]:
@@ -112,6 +119,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pulled", action="store_true", help="tune only the candidates with a source pull")
     parser.add_argument("--output", default="runs/bench/tuning-continual.json")
     args = parser.parse_args(argv)
+    chosen = [c for c in CANDIDATES if (not args.methods or c["method"] in args.methods)
+              and (not args.pulled or c.get("source_pull"))]
+    if any(c.get("align_stats") == WIDE_STATS for c in chosen) and not Path(WIDE_STATS).is_file():
+        if source_stats.main(wide_stats_args()) != 0:
+            return 2
     streams = {d: held_out_stream(d, args.images, args.clean_images, args.repeat) for d in args.dataset}
     records = {d: [record for _, part in segments for record in part] for d, segments in streams.items()}
     runners = {d: Runner(dataset=d) for d in args.dataset}
@@ -126,8 +138,6 @@ def main(argv=None) -> int:
         found["datasets"][d] = {"splits": [s for s, _ in segments], "source": source, "bn": bn}
         print(f"{d}: BatchNorm statistics mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; "
               f"source clean {source[-1]:.4f}", flush=True)
-    chosen = [c for c in CANDIDATES if (not args.methods or c["method"] in args.methods)
-              and (not args.pulled or c.get("source_pull"))]
     for ttt in chosen:
         start = time.perf_counter()
         row = {"ttt": ttt, "datasets": {}}
