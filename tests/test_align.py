@@ -11,7 +11,7 @@ from yolozu.cli import source_stats
 from yolozu.demo.synth import SynthSpec, write_split
 from yolozu.functional import optim
 from yolozu.functional.feature_stats import accumulate, as_layer_stats, compute_stats, finish, per_channel
-from yolozu.functional.methods.align import AlignSettings, align_method, running_moments
+from yolozu.functional.methods.align import AlignSettings, align_method, moment_gap, running_moments, sampling_noise
 from yolozu.functional.readout import Readout
 from yolozu.functional.state import extract
 from yolozu.functional.step import make_update
@@ -78,6 +78,43 @@ def test_running_moments_weigh_a_batch_by_its_share_and_the_first_sets_them():
     assert torch.equal(first, new[0])
     (second,) = running_moments((first,), (torch.tensor([5.0, 7.0]),), 0.25)
     torch.testing.assert_close(second, torch.tensor([2.0, 4.0]))
+
+
+def test_a_gap_within_the_noise_floor_counts_as_none_and_beyond_it_less_the_floor():
+    # source per channel: mean 0, var 4, pooled var 2 -> over 8 images se of the mean 0.5, of the variance 2
+    source = (torch.zeros(2), torch.full((2,), 4.0), torch.zeros(2), torch.full((2,), 2.0))
+    mean_se, var_se = sampling_noise(source, 8.0, per_location=False)
+    torch.testing.assert_close(mean_se, torch.full((2,), 0.5))
+    torch.testing.assert_close(var_se, torch.full((2,), 2.0))
+    per_location_se, _ = sampling_noise(source, 8.0, per_location=True)
+    torch.testing.assert_close(per_location_se, torch.full((2,), (4.0 / 8.0) ** 0.5))
+    mean = torch.tensor([0.5, 2.0], requires_grad=True)  # mean gaps 0.5 (one se: none left) and 2.0
+    var = torch.tensor([5.0, 9.0])  # variance gaps 1 and 5
+    moments = (mean, var + mean.detach() ** 2, torch.zeros(2), torch.zeros(2))
+    floor = AlignSettings(noise_floor=1.0, var_weight=1.0)
+    loss = moment_gap(moments, source, floor, images=8.0)
+    # mean: mean(max(0, [0.5, 2] - 0.5)) = 0.75; variance: mean(max(0, [1, 5] - 2)) = 1.5
+    torch.testing.assert_close(loss, torch.tensor(0.75 + 1.5))
+    (grad,) = torch.autograd.grad(loss, mean)
+    assert grad[0] == 0 and grad[1] != 0  # the gap within the floor pulls nothing
+    plain = moment_gap(moments, source, AlignSettings(var_weight=1.0), images=8.0)
+    torch.testing.assert_close(plain, torch.tensor(1.25 + 3.0))
+
+
+def test_with_a_noise_floor_a_batch_like_the_source_makes_no_step():
+    model = seeded(TinyHeatmap)
+    images = _images(8)
+    state_of = lambda method: method.init_state(model, ["bn1.weight", "bn1.bias"])  # noqa: E731
+    method = _method(model, images[:4], noise_floor=3.0)
+    near = images[4:]  # other images of the same kind: their moments differ by sampling noise only
+    new, metrics = make_update(method)(state_of(method), near, None)
+    assert metrics["loss"] == 0 and metrics["mean_gap"] > 0
+    assert torch.equal(new.trainable["bn1.bias"], state_of(method).trainable["bn1.bias"])
+    plain = _method(model, images[:4])
+    moved, _ = make_update(plain)(state_of(plain), near, None)
+    assert not torch.equal(moved.trainable["bn1.bias"], state_of(plain).trainable["bn1.bias"])
+    far, shifted = make_update(method)(state_of(method), near * 0.3 + 0.5, None)
+    assert shifted["loss"] > 0 and not torch.equal(far.trainable["bn1.bias"], state_of(method).trainable["bn1.bias"])
 
 
 def _method(model, images, **settings):

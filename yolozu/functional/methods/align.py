@@ -16,6 +16,13 @@ the state keeps an exponential moving average of the first and second moments, a
 ``min(1, n / moment_images)`` in it (gradients flow through the batch's share only); a batch of
 ``moment_images`` or more uses its own moments alone, as ActMAD.
 
+With ``noise_floor`` k > 0 a gap within k standard errors of the source's sampling noise counts as none
+(soft-thresholded, as the shrunk BatchNorm statistics of ``norm_stats``): a clean batch then pulls nothing, so
+the updates stop chasing the noise of 8 images' moments and the pull back to the source undoes the drift. The
+standard error of a batch mean over n images is ``sqrt(v / n)``, v the source's variance across images of the
+feature the mean averages (the pooled feature's per channel, the location's per location); that of a variance
+``var * sqrt(2 / n)`` (Gaussian features, images the independent unit: an over-estimate per channel).
+
 Deviations from the paper: per-channel moments by default (ActMAD's per-location ones with ``per_location``);
 ActMAD updates every parameter with Adam at a fixed learning rate, here the shell's update filter, optimiser and
 BatchNorm mode apply as for every method. The layers and the source statistics come
@@ -73,6 +80,10 @@ class AlignSettings:
     )
     var_weight: float = setting(1.0, "align: weight of the variance term", number(0))
     pooled_weight: float = setting(0.0, "align: weight of the pooled-feature Mahalanobis term (WHW-style)", number(0))
+    noise_floor: float = setting(
+        0.0, "align: standard errors of the source's sampling noise within which a moment gap counts as none "
+        "(0: every gap counts)", number(0)
+    )
 
 
 def batch_moments(x: Tensor, per_location: bool) -> Moments:
@@ -104,20 +115,44 @@ def running_moments(old: Moments, new: Moments, weight: float) -> Moments:
     )
 
 
-def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings) -> Tensor:
+def sampling_noise(source: tuple[Tensor, ...], images: float, per_location: bool) -> tuple[Tensor, Tensor]:
+    """The standard errors of a source batch's moments: what ``images`` source images' mean and variance stray
+    from the source's by chance.
+
+    Args:
+      source: the source's ``(mean, var, pooled mean, pooled var)``.
+      images: the images the moments summarise.
+      per_location: whether the moments are per location (``var`` is then the variance across images).
+    Returns:
+      ``(se of the mean, se of the variance)``, shaped like the source's mean: ``sqrt(v / n)`` with v the
+      variance across images of what the mean averages, and ``var * sqrt(2 / n)``.
+    """
+    _, var, _, pooled_var = source
+    across = var if per_location else pooled_var
+    return (across / images).sqrt(), var * (2.0 / images) ** 0.5
+
+
+def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings, images: float = 1.0) -> Tensor:
     """One layer's loss.
 
     Args:
       moments: the test moments (``Moments``).
       source: the source's ``(mean, var, pooled mean, pooled var)``, shaped like the moments.
-      s: the settings (``var_weight``, ``pooled_weight``).
+      s: the settings (``var_weight``, ``pooled_weight``, ``noise_floor``, ``per_location``).
+      images: the images the moments summarise (for ``noise_floor``).
     Returns:
-      a 0-d tensor: the L1 gaps of the mean and (weighted) the variance, plus (weighted) the pooled mean's
-      diagonal Mahalanobis distance from the source's.
+      a 0-d tensor: the L1 gaps of the mean and (weighted) the variance, each less ``noise_floor`` standard
+      errors (``sampling_noise``) and at least 0, plus (weighted) the pooled mean's diagonal Mahalanobis distance
+      from the source's.
     """
     m1, m2, p1, p2 = moments
     mean, var, pooled_mean, pooled_var = source
-    loss = (m1 - mean).abs().mean() + s.var_weight * (m2 - m1 * m1 - var).abs().mean()
+    mean_gap, var_gap = (m1 - mean).abs(), (m2 - m1 * m1 - var).abs()
+    if s.noise_floor:
+        mean_se, var_se = sampling_noise(source, images, s.per_location)
+        mean_gap = (mean_gap - s.noise_floor * mean_se).clamp(min=0)
+        var_gap = (var_gap - s.noise_floor * var_se).clamp(min=0)
+    loss = mean_gap.mean() + s.var_weight * var_gap.mean()
     if s.pooled_weight:
         loss = loss + s.pooled_weight * ((p1 - pooled_mean).square() / (pooled_var + 1e-6)).mean()
     return loss
@@ -190,11 +225,12 @@ def align_method(
     def align_loss(params, buffers, batch, own: AlignState):
         (output, features), new_buffers = apply(params, buffers, batch, bn_mode=bn, taps=layers)
         weight = min(1.0, batch.shape[0] / settings.moment_images)
+        images = max(float(batch.shape[0]), settings.moment_images)
         total, mean_gap, running = 0.0, 0.0, {}
         for name in layers:
             moments = running_moments(own.running[name], batch_moments(features[name], settings.per_location), weight)
             running[name] = tuple(t.detach() for t in moments)  # the state carries values, not the graph
-            total = total + moment_gap(moments, own.source[name], settings)
+            total = total + moment_gap(moments, own.source[name], settings, images)
             mean_gap = mean_gap + (moments[0] - own.source[name][0]).abs().mean().detach()
         return total, LossOutput(new_buffers, {"mean_gap": mean_gap}, output, own._replace(running=running))
 
