@@ -44,7 +44,8 @@ layers than the default ones; made by ``wide_stats_args()`` when a chosen candid
 missing."""
 ALIGN_ALL = {"method": "align", **STREAM, "lr": 1e-3, "source_pull": 0.3, "update_filter": "all",
              "align_var_weight": 0.5}
-"""Align's stream setting of the two-seed search, every parameter adapted: the base of the later candidates."""
+"""Align's stream setting of the two-seed search, every parameter adapted (the noise floor aside): the base of the
+later candidates."""
 CANDIDATES = [
     *({"method": "tent", **STREAM, "lr": lr} for lr in (3e-4, 1e-3)),
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5} for lr in (1e-4,)),
@@ -87,6 +88,10 @@ CANDIDATES = [
                      ("stage2", "stage3", "stage4", "smooth1"))),
     *({**ALIGN_ALL, **s} for s in ({"align_var_weight": 1.0}, {"source_pull": 0.5})),
     *({**ALIGN_ALL, "lr": lr, "optimizer": "sgd"} for lr in (1e-1, 1e-2, 1e-3)),
+    # aimed at the drift on clean batches: gaps within the source's sampling noise ignored, running moments over
+    # more images than a batch's 8
+    *({**ALIGN_ALL, "align_noise_floor": k} for k in (0.25, 0.5, 1.0)),
+    *({**ALIGN_ALL, "align_moment_images": m} for m in (16, 32)),
 ]
 
 

@@ -176,7 +176,8 @@ STREAM_SETTINGS: dict[str, dict[str, Any]] = {
     "cotta": {"source_pull": 0.1},
     "eata": {"lr": 3e-3, "eata_max_skip_streak": None},
     "sar": {"source_pull": 0.1},
-    "align": {"lr": 1e-3, "source_pull": 0.3, "update_filter": "all", "align_var_weight": 0.5},
+    "align": {"lr": 1e-3, "source_pull": 0.3, "update_filter": "all", "align_var_weight": 0.5,
+              "align_noise_floor": 0.25},
 }
 """What the never-reset streams (continual, gradual) change in a method's online recipe, tuned at their budget
 (50 updates per segment) on held-out streams as long as the test stream (the 4 validation corruptions at
@@ -187,7 +188,7 @@ mAP50 over them, averaged over the seeds. The online recipes' steps, tuned for o
 updates; a pull back towards the source weights each update (``source_pull``) bounds the drift and lets most
 methods keep larger steps. EATA runs without YOLOZU's skip stop, which otherwise ends its adaptation for good
 within the first corruptions; align adapts every parameter, as ActMAD does, with its variance term at half
-weight."""
+weight and its gaps less a quarter of the source's sampling noise."""
 
 
 def stream_recipe(name: str) -> Recipe:
