@@ -92,6 +92,8 @@ CANDIDATES = [
     # more images than a batch's 8
     *({**ALIGN_ALL, "align_noise_floor": k} for k in (0.25, 0.5, 1.0)),
     *({**ALIGN_ALL, "align_moment_images": m} for m in (16, 32)),
+    # MIM's step below the kept one (the smallest searched at pull 0.3)
+    *({"method": "mim", **STREAM, "lr": 3e-4, "mim_mask_prob": 0.5, "source_pull": 0.3},),
 ]
 
 
