@@ -17,7 +17,7 @@ the state keeps an exponential moving average of the first and second moments, a
 ``moment_images`` or more uses its own moments alone, as ActMAD.
 
 With ``noise_floor`` k > 0 a gap within k standard errors of the source's sampling noise counts as none
-(soft-thresholded, as the shrunk BatchNorm statistics of ``norm_stats``): a clean batch then pulls nothing, so
+(``norm_stats.soft_threshold``, as the shrunk BatchNorm statistics): a clean batch then pulls nothing, so
 the updates stop chasing the noise of 8 images' moments and the pull back to the source undoes the drift. The
 standard error of a batch mean over n images is ``sqrt(v / n)``, v the source's variance across images of the
 feature the mean averages (the pooled feature's per channel, the location's per location); that of a variance
@@ -39,6 +39,7 @@ from torch import Tensor
 
 from yolozu.functional import optim
 from yolozu.functional.feature_stats import LayerStats, as_layer_stats, per_channel, pooled
+from yolozu.functional.norm_stats import soft_threshold
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.settings import number, setting, str_tuple
 from yolozu.functional.state import Params
@@ -147,12 +148,12 @@ def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings, i
     """
     m1, m2, p1, p2 = moments
     mean, var, pooled_mean, pooled_var = source
-    mean_gap, var_gap = (m1 - mean).abs(), (m2 - m1 * m1 - var).abs()
+    mean_gap, var_gap = m1 - mean, m2 - m1 * m1 - var
     if s.noise_floor:
         mean_se, var_se = sampling_noise(source, images, s.per_location)
-        mean_gap = (mean_gap - s.noise_floor * mean_se).clamp(min=0)
-        var_gap = (var_gap - s.noise_floor * var_se).clamp(min=0)
-    loss = mean_gap.mean() + s.var_weight * var_gap.mean()
+        mean_gap = soft_threshold(mean_gap, s.noise_floor * mean_se)
+        var_gap = soft_threshold(var_gap, s.noise_floor * var_se)
+    loss = mean_gap.abs().mean() + s.var_weight * var_gap.abs().mean()
     if s.pooled_weight:
         loss = loss + s.pooled_weight * ((p1 - pooled_mean).square() / (pooled_var + 1e-6)).mean()
     return loss
