@@ -92,8 +92,9 @@ CANDIDATES = [
     # more images than a batch's 8
     *({**ALIGN_ALL, "align_noise_floor": k} for k in (0.25, 0.5, 1.0)),
     *({**ALIGN_ALL, "align_moment_images": m} for m in (16, 32)),
-    # MIM's step below the kept one (the smallest searched at pull 0.3)
-    *({"method": "mim", **STREAM, "lr": 3e-4, "mim_mask_prob": 0.5, "source_pull": 0.3},),
+    # MIM around its kept setting: a smaller step, the top layers left alone (SAR's filter), MAE's mask ratio
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": mask, "source_pull": 0.3, **extra}
+      for lr, mask, extra in ((3e-4, 0.5, {}), (1e-3, 0.5, {"update_filter": "norm_but_top"}), (1e-3, 0.75, {}))),
 ]
 
 
