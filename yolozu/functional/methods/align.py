@@ -133,7 +133,7 @@ def sampling_noise(source: tuple[Tensor, ...], images: float, per_location: bool
     return (across / images).sqrt(), var * (2.0 / images) ** 0.5
 
 
-def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings, images: float = 1.0) -> Tensor:
+def moment_gap(moments: Moments, source: tuple[Tensor, ...], s: AlignSettings, images: float) -> Tensor:
     """One layer's loss.
 
     Args:
