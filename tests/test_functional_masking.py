@@ -86,3 +86,34 @@ def test_bad_mask_arguments_are_errors():
         masking.block_mask(rng.key(0), 1, 8, 8, patch_size=4, mask_prob=1.5)
     with pytest.raises(ValueError, match="patch_size"):
         masking.block_mask(rng.key(0), 1, 8, 8, patch_size=0, mask_prob=0.5)
+
+
+cell_shapes = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 20), st.integers(1, 20), st.integers(2, 7))
+
+
+@given(cell_shapes, seeds)
+def test_standardise_cells_standardises_each_cell_on_its_own(shape, seed):
+    batch, channels, height, width, patch = shape
+    x = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(seed))
+    out = masking.standardise_cells(x, patch)
+    assert out.shape == x.shape
+    for top in range(0, height, patch):
+        for left in range(0, width, patch):
+            cell = x[:, :, top : top + patch, left : left + patch]
+            mean = cell.mean(dim=(1, 2, 3), keepdim=True)
+            var = cell.var(dim=(1, 2, 3), keepdim=True) if cell[0].numel() > 1 else torch.zeros_like(mean)
+            expected = (cell - mean) / (var + 1e-6).sqrt()
+            got = out[:, :, top : top + patch, left : left + patch]
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(2, 8), seeds)
+def test_standardised_cells_ignore_each_cells_brightness_and_contrast(height, width, patch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 3, height, width, generator=gen)
+    cells = (2, 1, math.ceil(height / patch), math.ceil(width / patch))
+    gain = masking.expand_grid(0.2 + torch.rand(cells, generator=gen), height, width, patch)
+    offset = masking.expand_grid(torch.rand(cells, generator=gen) - 0.5, height, width, patch)
+    plain, shifted = masking.standardise_cells(x, patch), masking.standardise_cells(gain * x + offset, patch)
+    # a cell of one pixel standardises to 0 whatever its value; elsewhere eps only (MAE's 1e-6) tells them apart
+    torch.testing.assert_close(shifted, plain, rtol=1e-2, atol=2e-2)

@@ -158,6 +158,26 @@ def test_mim_loss_falls_over_twenty_steps():
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+def test_mim_norm_pix_loss_is_the_masked_error_of_the_standardised_cells():
+    model = seeded(TinyAutoencoder)
+    tx = optim.sgd(0.1)
+    state = init_state(model, filters.select(model, "all"), tx)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    from yolozu.functional.losses import masked_reconstruction_loss
+    from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
+
+    mask = block_mask(rng.key(3), 2, 16, 16, patch_size=4, mask_prob=0.5)
+    settings = MIMSettings(patch_size=4, norm_pix_loss=True)
+    _, metrics = make_update(mim_method(make_apply(model), tx, settings))(state, x, mask)
+    with torch.no_grad():
+        model.train()
+        recon = model(apply_mask(x, mask))
+    expected = masked_reconstruction_loss(standardise_cells(recon, 4), standardise_cells(x, 4), mask)
+    torch.testing.assert_close(metrics["loss"], expected, rtol=1e-5, atol=1e-6)
+    raw = make_update(mim_method(make_apply(model), tx, MIMSettings(patch_size=4)))(state, x, mask)[1]["loss"]
+    torch.testing.assert_close(raw, masked_reconstruction_loss(recon, x, mask), rtol=1e-5, atol=1e-6)
+
+
 def test_metrics_are_consistent_with_the_update():
     model = seeded(TinyClassifier)
     tx = optim.sgd(0.1)

@@ -98,3 +98,9 @@ def test_a_model_that_enables_mim_but_returns_no_mim_entry_is_named():
     state = method.init_state(Broken(), ["norm.weight"])
     with pytest.raises(KeyError, match="structured-MIM model .* recon_feat and teacher_feat.*got \\['logits'\\]"):
         make_step(method)(state, torch.rand(2, 3, 8, 8), rng.key(0))
+
+
+def test_norm_pix_loss_on_a_feature_reconstructing_model_is_an_error_naming_the_flag():
+    settings = mim.MIMSettings(norm_pix_loss=True)
+    with pytest.raises(ValueError, match="reconstructs its features: leave --ttt-norm-pix-loss off"):
+        mim.mim_method(make_apply(FeatureMIM()), optim.sgd(0.1), settings, readout=Readout(structured_mim=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from yolozu.functional.rng import Key, generator
@@ -90,3 +91,28 @@ def apply_mask(x: Tensor, mask: Tensor, mask_value: float = 0.0) -> Tensor:
     Returns:
       The masked images, shaped like ``x``."""
     return x.masked_fill(mask, mask_value)
+
+
+def standardise_cells(x: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
+    """``x`` with each mask cell standardised: the cell's mean over its pixels and channels subtracted and the result
+    divided by ``sqrt(var + eps)`` (the unbiased variance), the per-patch normalised pixels of MAE's
+    ``norm_pix_loss`` (He et al. 2022) on the cells ``block_mask`` draws (cells that overhang the image use the
+    pixels inside it).
+
+    Args:
+      x: images ``(B, C, H, W)``.
+      patch_size: the cell side p, in pixels.
+      eps: added to each cell's variance (MAE's 1e-6).
+    Returns:
+      ``(B, C, H, W)``, on ``x``'s device; differentiable in ``x``."""
+    _, c, h, w = x.shape
+    pad = (0, -w % patch_size, 0, -h % patch_size)
+
+    def cell_sums(t: Tensor) -> Tensor:  # (B, 1, ceil(H/p), ceil(W/p)): sums over each cell's pixels and channels
+        return F.avg_pool2d(F.pad(t, pad), patch_size).sum(dim=1, keepdim=True) * (patch_size * patch_size)
+
+    count = cell_sums(torch.ones_like(x[:1]))
+    total, squares = cell_sums(x), cell_sums(x.square())
+    mean = total / count
+    var = ((squares - total * mean) / (count - 1).clamp_min(1.0)).clamp_min(0.0)
+    return (x - expand_grid(mean, h, w, patch_size)) / expand_grid(var + eps, h, w, patch_size).sqrt()

@@ -3,6 +3,9 @@ self-supervised test-time task, as in TTT-MAE, Gandelsman, Sun, Chen & Efros, Ne
 
     L(theta) = sum_{masked pixels} ||f_theta(x * (1 - m) + v m) - x||^2 / #masked,   m ~ block mask (SimMIM)
 
+With ``norm_pix_loss`` the reconstruction and x are first standardised cell by cell (MAE's per-patch normalised
+pixels, He et al. 2022), so the loss reads each cell's structure and not its brightness or contrast.
+
 A model that reconstructs its own features instead (YOLOZU's structured MIM hook, ``Readout.structured_mim``)
 takes the mask and a geometry input with the clean image and returns ``output["mim"]``: the loss is then the
 masked squared error of its reconstructed features against its teacher features (detached), plus
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from yolozu.functional import optim
 from yolozu.functional.losses import masked_reconstruction_loss
-from yolozu.functional.masking import apply_mask, block_mask
+from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key
 from yolozu.functional.settings import number, setting
@@ -34,6 +37,11 @@ class MIMSettings:
     mask_prob: float = setting(0.6, "MIM: probability that a mask cell is masked", number(0, 1), yolozu=True)
     patch_size: int = setting(16, "MIM: side of a mask cell in pixels", number(1, integer=True), yolozu=True)
     mask_value: float = setting(0.0, "MIM: value written into masked pixels", number(), yolozu=True)
+    norm_pix_loss: bool = setting(
+        False,
+        "MIM: compare the reconstruction and the image with each mask cell standardised (MAE's per-patch "
+        "normalised pixels), so a shift of a cell's brightness or contrast makes no loss",
+    )
 
 
 def mim_method(
@@ -66,7 +74,12 @@ def mim_method(
     def reconstruction_loss(params, buffers, batch, mask):
         masked = apply_mask(batch, mask, settings.mask_value)
         output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
-        error = loss(readout.recon(output), batch, mask)
+        recon = readout.recon(output)
+        if settings.norm_pix_loss:
+            recon, target = standardise_cells(recon, settings.patch_size), standardise_cells(batch, settings.patch_size)
+        else:
+            target = batch
+        error = loss(recon, target, mask)
         return error, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
 
     return Method(
@@ -137,7 +150,12 @@ def structured_mim_method(
       bn: the BatchNorm mode while adapting (``step.BN_MODES``).
       loss: ``loss(reconstruction, target, mask) -> 0-d loss``.
     Returns:
-      The ``Method``; its randomness a block mask ``(B, 1, H, W)``."""
+      The ``Method``; its randomness a block mask ``(B, 1, H, W)``.
+    Raises:
+      ValueError: with ``norm_pix_loss``, which standardises pixels a structured-MIM model does not return."""
+    if settings.norm_pix_loss:
+        raise ValueError("mim_norm_pix_loss standardises the pixels of a reconstructed image, and this model "
+                         "(enable_mim) reconstructs its features: leave --ttt-norm-pix-loss off for it")
 
     def structured_loss(params, buffers, batch, mask):
         output, new_buffers = apply(params, buffers, batch, bn_mode=bn, geom_input=geometry_input(batch),
