@@ -95,6 +95,9 @@ CANDIDATES = [
     # MIM around its kept setting: a smaller step, the top layers left alone (SAR's filter), MAE's mask ratio
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": mask, "source_pull": 0.3, **extra}
       for lr, mask, extra in ((3e-4, 0.5, {}), (1e-3, 0.5, {"update_filter": "norm_but_top"}), (1e-3, 0.75, {}))),
+    # MIM on per-cell standardised pixels (MAE's norm_pix_loss), which no longer rewards carrying a cell's brightness
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull, "update_filter": "norm_but_top",
+       "mim_norm_pix_loss": True} for lr, pull in ((1e-3, 0.3), (3e-3, 0.3), (5e-3, 0.3), (1e-2, 0.3), (1e-2, 0.5))),
 ]
 
 

@@ -172,7 +172,7 @@ measured against); ``make bench-full`` runs every benchmarked recipe."""
 GRADIENT_METHODS = ("tent", "mim", "cotta", "eata", "sar", "align")
 STREAM_SETTINGS: dict[str, dict[str, Any]] = {
     "tent": {"lr": 3e-3, "source_pull": 0.3},
-    "mim": {"lr": 1e-3, "source_pull": 0.3, "update_filter": "norm_but_top"},
+    "mim": {"lr": 1e-2, "source_pull": 0.5, "update_filter": "norm_but_top", "mim_norm_pix_loss": True},
     "cotta": {"source_pull": 0.1},
     "eata": {"lr": 3e-3, "eata_max_skip_streak": None},
     "sar": {"source_pull": 0.1},
@@ -187,8 +187,9 @@ the candidates no segment of which falls more than 0.3 points below BatchNorm st
 mAP50 over them, averaged over the seeds. The online recipes' steps, tuned for one corruption, drift over 800
 updates; a pull back towards the source weights each update (``source_pull``) bounds the drift and lets most
 methods keep larger steps. EATA runs without YOLOZU's skip stop, which otherwise ends its adaptation for good
-within the first corruptions; MIM leaves the top layers alone (SAR's filter); align adapts every parameter, as
-ActMAD does, with its variance term at half weight and its gaps less a quarter of the source's sampling noise."""
+within the first corruptions; MIM leaves the top layers alone (SAR's filter) and reconstructs per-cell
+standardised pixels (MAE's ``norm_pix_loss``); align adapts every parameter, as ActMAD does, with its variance
+term at half weight and its gaps less a quarter of the source's sampling noise."""
 
 
 def stream_recipe(name: str) -> Recipe:
