@@ -7,11 +7,13 @@ Each candidate runs once over the stream of each dataset given (demo data made w
 scored by its mean mAP50 over the corrupted segments and its lowest segment, both against BatchNorm statistics
 alone on the same stream, and by its clean mAP50 drop against the source model at the end of the stream; with
 several datasets, by the mean of the datasets' means, the lowest of their lowest segments and the mean clean drop.
-The stream settings (``recipes.STREAM_SETTINGS``) are chosen on the stream as long as the test stream
-(``--repeat 4``) on two data seeds (``--dataset data/demo data/demo-seed2``): of the candidates no segment of
-which falls more than 0.3 points below BatchNorm statistics, the best mean (docs/benchmark-notes.md has the
-tables and the rule's history). One seed's stream cannot rank settings 0.3 points apart: the two seeds ranked
-align's four best settings differently.
+Each dataset's row also lists the segments on which the candidate falls below BatchNorm statistics by more than
+its paired bootstrap 95% interval over images (``below_bn``), the continual target's own test; the rule below
+does not use it yet. The stream settings (``recipes.STREAM_SETTINGS``) are chosen on the stream as long as the
+test stream (``--repeat 4``) on two data seeds (``--dataset data/demo data/demo-seed2``): of the candidates no
+segment of which falls more than 0.3 points below BatchNorm statistics, the best mean (docs/benchmark-notes.md
+has the tables and the rule's history). One seed's stream cannot rank settings 0.3 points apart: the two seeds
+ranked align's four best settings differently.
 
     python tools/tune_continual.py [--dataset DIR ...] [--images 400] [--clean-images 200] [--methods M ...]
         [--repeat N] [--pulled] [--output runs/bench/tuning-continual.json]
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yolozu.cli import source_stats  # noqa: E402
 from yolozu.data import build_manifest  # noqa: E402
-from yolozu.demo.bench.continual import stream_rows  # noqa: E402
+from yolozu.demo.bench.bootstrap import Matches  # noqa: E402
+from yolozu.demo.bench.continual import segment_matches, stream_rows  # noqa: E402
+from yolozu.demo.bench.gains import method_gains  # noqa: E402
 from yolozu.demo.bench.recipes import ONLINE, RECIPES, STREAM_BATCH, Recipe, stream_recipe  # noqa: E402
 from yolozu.demo.bench.runner import Runner  # noqa: E402
 from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
@@ -109,6 +113,19 @@ def wide_stats_args() -> list[str]:
             "--layers", "stage1", "stage2", "stage3", "stage4", *BLOCKS]
 
 
+def below_bn(bn: dict[str, Matches], candidate: dict[str, Matches]) -> list[int]:
+    """The segments on which a candidate falls below BatchNorm statistics by more than its paired bootstrap 95%
+    interval over images (the interval's upper end below 0): the continual target's test, on the held-out stream.
+
+    Args:
+      bn: BatchNorm statistics' matches per corrupted segment (``continual.segment_matches``).
+      candidate: the candidate's, on the same images.
+    Returns:
+      The segments' indices, in stream order."""
+    gains = method_gains({k: {"bn": bn[k], "candidate": candidate[k]} for k in bn}, "bn", ["candidate"])
+    return sorted(int(k) for k, g in gains["candidate"]["splits"].items() if g["high"] < 0)
+
+
 def held_out_stream(dataset: str, images: int, clean_images: int, repeat: int) -> list[tuple[str, list]]:
     """The held-out stream's segments of ``dataset``: the 4 validation corruptions at severity 5, ``images`` each,
     passed ``repeat`` times, then ``clean_images`` clean training images."""
@@ -139,13 +156,14 @@ def main(argv=None) -> int:
     records = {d: [record for _, part in segments for record in part] for d, segments in streams.items()}
     runners = {d: Runner(dataset=d) for d in args.dataset}
 
-    def scores(recipe: Recipe, dataset: str) -> list[float]:
+    def scores(recipe: Recipe, dataset: str) -> tuple[list[float], dict[str, Matches]]:
         predictions = runners[dataset].predict(recipe, records[dataset])[0]
-        return [row["map50"] for row in stream_rows(recipe.name, predictions, streams[dataset], 0.0)]
+        rows = stream_rows(recipe.name, predictions, streams[dataset], 0.0)
+        return [row["map50"] for row in rows], segment_matches(predictions, streams[dataset], clean="train")
 
-    found = {"datasets": {}, "candidates": []}
+    found, bn_matches = {"datasets": {}, "candidates": []}, {}
     for d, segments in streams.items():
-        source, bn = scores(RECIPES["source"], d), scores(stream_recipe("bn"), d)
+        (source, _), (bn, bn_matches[d]) = scores(RECIPES["source"], d), scores(stream_recipe("bn"), d)
         found["datasets"][d] = {"splits": [s for s, _ in segments], "source": source, "bn": bn}
         print(f"{d}: BatchNorm statistics mean {statistics.fmean(bn[:-1]):.4f}, clean {bn[-1]:.4f}; "
               f"source clean {source[-1]:.4f}", flush=True)
@@ -153,18 +171,21 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         row = {"ttt": ttt, "datasets": {}}
         for d, base in found["datasets"].items():
-            got = scores(Recipe("candidate", "candidate", ttt), d)
+            got, matches = scores(Recipe("candidate", "candidate", ttt), d)
             over = [100 * (a - b) for a, b in zip(got[:-1], base["bn"][:-1])]
             row["datasets"][d] = {"map50": got, "over_bn": statistics.fmean(over), "lowest_over_bn": min(over),
-                                  "clean_drop": 100 * (base["source"][-1] - got[-1])}
+                                  "clean_drop": 100 * (base["source"][-1] - got[-1]),
+                                  "below_bn": below_bn(bn_matches[d], matches)}
         per = row["datasets"].values()
         row.update(over_bn=statistics.fmean(r["over_bn"] for r in per),
                    lowest_over_bn=min(r["lowest_over_bn"] for r in per),
                    clean_drop=statistics.fmean(r["clean_drop"] for r in per))
         found["candidates"].append(row)
         each = ", ".join(f"{r['over_bn']:+.2f}" for r in per)
-        print(f"{row['over_bn']:+.2f} over BN ({each}; lowest segment {row['lowest_over_bn']:+.2f}), clean drop "
-              f"{row['clean_drop']:+.2f} points, {time.perf_counter() - start:3.0f}s {ttt}", flush=True)
+        below = ", ".join(str(r["below_bn"]) for r in per)
+        print(f"{row['over_bn']:+.2f} over BN ({each}; lowest segment {row['lowest_over_bn']:+.2f}; below BN outside "
+              f"the interval: {below}), clean drop {row['clean_drop']:+.2f} points, "
+              f"{time.perf_counter() - start:3.0f}s {ttt}", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output, found, indent=1)
     return 0

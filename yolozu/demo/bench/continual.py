@@ -57,6 +57,14 @@ def segment_slices(predictions: list, segments: list) -> list[tuple[list, list]]
     return found
 
 
+def segment_matches(predictions: list, segments: list, clean: str) -> dict[str, Matches]:
+    """Each corrupted segment's IoU-0.5 matches (``bootstrap.image_matches``), keyed by the segment's index as a
+    string (``gains.method_gains``' split keys); segments of split ``clean`` are left out."""
+    slices = segment_slices(predictions, segments)
+    return {str(index): image_matches(mine, records)
+            for index, ((split, _), (mine, records)) in enumerate(zip(segments, slices)) if split != clean}
+
+
 def stream_rows(name: str, predictions: list, segments: list, seconds: float) -> list[dict]:
     """One row per segment of one recipe's stream: its slice of the predictions scored, its share of the time."""
     total = sum(len(records) for _, records in segments)
@@ -96,9 +104,8 @@ def run(
         start = time.perf_counter()
         predictions, report = runner.predict(stream_recipe(name), stream)
         rows += stream_rows(name, predictions, segments, time.perf_counter() - start)
-        for index, ((split, _), (mine, records)) in enumerate(zip(segments, segment_slices(predictions, segments))):
-            if split != "val":
-                matches.setdefault(str(index), {})[name] = image_matches(mine, records)
+        for index, found in segment_matches(predictions, segments, clean="val").items():
+            matches.setdefault(index, {})[name] = found
         if progress:
             corrupted = [r for r in rows[-len(segments):] if r["split"] != "val"]
             mean = sum(r["map50"] for r in corrupted) / max(1, len(corrupted))
