@@ -105,7 +105,7 @@ def standardise_cells(x: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
       eps: added to each cell's variance (MAE's 1e-6).
     Returns:
       ``(B, C, H, W)``, on ``x``'s device; differentiable in ``x``."""
-    _, c, h, w = x.shape
+    h, w = x.shape[-2:]
     pad = (0, -w % patch_size, 0, -h % patch_size)
 
     def cell_sums(t: Tensor) -> Tensor:  # (B, 1, ceil(H/p), ceil(W/p)): sums over each cell's pixels and channels
