@@ -103,6 +103,10 @@ CANDIDATES = [
     # MIM on per-cell standardised pixels (MAE's norm_pix_loss), which no longer rewards carrying a cell's brightness
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull, "update_filter": "norm_but_top",
        "mim_norm_pix_loss": True} for lr, pull in ((1e-3, 0.3), (3e-3, 0.3), (5e-3, 0.3), (1e-2, 0.3), (1e-2, 0.5))),
+    # ... between lr 1e-3, the only one never below BatchNorm statistics on a held-out segment, and the larger steps,
+    # which fall below them on saturate: smaller steps, stronger pulls
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull, "update_filter": "norm_but_top",
+       "mim_norm_pix_loss": True} for lr, pull in ((2e-3, 0.3), (3e-3, 0.5), (5e-3, 0.5), (1e-2, 0.7))),
 ]
 
 
