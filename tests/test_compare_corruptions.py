@@ -3,23 +3,17 @@ same images, with pixel statistics and the built-in detector's mAP50."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 from yolozu.demo.synth import SynthSpec, make_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("compare_corruptions", ROOT / "tools" / "compare_corruptions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compare_corruptions")
 
 
 def test_ours_is_found_in_history_and_compared_with_the_package(tool, tmp_path, capsys):

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tool_modules import load_tool
 
 from yolozu.demo.bench.bootstrap import Matches
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 40
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("tune_continual", ROOT / "tools" / "tune_continual.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tune_continual")
 
 
 def one_box_per_image(hits: np.ndarray) -> Matches:

@@ -4,13 +4,13 @@ trainer writes a checkpoint the factory loads. Random weights and a few small im
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tool_modules import load_tool
 from torch import nn
 from tv_zoo import TORCHVISION, randomise_norms, write_images  # skips (or fails: make test) without torchvision
 
@@ -21,7 +21,6 @@ from yolozu.functional import filters
 from yolozu.tta.config import TTTConfig
 from yolozu.tta.engine import Adaptation
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = "yolozu.demo.tv_detector:adapter"
 NUM_CLASSES = 4
 SMALL = 64  # the tests' images (the model's transform resizes them to its 160 px)
@@ -98,10 +97,7 @@ def test_a_tent_step_changes_only_the_selected_tensors(dataset):
 
 def load_trainer():
     """tools/train_torchvision.py as a module."""
-    spec = importlib.util.spec_from_file_location("train_torchvision", ROOT / "tools" / "train_torchvision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_torchvision")
 
 
 def test_the_trainer_writes_a_checkpoint_the_factory_loads_and_a_sidecar(tmp_path):
