@@ -8,7 +8,8 @@ from toy import TinyAutoencoder, TinyClassifier, seeded
 
 from yolozu.bridge import make_apply
 from yolozu.functional import filters, optim, rng, streams
-from yolozu.functional.losses import softmax_entropy
+from yolozu.functional.losses import masked_reconstruction_loss, softmax_entropy
+from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
 from yolozu.functional.methods.mim import MIMSettings, mim_method
 from yolozu.functional.methods.tent import make_tent_step
 from yolozu.functional.step import grad_params, in_transform, init_state, make_step, make_update
@@ -127,7 +128,6 @@ def test_mim_update_vmapped_with_per_stream_masks_equals_loop():
     tx = optim.sgd(0.1, momentum=0.9)
     source = init_state(model, filters.select(model, "all"), tx)
     x = torch.rand(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    from yolozu.functional.masking import block_mask
 
     masks = torch.stack([block_mask(rng.key(i), 2, 16, 16, patch_size=4, mask_prob=0.5) for i in range(3)])
     update = make_update(mim_method(make_apply(model), tx))
@@ -163,9 +163,6 @@ def test_mim_norm_pix_loss_is_the_masked_error_of_the_standardised_cells():
     tx = optim.sgd(0.1)
     state = init_state(model, filters.select(model, "all"), tx)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    from yolozu.functional.losses import masked_reconstruction_loss
-    from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
-
     mask = block_mask(rng.key(3), 2, 16, 16, patch_size=4, mask_prob=0.5)
     settings = MIMSettings(patch_size=4, norm_pix_loss=True)
     _, metrics = make_update(mim_method(make_apply(model), tx, settings))(state, x, mask)

@@ -74,11 +74,9 @@ def mim_method(
     def reconstruction_loss(params, buffers, batch, mask):
         masked = apply_mask(batch, mask, settings.mask_value)
         output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
-        recon = readout.recon(output)
+        recon, target = readout.recon(output), batch
         if settings.norm_pix_loss:
-            recon, target = standardise_cells(recon, settings.patch_size), standardise_cells(batch, settings.patch_size)
-        else:
-            target = batch
+            recon, target = (standardise_cells(t, settings.patch_size) for t in (recon, target))
         error = loss(recon, target, mask)
         return error, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
 
