@@ -128,7 +128,8 @@ def test_flags_parse_into_the_config_and_meta_groups_each_methods_settings():
     assert config.method_settings() == CoTTASettings(restore_prob=0.5)
     meta = ttt_meta(config, None)
     assert meta["cotta"]["restore_prob"] == 0.5 and meta["cotta"]["augmentations"] == ["identity", "hflip"]
-    assert meta["mim"] == {"mask_prob": 0.25, "patch_size": 16, "mask_value": 0.0, "norm_pix_loss": False}
+    assert meta["mim"] == {"mask_prob": 0.25, "patch_size": 16, "mask_value": 0.0, "norm_pix_loss": False,
+                           "error_quantile": None, "reference_data": None}
     assert (meta["max_batches"], meta["prediction_bn"], meta["report"]) == (3, "batch", None)
     assert "cotta_restore_prob" not in meta and "mim_mask_prob" not in meta
 

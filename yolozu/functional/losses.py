@@ -66,6 +66,21 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor | None
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def masked_reconstruction_errors(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Each image's mean squared error over its own masked pixels (all channels): the per-image form of
+    ``masked_reconstruction_loss``.
+
+    Args:
+      pred: the reconstruction ``(B, C, H, W)``.
+      target: the input it reconstructs, shaped like ``pred``.
+      mask: bool, broadcastable to ``pred`` (e.g. ``(B, 1, H, W)``).
+    Returns:
+      ``(B,)``; 0 for an image with no masked pixel."""
+    err = (pred - target).square()
+    weight = mask.to(err.dtype).expand_as(err)
+    return (err * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp_min(1.0)
+
+
 def centernet_focal_loss(
     logits: Tensor, heatmap: Tensor, *, alpha: float = 2.0, beta: float = 4.0, mask: Tensor | None = None
 ) -> Tensor:

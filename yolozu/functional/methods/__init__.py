@@ -42,7 +42,8 @@ class MethodEntry(NamedTuple):
 BUILT_IN: dict[str, MethodEntry] = {  # yolozu.tta.methods adds the plug-ins
     "tent": MethodEntry(tent.tent_method, tent.TentSettings, ""),
     "mim": MethodEntry(  # --ttt-mask-prob, as specified
-        mim.mim_method, mim.MIMSettings, "mim_", flag_prefix="", signals=("reconstruction",),
+        mim.mim_method, mim.MIMSettings, "mim_", calibration="reference_data", flag_prefix="",
+        signals=("reconstruction",),
         probe={"patch_size": 4, "mask_prob": 0.5},
     ),
     "cotta": MethodEntry(

@@ -6,6 +6,12 @@ self-supervised test-time task, as in TTT-MAE, Gandelsman, Sun, Chen & Efros, Ne
 With ``norm_pix_loss`` the reconstruction and x are first standardised cell by cell (MAE's per-patch normalised
 pixels, He et al. 2022), so the loss reads each cell's structure and not its brightness or contrast.
 
+With ``error_quantile`` an image counts in the loss only while its raw-pixel reconstruction error is within what
+the source model makes on in-distribution images: at most that quantile of the source's per-image errors on the
+``reference_data`` split (``calibrate``). An image beyond it is one the decoder cannot reconstruct (saturated,
+covered), and fitting it moves the shared features towards the corruption rather than the scene (as SAR and EATA
+leave out samples of large entropy; here the error is the task's own measure). A step with no image kept is undone.
+
 A model that reconstructs its own features instead (YOLOZU's structured MIM hook, ``Readout.structured_mim``)
 takes the mask and a geometry input with the clean image and returns ``output["mim"]``: the loss is then the
 masked squared error of its reconstructed features against its teacher features (detached), plus
@@ -14,20 +20,20 @@ masked squared error of its reconstructed features against its teacher features 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import attrs
 import torch
 from torch import Tensor
 
-from yolozu.functional import optim
-from yolozu.functional.losses import masked_reconstruction_loss
+from yolozu.functional import optim, rng
+from yolozu.functional.losses import masked_reconstruction_errors, masked_reconstruction_loss
 from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key
-from yolozu.functional.settings import number, setting
-from yolozu.functional.state import Params
-from yolozu.functional.step import Apply, LossOutput, Method
+from yolozu.functional.settings import number, optional_split, setting
+from yolozu.functional.state import Params, combine, tree_where
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, view_bn_mode
 
 
 @attrs.frozen(kw_only=True)
@@ -42,6 +48,27 @@ class MIMSettings:
         "MIM: compare the reconstruction and the image with each mask cell standardised (MAE's per-patch "
         "normalised pixels), so a shift of a cell's brightness or contrast makes no loss",
     )
+    error_quantile: float | None = setting(
+        None,
+        "MIM: an image counts in the loss only if its raw-pixel reconstruction error is at most the source model's "
+        "at this quantile over the reference_data images (None: every image counts)",
+        number(0, 1, optional=True),
+    )
+    reference_data: str | None = setting(
+        None, "MIM: split of in-distribution data the error_quantile ceiling is measured on", optional_split, type=str
+    )
+
+
+class MIMState(NamedTuple):
+    """MIM's own state: the per-image reconstruction error above which an image is left out of the loss (0-d;
+    +inf until ``calibrate`` measures it, and without ``error_quantile``)."""
+
+    ceiling: Tensor
+
+
+CALIBRATION_SEED = 0
+"""The seed of the block masks the calibration draws (its batch index folded in): the ceiling of a source model
+and a reference split is one number."""
 
 
 def mim_method(
@@ -54,9 +81,11 @@ def mim_method(
     loss: Callable[[Tensor, Tensor, Tensor], Tensor] = masked_reconstruction_loss,
 ) -> Method:
     """MIM as a ``Method``: the randomness is the block mask, the loss ``loss(reconstruction, image, mask)``
-    (default: the masked mean squared error).
+    (default: the masked mean squared error) over the images within the error ceiling (``MIMState``; every image
+    without ``error_quantile``). ``calibrate`` measures the ceiling (``source_ceiling``); ``finish`` undoes a step
+    that kept no image.
 
-    Metrics add ``mask_ratio`` (the masked fraction of pixels).
+    Metrics add ``mask_ratio`` (the masked fraction of pixels) and ``kept`` (images in the loss).
 
     Args:
       apply: the model as a pure function (``bridge.make_apply``).
@@ -67,26 +96,106 @@ def mim_method(
       loss: ``loss(reconstruction, image, mask) -> 0-d loss``, the images ``(B, C, H, W)``, the mask
         ``(B, 1, H, W)``.
     Returns:
-      The ``Method``; its randomness a block mask ``(B, 1, H, W)`` (``masking.block_mask``)."""
+      The ``Method``; its randomness a block mask ``(B, 1, H, W)`` (``masking.block_mask``), its state a
+      ``MIMState``.
+    Raises:
+      ValueError: ``error_quantile`` without ``reference_data`` to measure it on."""
+    if settings.error_quantile is not None and settings.reference_data is None:
+        raise ValueError("mim_error_quantile (--ttt-error-quantile) is a quantile of the source model's errors on "
+                         "in-distribution images: name their split with mim_reference_data (--ttt-reference-data), "
+                         "e.g. the training split")
     if readout.structured_mim:
         return structured_mim_method(apply, optimizer, settings, bn=bn, loss=loss)
 
-    def reconstruction_loss(params, buffers, batch, mask):
+    def prepare(state: TTTState, batch: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        # a state made without this method's init (step.init_state, as a custom loop may) has no ceiling
+        ceiling = state.method_state.ceiling if isinstance(state.method_state, MIMState) else torch.inf
+        return mask, torch.as_tensor(ceiling, dtype=batch.dtype, device=batch.device)
+
+    def reconstruction_loss(params, buffers, batch, extra):
+        mask, ceiling = extra
         masked = apply_mask(batch, mask, settings.mask_value)
         output, new_buffers = apply(params, buffers, masked, bn_mode=bn, **readout.recon_kwargs)
         recon, target = readout.recon(output), batch
+        kept = masked_reconstruction_errors(recon.detach(), target, mask) <= ceiling
         if settings.norm_pix_loss:
             recon, target = (standardise_cells(t, settings.patch_size) for t in (recon, target))
-        error = loss(recon, target, mask)
-        return error, LossOutput(new_buffers, {"mask_ratio": mask.to(batch.dtype).mean()}, output)
+        error = loss(recon, target, mask & kept.view(-1, 1, 1, 1))
+        metrics = {"mask_ratio": mask.to(batch.dtype).mean(), "kept": kept.to(batch.dtype).sum()}
+        return error, LossOutput(new_buffers, metrics, output)
+
+    def init(trainable: Params) -> MIMState:
+        return MIMState(torch.full((), float("inf"), device=next(iter(trainable.values())).device))
+
+    def calibrate(state: TTTState, batches: Any) -> TTTState:
+        if settings.error_quantile is None:
+            return state
+        ceiling = source_ceiling(apply, readout, settings, state, batches, bn).to(state.step.device)
+        return state._replace(method_state=MIMState(ceiling))
 
     return Method(
         reconstruction_loss,
         optimizer,
+        prepare=prepare,
+        finish=undo_if_none_kept,
         draw=mask_drawer(settings),
-        metric_names=("mask_ratio",),
+        init=init,
+        calibrate=calibrate,
+        metric_names=("mask_ratio", "kept"),
         yolozu_row=lambda row: {"mim_loss": row["loss"]},
     )
+
+
+def source_ceiling(
+    apply: Apply, readout: Readout, settings: MIMSettings, state: TTTState, batches: Any, bn: str
+) -> Tensor:
+    """MIM's error ceiling: the ``settings.error_quantile`` quantile of the source model's per-image raw-pixel
+    reconstruction errors (``losses.masked_reconstruction_errors``) on in-distribution ``batches``, each batch
+    masked as a step masks it (seeded by ``CALIBRATION_SEED`` and its index) and normalised as a view is
+    (``step.view_bn_mode``).
+
+    Args:
+      apply: the model as a pure function.
+      readout: how the reconstruction is read from an output.
+      settings: the mask and the quantile.
+      state: a fresh state (its ``source`` and ``frozen`` parameters and buffers are the source model).
+      batches: an iterable of input batches ``(B, C, H, W)``.
+      bn: the adaptation's BatchNorm mode.
+    Returns:
+      The ceiling, a 0-d tensor.
+    Raises:
+      ValueError: ``batches`` is empty."""
+    params, draw, root = combine(state.frozen, state.source), mask_drawer(settings), rng.key(CALIBRATION_SEED)
+    errors = []
+    with torch.no_grad():
+        for index, x in enumerate(batches):
+            mask = draw(rng.fold_in(root, index), state.source, x)
+            output, _ = apply(params, state.buffers, apply_mask(x, mask, settings.mask_value),
+                              bn_mode=view_bn_mode(bn), **readout.recon_kwargs)  # fmt: skip
+            errors.append(masked_reconstruction_errors(readout.recon(output), x, mask))
+    if not errors:
+        raise ValueError("MIM's error ceiling needs at least one batch of in-distribution data (mim_reference_data)")
+    return torch.quantile(torch.cat(errors).float(), settings.error_quantile)
+
+
+def undo_if_none_kept(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[TTTState, dict]:
+    """MIM's ``finish``: a step that kept no image (all beyond the error ceiling) leaves the weights, optimiser
+    state and buffers as they were (an optimiser with momentum would otherwise still move them).
+
+    Args:
+      old: the state before the step.
+      new: the state after it.
+      metrics: the step's metrics (``kept``).
+      noise: the step's mask (unused).
+    Returns:
+      The kept state and the metrics, ``update_norm`` 0 for an undone step."""
+    del noise
+    none = metrics["kept"] == 0
+    metrics = {**metrics, "update_norm": torch.where(none, torch.zeros_like(metrics["update_norm"]),
+                                                     metrics["update_norm"])}  # fmt: skip
+    return new._replace(trainable=tree_where(none, old.trainable, new.trainable),
+                        opt_state=tree_where(none, old.opt_state, new.opt_state),
+                        buffers=tree_where(none, old.buffers, new.buffers)), metrics  # fmt: skip
 
 
 def mask_drawer(settings: MIMSettings) -> Callable[[Key, Params, Tensor], Tensor]:
@@ -150,7 +259,11 @@ def structured_mim_method(
     Returns:
       The ``Method``; its randomness a block mask ``(B, 1, H, W)``.
     Raises:
-      ValueError: with ``norm_pix_loss``, which standardises pixels a structured-MIM model does not return."""
+      ValueError: with ``norm_pix_loss`` or ``error_quantile``, which read pixels a structured-MIM model does not
+        return."""
+    if settings.error_quantile is not None:
+        raise ValueError("mim_error_quantile measures the error of a reconstructed image, and this model "
+                         "(enable_mim) reconstructs its features: leave it unset for this model")
     if settings.norm_pix_loss:
         raise ValueError("mim_norm_pix_loss standardises the pixels of a reconstructed image, and this model "
                          "(enable_mim) reconstructs its features: leave --ttt-norm-pix-loss off for it")
