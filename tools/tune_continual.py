@@ -33,7 +33,7 @@ from yolozu.data import build_manifest  # noqa: E402
 from yolozu.demo.bench.bootstrap import Matches  # noqa: E402
 from yolozu.demo.bench.continual import segment_matches, stream_rows  # noqa: E402
 from yolozu.demo.bench.gains import method_gains  # noqa: E402
-from yolozu.demo.bench.recipes import ONLINE, RECIPES, STREAM_BATCH, Recipe, stream_recipe  # noqa: E402
+from yolozu.demo.bench.recipes import CLEAN_DATA, ONLINE, RECIPES, STREAM_BATCH, Recipe, stream_recipe  # noqa: E402
 from yolozu.demo.bench.runner import Runner  # noqa: E402
 from yolozu.demo.corruptions import HELDOUT_CORRUPTIONS  # noqa: E402
 from yolozu.demo.data import corrupted_split_name  # noqa: E402
@@ -107,6 +107,11 @@ CANDIDATES = [
     # which fall below them on saturate: smaller steps, stronger pulls
     *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull, "update_filter": "norm_but_top",
        "mim_norm_pix_loss": True} for lr, pull in ((2e-3, 0.3), (3e-3, 0.5), (5e-3, 0.5), (1e-2, 0.7))),
+    # MIM leaving out the images its decoder cannot reconstruct (raw-pixel error beyond the source's q-quantile on
+    # clean training images), at the kept step and at the larger steps that fell below on saturate
+    *({"method": "mim", **STREAM, "lr": lr, "mim_mask_prob": 0.5, "source_pull": pull, "update_filter": "norm_but_top",
+       "mim_norm_pix_loss": True, "mim_error_quantile": q, "mim_reference_data": CLEAN_DATA}
+      for lr, pull, q in ((3e-3, 0.5, 0.99), (3e-3, 0.5, 0.9), (5e-3, 0.5, 0.9), (1e-2, 0.7, 0.9))),
 ]
 
 

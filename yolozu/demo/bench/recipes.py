@@ -93,13 +93,13 @@ ONLINE = {"schedule": "online", "batch_size": BUDGET_BATCH, "update_filter": "no
           "seed": 0}
 TENT = {"method": "tent", **ONLINE, "lr": 1e-3}
 """Online Tent (the tent and tent-reuse recipes)."""
-PAPER_DATA = "train"
-"""The in-distribution split the papers' recipes calibrate on: EATA's Fisher information, CoTTA's source-derived
-confidence threshold (the demo's clean training images)."""
-EATA_PAPER = {**PAPERS["eata_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "eata_fisher_data": PAPER_DATA}
+CLEAN_DATA = "train"
+"""The in-distribution split the recipes calibrate on (the demo's clean training images): EATA's Fisher
+information and CoTTA's source-derived confidence threshold in the papers' recipes, MIM's error ceiling."""
+EATA_PAPER = {**PAPERS["eata_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "eata_fisher_data": CLEAN_DATA}
 """The paper's EATA (the ``eata_paper`` preset, with its Fisher regulariser) at the benchmark's batch, its learning
 rate as the paper's (not rescaled: docs/ttt.md)."""
-COTTA_PAPER = {**PAPERS["cotta_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "cotta_threshold_data": PAPER_DATA}
+COTTA_PAPER = {**PAPERS["cotta_paper"], "batch_size": BUDGET_BATCH, "seed": 0, "cotta_threshold_data": CLEAN_DATA}
 """The reference's CoTTA (the ``cotta_paper`` preset: 32 random views, logit mean, a batch threshold from the
 source model on clean data, the pre-update teacher predicts) at the benchmark's batch."""
 EPISODIC_SHRINK = 8.0
@@ -172,7 +172,8 @@ measured against); ``make bench-full`` runs every benchmarked recipe."""
 GRADIENT_METHODS = ("tent", "mim", "cotta", "eata", "sar", "align")
 STREAM_SETTINGS: dict[str, dict[str, Any]] = {
     "tent": {"lr": 3e-3, "source_pull": 0.3},
-    "mim": {"lr": 3e-3, "source_pull": 0.5, "update_filter": "norm_but_top", "mim_norm_pix_loss": True},
+    "mim": {"lr": 3e-3, "source_pull": 0.5, "update_filter": "norm_but_top", "mim_norm_pix_loss": True,
+            "mim_error_quantile": 0.9, "mim_reference_data": CLEAN_DATA},
     "cotta": {"source_pull": 0.1},
     "eata": {"lr": 3e-3, "eata_max_skip_streak": None},
     "sar": {"source_pull": 0.1},
@@ -188,9 +189,10 @@ either seed, neither by more than 0.3 points nor by more than the segment's pair
 them, averaged over the seeds. The online recipes' steps, tuned for one corruption, drift over 800
 updates; a pull back towards the source weights each update (``source_pull``) bounds the drift and lets most
 methods keep larger steps. EATA runs without YOLOZU's skip stop, which otherwise ends its adaptation for good
-within the first corruptions; MIM leaves the top layers alone (SAR's filter) and reconstructs per-cell
-standardised pixels (MAE's ``norm_pix_loss``); align adapts every parameter, as ActMAD does, with its variance
-term at half weight and its gaps less a quarter of the source's sampling noise."""
+within the first corruptions; MIM leaves the top layers alone (SAR's filter), reconstructs per-cell
+standardised pixels (MAE's ``norm_pix_loss``) and leaves out the images its decoder cannot reconstruct (a raw-pixel
+error beyond the source's 90th percentile on clean training images); align adapts every parameter, as ActMAD
+does, with its variance term at half weight and its gaps less a quarter of the source's sampling noise."""
 
 
 def stream_recipe(name: str) -> Recipe:
