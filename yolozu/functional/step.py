@@ -18,7 +18,7 @@ from torch.func import grad_and_value
 from yolozu.functional import optim
 from yolozu.functional.capture import maybe_captured
 from yolozu.functional.rng import Key
-from yolozu.functional.state import Params, combine, extract, partition
+from yolozu.functional.state import Params, combine, extract, partition, tree_where
 
 BN_MODES = ("running", "batch", "eval", "mix", "shrink")
 """How BatchNorm normalises while adapting:
@@ -149,6 +149,22 @@ def keep_new(old: TTTState, new: TTTState, metrics: dict, noise: Any) -> tuple[T
       ``(new, metrics)`` unchanged."""
     del old, noise
     return new, metrics
+
+
+def undo_where(undone: Tensor, old: TTTState, new: TTTState) -> TTTState:
+    """``new``, or where ``undone`` (a 0-d bool, one per stream under ``vmap``) the weights, optimiser state and
+    buffers of ``old``: a ``finish`` that discards a step it should not have taken (an optimiser with momentum
+    moves the weights even on zero gradients), without a Python branch on the verdict.
+
+    Args:
+      undone: whether the step is discarded.
+      old: the state before the step.
+      new: the state after it.
+    Returns:
+      The kept state (``new``'s step count and method state either way)."""
+    return new._replace(trainable=tree_where(undone, old.trainable, new.trainable),
+                        opt_state=tree_where(undone, old.opt_state, new.opt_state),
+                        buffers=tree_where(undone, old.buffers, new.buffers))  # fmt: skip
 
 
 def no_noise(k: Key | None, source: Params, batch: Any) -> None:

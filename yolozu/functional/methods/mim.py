@@ -32,8 +32,8 @@ from yolozu.functional.masking import apply_mask, block_mask, standardise_cells
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.rng import Key
 from yolozu.functional.settings import number, optional_split, setting
-from yolozu.functional.state import Params, combine, tree_where
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState, view_bn_mode
+from yolozu.functional.state import Params, combine
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, undo_where, view_bn_mode
 
 
 @attrs.frozen(kw_only=True)
@@ -143,6 +143,7 @@ def mim_method(
         calibrate=calibrate,
         metric_names=("mask_ratio", "kept"),
         yolozu_row=lambda row: {"mim_loss": row["loss"]},
+        abstains=lambda metrics: metrics["kept"] == 0,
     )
 
 
@@ -191,11 +192,7 @@ def undo_if_none_kept(old: TTTState, new: TTTState, metrics: dict, noise: Any) -
       The kept state and the metrics, ``update_norm`` 0 for an undone step."""
     del noise
     none = metrics["kept"] == 0
-    metrics = {**metrics, "update_norm": torch.where(none, torch.zeros_like(metrics["update_norm"]),
-                                                     metrics["update_norm"])}  # fmt: skip
-    return new._replace(trainable=tree_where(none, old.trainable, new.trainable),
-                        opt_state=tree_where(none, old.opt_state, new.opt_state),
-                        buffers=tree_where(none, old.buffers, new.buffers)), metrics  # fmt: skip
+    return undo_where(none, old, new), {**metrics, "update_norm": metrics["update_norm"] * (~none)}
 
 
 def mask_drawer(settings: MIMSettings) -> Callable[[Key, Params, Tensor], Tensor]:

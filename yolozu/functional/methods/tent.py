@@ -28,8 +28,7 @@ from yolozu.functional.losses import binary_entropy, softmax_entropy
 from yolozu.functional.readout import DEFAULT_READOUT, Readout
 from yolozu.functional.response import response_terms, weak_photometric_view
 from yolozu.functional.settings import number, setting
-from yolozu.functional.state import tree_where
-from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_step
+from yolozu.functional.step import Apply, LossOutput, Method, TTTState, make_step, undo_where
 
 
 @attrs.frozen(kw_only=True)
@@ -289,11 +288,7 @@ def abstain_or_keep(old: TTTState, new: TTTState, metrics: dict, noise) -> tuple
     del noise
     metrics = dict(metrics)
     abstained = metrics["response_abstained"] > 0
-    kept = new._replace(
-        trainable=tree_where(abstained, old.trainable, new.trainable),
-        opt_state=tree_where(abstained, old.opt_state, new.opt_state),
-        buffers=tree_where(abstained, old.buffers, new.buffers),
-    )
+    kept = undo_where(abstained, old, new)
     metrics.update(
         update_abstained=abstained.float(),
         buffers_restored_on_abstention=abstained.float(),
