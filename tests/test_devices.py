@@ -25,6 +25,7 @@ def dataset(tmp_path_factory):
     return root
 
 
+MIM_CEILING = ["--ttt-error-quantile", "0.5", "--ttt-reference-data", "val"]
 SCHEDULES = {
     "online": ["--ttt-schedule", "online", "--ttt-batch-size", "2", "--ttt-max-batches", "none"],
     "sample": ["--ttt-reset", "sample", "--ttt-streams", "2", "--ttt-max-batches", "none"],
@@ -42,6 +43,8 @@ SCHEDULES = {
         pytest.param("cuda", "cotta", ["--ttt-capture"], marks=ON_CUDA),
         pytest.param("cuda", "tent", ["--ttt-source-pull", "0.1"], marks=ON_CUDA),  # the pull's copy of the source
         pytest.param("cuda", "align", ["--ttt-source-pull", "0.1", "--ttt-capture"], marks=ON_CUDA),
+        ("cpu", "mim", MIM_CEILING),  # the ceiling is calibrated on the run's device from the reference split
+        pytest.param("cuda", "mim", MIM_CEILING, marks=ON_CUDA),
     ],
 )
 def test_export_schedules_run_and_repeat_bitwise_on_the_device(tmp_path, dataset, device, schedule, method, extra):
