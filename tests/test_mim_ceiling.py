@@ -101,6 +101,8 @@ def test_the_ceiling_needs_its_reference_data_and_a_pixel_reconstruction():
     apply = make_apply(seeded(TinyAutoencoder))
     with pytest.raises(ValueError, match="mim_reference_data"):
         mim_method(apply, optim.sgd(0.1), MIMSettings(error_quantile=0.9))
+    with pytest.raises(ValueError, match="read only to measure the error ceiling"):
+        mim_method(apply, optim.sgd(0.1), MIMSettings(reference_data="train"))
     with pytest.raises(ValueError, match="reconstructs its features"):
         mim_method(apply, optim.sgd(0.1), SETTINGS, readout=Readout(structured_mim=True))
     with pytest.raises(ValueError, match="error_quantile"):

@@ -99,11 +99,15 @@ def mim_method(
       The ``Method``; its randomness a block mask ``(B, 1, H, W)`` (``masking.block_mask``), its state a
       ``MIMState``.
     Raises:
-      ValueError: ``error_quantile`` without ``reference_data`` to measure it on."""
+      ValueError: ``error_quantile`` without ``reference_data`` to measure it on, or ``reference_data`` without
+        ``error_quantile`` (a split read for nothing)."""
     if settings.error_quantile is not None and settings.reference_data is None:
         raise ValueError("mim_error_quantile (--ttt-error-quantile) is a quantile of the source model's errors on "
                          "in-distribution images: name their split with mim_reference_data (--ttt-reference-data), "
                          "e.g. the training split")
+    if settings.reference_data is not None and settings.error_quantile is None:
+        raise ValueError(f"mim_reference_data {settings.reference_data!r} (--ttt-reference-data) is read only to "
+                         "measure the error ceiling: set mim_error_quantile (--ttt-error-quantile) too, or drop it")
     if readout.structured_mim:
         return structured_mim_method(apply, optimizer, settings, bn=bn, loss=loss)
 
@@ -260,7 +264,7 @@ def structured_mim_method(
         return."""
     if settings.error_quantile is not None:
         raise ValueError("mim_error_quantile measures the error of a reconstructed image, and this model "
-                         "(enable_mim) reconstructs its features: leave it unset for this model")
+                         "(enable_mim) reconstructs its features: leave --ttt-error-quantile off for it")
     if settings.norm_pix_loss:
         raise ValueError("mim_norm_pix_loss standardises the pixels of a reconstructed image, and this model "
                          "(enable_mim) reconstructs its features: leave --ttt-norm-pix-loss off for it")
